@@ -1,0 +1,346 @@
+//! How a runtime is started: [`RuntimeConfig`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, ModelFormat, Result};
+
+/// Everything a backend needs to start its engine and load a model.
+///
+/// Build one with [`RuntimeConfig::new`] and adjust fields or use the `with_*`
+/// methods. Fields left at `None` take the backend's default, which each backend
+/// documents.
+///
+/// ```
+/// use std::time::Duration;
+/// use runtime_core::RuntimeConfig;
+///
+/// let config = RuntimeConfig::new("models/smollm2.gguf")
+///     .with_port(0) // pick a free port
+///     .with_context_size(2048)
+///     .with_startup_timeout(Duration::from_secs(30));
+/// assert_eq!(config.host, "127.0.0.1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RuntimeConfig {
+    /// The model: a file (GGUF) or a directory (Hugging Face safetensors).
+    pub model_path: PathBuf,
+    /// The model's format; `None` detects it from content with [`ModelFormat::detect`].
+    pub format: Option<ModelFormat>,
+    /// The address the engine listens on. Defaults to loopback, `127.0.0.1`.
+    pub host: String,
+    /// The port the engine listens on; `0` picks a free one.
+    pub port: u16,
+    /// Context window in tokens.
+    pub context_size: Option<u32>,
+    /// Prompt-processing batch size in tokens.
+    pub batch_size: Option<u32>,
+    /// CPU threads for generation.
+    pub threads: Option<u32>,
+    /// Layers to offload to the GPU (`0` = CPU only).
+    pub gpu_layers: Option<u32>,
+    /// Requests served concurrently (llama.cpp's slots, candle's workers).
+    pub parallel: Option<u32>,
+    /// An explicit engine binary; otherwise each backend looks for its own.
+    pub runtime_binary: Option<PathBuf>,
+    /// The name the model is served under at `/v1/models`; defaults to the file name.
+    pub served_model_name: Option<String>,
+    /// How long [`initialize`](crate::ModelRuntime::initialize) waits for the engine
+    /// while its log shows no progress. `None` uses the backend's default.
+    #[serde(with = "opt_duration_secs")]
+    pub startup_timeout: Option<Duration>,
+    /// How long [`shutdown`](crate::ModelRuntime::shutdown) waits after SIGTERM
+    /// before SIGKILL.
+    #[serde(with = "duration_secs")]
+    pub shutdown_grace: Duration,
+    /// The API key clients must send. Server backends generate a random one per
+    /// instance when this is `None`, so other local users cannot use the engine.
+    pub api_key: Option<String>,
+    /// Extra command-line arguments appended to the engine's command line.
+    pub extra_args: Vec<String>,
+    /// Extra environment variables for the engine process.
+    pub env: BTreeMap<String, String>,
+    /// Backend-specific settings, documented by each backend (for example vLLM's
+    /// `tensor_parallel_size`).
+    pub extra_config: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::new(),
+            format: None,
+            host: "127.0.0.1".to_owned(),
+            port: 0,
+            context_size: None,
+            batch_size: None,
+            threads: None,
+            gpu_layers: None,
+            parallel: None,
+            runtime_binary: None,
+            served_model_name: None,
+            startup_timeout: None,
+            shutdown_grace: Duration::from_secs(5),
+            api_key: None,
+            extra_args: Vec::new(),
+            env: BTreeMap::new(),
+            extra_config: BTreeMap::new(),
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident => $field:ident: $ty:ty = $wrap:expr;)*) => {
+        $(
+            $(#[$doc])*
+            #[must_use]
+            pub fn $name(mut self, value: $ty) -> Self {
+                #[allow(clippy::redundant_closure_call)]
+                { self.$field = ($wrap)(value); }
+                self
+            }
+        )*
+    };
+}
+
+impl RuntimeConfig {
+    /// A configuration with defaults for the model at `model_path`.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            ..Self::default()
+        }
+    }
+
+    setters! {
+        /// Sets [`format`](Self::format).
+        with_format => format: ModelFormat = Some;
+        /// Sets [`port`](Self::port).
+        with_port => port: u16 = |v| v;
+        /// Sets [`context_size`](Self::context_size).
+        with_context_size => context_size: u32 = Some;
+        /// Sets [`batch_size`](Self::batch_size).
+        with_batch_size => batch_size: u32 = Some;
+        /// Sets [`threads`](Self::threads).
+        with_threads => threads: u32 = Some;
+        /// Sets [`gpu_layers`](Self::gpu_layers).
+        with_gpu_layers => gpu_layers: u32 = Some;
+        /// Sets [`parallel`](Self::parallel).
+        with_parallel => parallel: u32 = Some;
+        /// Sets [`startup_timeout`](Self::startup_timeout).
+        with_startup_timeout => startup_timeout: Duration = Some;
+        /// Sets [`shutdown_grace`](Self::shutdown_grace).
+        with_shutdown_grace => shutdown_grace: Duration = |v| v;
+    }
+
+    /// Sets [`host`](Self::host).
+    #[must_use]
+    pub fn with_host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// Sets [`runtime_binary`](Self::runtime_binary).
+    #[must_use]
+    pub fn with_runtime_binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.runtime_binary = Some(binary.into());
+        self
+    }
+
+    /// Sets [`api_key`](Self::api_key).
+    #[must_use]
+    pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Sets [`served_model_name`](Self::served_model_name).
+    #[must_use]
+    pub fn with_served_model_name(mut self, name: impl Into<String>) -> Self {
+        self.served_model_name = Some(name.into());
+        self
+    }
+
+    /// Appends one argument to [`extra_args`](Self::extra_args).
+    #[must_use]
+    pub fn with_extra_arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Adds one variable to [`env`](Self::env).
+    #[must_use]
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds one backend-specific setting to [`extra_config`](Self::extra_config).
+    #[must_use]
+    pub fn with_extra_config(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
+        self.extra_config.insert(key.into(), value.into());
+        self
+    }
+
+    /// The name to serve the model under: [`served_model_name`](Self::served_model_name)
+    /// or the model's file name without extension.
+    pub fn model_name(&self) -> String {
+        if let Some(name) = &self.served_model_name {
+            return name.clone();
+        }
+        self.model_path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".to_owned())
+    }
+
+    /// The model's format: [`format`](Self::format) if set, else detected from content.
+    pub fn resolve_format(&self) -> Result<ModelFormat> {
+        match self.format {
+            Some(format) => {
+                if !self.model_path.exists() {
+                    return Err(Error::ModelNotFound {
+                        path: self.model_path.clone(),
+                    });
+                }
+                Ok(format)
+            }
+            None => ModelFormat::detect(&self.model_path),
+        }
+    }
+
+    /// Checks the fields every backend relies on: a model path, a host, positive sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.model_path.as_os_str().is_empty() {
+            return Err(Error::invalid_config("model_path", "is empty"));
+        }
+        if self.host.trim().is_empty() {
+            return Err(Error::invalid_config(
+                "host",
+                "is empty; use 127.0.0.1 for loopback",
+            ));
+        }
+        for (field, value) in [
+            ("context_size", self.context_size),
+            ("batch_size", self.batch_size),
+            ("threads", self.threads),
+            ("parallel", self.parallel),
+        ] {
+            if value == Some(0) {
+                return Err(Error::invalid_config(
+                    field,
+                    "must be at least 1 (leave it unset for the default)",
+                ));
+            }
+        }
+        if self.startup_timeout == Some(Duration::ZERO) {
+            return Err(Error::invalid_config(
+                "startup_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::invalid_config(
+                "api_key",
+                "is empty; leave it unset to get a random key",
+            ));
+        }
+        Ok(())
+    }
+}
+
+mod duration_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(value.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => s.serialize_some(&duration.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|secs| Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_bind_loopback_and_pick_a_free_port() {
+        let config = RuntimeConfig::new("m.gguf");
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.port, 0);
+        assert_eq!(config.model_name(), "m");
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn zero_sizes_are_rejected_by_name() {
+        let err = RuntimeConfig::new("m.gguf")
+            .with_context_size(0)
+            .validate()
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::InvalidConfig {
+                field: "context_size",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn config_round_trips_through_json_with_durations_in_seconds() {
+        let config = RuntimeConfig::new("m.gguf")
+            .with_startup_timeout(Duration::from_millis(1500))
+            .with_env("A", "b")
+            .with_extra_config("tensor_parallel_size", 2);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["startup_timeout"], 1.5);
+        let back: RuntimeConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn partial_json_fills_in_defaults() {
+        let config: RuntimeConfig = serde_json::from_str(r#"{"model_path":"x.gguf"}"#).unwrap();
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+    }
+}

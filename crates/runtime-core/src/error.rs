@@ -1,0 +1,281 @@
+//! The one error type every runtime returns.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A boxed error from a lower layer (HTTP, I/O in a backend, a numeric library).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while starting, using or stopping a runtime.
+///
+/// Variants are meant to be matched on: each says what failed and carries what a
+/// caller needs to act (which field, which binary, the engine's last log lines).
+/// Messages are short; the underlying cause, where there is one, is chained as
+/// [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A [`RuntimeConfig`](crate::RuntimeConfig) field has a value the backend cannot use.
+    #[error("invalid configuration: `{field}` {reason}")]
+    InvalidConfig {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it and what would be accepted.
+        reason: String,
+    },
+
+    /// An [`InferenceRequest`](crate::InferenceRequest) field is out of range or missing.
+    #[error("invalid request: `{field}` {reason}")]
+    InvalidRequest {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it and what would be accepted.
+        reason: String,
+    },
+
+    /// The model path does not exist.
+    #[error("model not found at {}", path.display())]
+    ModelNotFound {
+        /// The path that was looked at.
+        path: PathBuf,
+    },
+
+    /// The model exists but its content is not a usable model (random bytes,
+    /// an empty file, a directory without weights).
+    #[error("{} is not a usable model: {reason}", path.display())]
+    InvalidModel {
+        /// The model path.
+        path: PathBuf,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The model is of a format this backend does not take.
+    #[error("{backend} does not take {found} models (it takes {expected})")]
+    UnsupportedFormat {
+        /// The backend that refused the model.
+        backend: &'static str,
+        /// The formats the backend takes.
+        expected: String,
+        /// The format that was found.
+        found: String,
+    },
+
+    /// The engine binary could not be found.
+    #[error("{binary} not found: {hint}")]
+    BinaryNotFound {
+        /// The binary that was looked for.
+        binary: String,
+        /// Where it was looked for and how to install or point at it.
+        hint: String,
+    },
+
+    /// The engine process could not be started.
+    #[error("error spawning {binary}")]
+    Spawn {
+        /// The program that failed to start.
+        binary: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The engine did not become ready before the startup deadline.
+    #[error("{engine} not ready after {:.1}s{}", elapsed.as_secs_f64(), LastLine(log_tail))]
+    StartupTimeout {
+        /// The engine's name.
+        engine: String,
+        /// How long initialization waited.
+        elapsed: Duration,
+        /// The engine's most recent log lines, oldest first.
+        log_tail: Vec<String>,
+    },
+
+    /// The engine process exited: during startup, or while serving.
+    #[error("{engine} exited ({status}){}", LastLine(log_tail))]
+    EngineExited {
+        /// The engine's name.
+        engine: String,
+        /// The exit status as the operating system reported it.
+        status: String,
+        /// The engine's most recent log lines, oldest first.
+        log_tail: Vec<String>,
+    },
+
+    /// A method that needs a running engine was called before
+    /// [`initialize`](crate::ModelRuntime::initialize) or after
+    /// [`shutdown`](crate::ModelRuntime::shutdown).
+    #[error("runtime is not initialized; call initialize first")]
+    NotInitialized,
+
+    /// [`initialize`](crate::ModelRuntime::initialize) was called on a runtime that
+    /// is already running.
+    #[error("runtime is already initialized; call shutdown before initializing again")]
+    AlreadyInitialized,
+
+    /// The request does not fit in the model's context window.
+    #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_size} tokens")]
+    ContextExceeded {
+        /// Tokens in the prompt (as far as the engine said).
+        prompt_tokens: u64,
+        /// The effective context size.
+        context_size: u64,
+    },
+
+    /// The engine is at capacity and refused to queue the request.
+    #[error("engine is busy: {0}")]
+    Busy(String),
+
+    /// The engine answered with an error status.
+    #[error("engine answered HTTP {status}: {message}")]
+    Api {
+        /// The HTTP status code.
+        status: u16,
+        /// The engine's error type (`invalid_request_error`, `BadRequestError`, ...), if given.
+        kind: Option<String>,
+        /// The engine's error message.
+        message: String,
+    },
+
+    /// Talking to the engine failed (connection refused, reset, timed out).
+    #[error("error talking to the engine")]
+    Transport(#[source] BoxError),
+
+    /// The engine's stream broke its protocol (a malformed event, an error event).
+    #[error("malformed stream from the engine: {0}")]
+    StreamProtocol(String),
+
+    /// The in-process engine failed (loading weights, a tensor operation).
+    #[error("{context}")]
+    Engine {
+        /// What was being done.
+        context: String,
+        /// The underlying failure.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A file-system or other local I/O operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done, with the path involved.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Builds [`Error::InvalidConfig`].
+    pub fn invalid_config(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::InvalidRequest`].
+    pub fn invalid_request(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::Io`] with a description of what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Builds [`Error::Engine`] from any error of an in-process engine.
+    pub fn engine(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Engine {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The engine's recent log lines, when the error carries them.
+    pub fn log_tail(&self) -> &[String] {
+        match self {
+            Self::StartupTimeout { log_tail, .. } | Self::EngineExited { log_tail, .. } => log_tail,
+            _ => &[],
+        }
+    }
+
+    /// Whether the error means the caller sent something wrong (a 4xx in HTTP terms)
+    /// rather than the engine failing.
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            Self::InvalidRequest { .. } | Self::ContextExceeded { .. } => true,
+            Self::Api { status, .. } => (400..500).contains(status),
+            _ => false,
+        }
+    }
+}
+
+/// Shows the last non-empty log line after an error message, if there is one.
+struct LastLine<'a>(&'a [String]);
+
+impl fmt::Display for LastLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.iter().rev().find(|line| !line.trim().is_empty()) {
+            Some(line) => write!(f, "; last log line: {}", line.trim()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_exit_message_names_the_last_log_line() {
+        let err = Error::EngineExited {
+            engine: "llama-server".into(),
+            status: "exit status: 1".into(),
+            log_tail: vec![
+                "loading".into(),
+                "failed to open GGUF file".into(),
+                "".into(),
+            ],
+        };
+        assert_eq!(
+            err.to_string(),
+            "llama-server exited (exit status: 1); last log line: failed to open GGUF file"
+        );
+        assert_eq!(err.log_tail().len(), 3);
+    }
+
+    #[test]
+    fn spawn_error_chains_its_cause_without_repeating_it() {
+        let err = Error::Spawn {
+            binary: "llama-server".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(err.to_string(), "error spawning llama-server");
+        let source = std::error::Error::source(&err).expect("source is chained");
+        assert_eq!(source.to_string(), "permission denied");
+    }
+
+    #[test]
+    fn api_errors_in_the_4xx_range_are_client_errors() {
+        let api = |status| Error::Api {
+            status,
+            kind: None,
+            message: String::new(),
+        };
+        assert!(api(400).is_client_error());
+        assert!(!api(500).is_client_error());
+        assert!(!Error::NotInitialized.is_client_error());
+    }
+}

@@ -1,0 +1,271 @@
+//! Model file formats and detecting them from content.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The on-disk format of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ModelFormat {
+    /// GGUF, llama.cpp's single-file format (also read by candle).
+    Gguf,
+    /// GGML, GGUF's predecessor (`ggml`, `ggmf`, `ggjt` magics).
+    Ggml,
+    /// ONNX protobuf models.
+    Onnx,
+    /// A serialized TensorRT engine.
+    TensorRt,
+    /// Safetensors weights: a single file, or a Hugging Face model directory
+    /// (`config.json` plus `*.safetensors`).
+    Safetensors,
+    /// Apple Core ML (`.mlmodel`, `.mlpackage`).
+    CoreMl,
+}
+
+/// The GGUF magic, `GGUF` in file order.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// The legacy GGML magics as they appear in file order (little-endian u32s).
+const GGML_MAGICS: [&[u8; 4]; 4] = [b"lmgg", b"fmgg", b"tjgg", b"algg"];
+/// Safetensors headers larger than this are not credible (the format caps them at 100 MB).
+const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
+
+impl ModelFormat {
+    /// Every format, in declaration order.
+    pub const ALL: [ModelFormat; 6] = [
+        Self::Gguf,
+        Self::Ggml,
+        Self::Onnx,
+        Self::TensorRt,
+        Self::Safetensors,
+        Self::CoreMl,
+    ];
+
+    /// A short human-readable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gguf => "GGUF",
+            Self::Ggml => "GGML",
+            Self::Onnx => "ONNX",
+            Self::TensorRt => "TensorRT",
+            Self::Safetensors => "safetensors",
+            Self::CoreMl => "Core ML",
+        }
+    }
+
+    /// File extensions (without the dot) conventionally used for the format.
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            Self::Gguf => &["gguf"],
+            Self::Ggml => &["ggml", "bin"],
+            Self::Onnx => &["onnx"],
+            Self::TensorRt => &["engine", "plan", "trt"],
+            Self::Safetensors => &["safetensors"],
+            Self::CoreMl => &["mlmodel", "mlpackage", "mlmodelc"],
+        }
+    }
+
+    /// Detects the format of the model at `path` from its content.
+    ///
+    /// Files are recognised by their magic bytes (GGUF, GGML) or header
+    /// structure (safetensors: an 8-byte little-endian length followed by a JSON
+    /// object). Directories are recognised by their content: a Hugging Face model
+    /// directory has `config.json` and `*.safetensors` weights. ONNX, TensorRT and
+    /// Core ML have no reliable magic and are recognised by extension.
+    ///
+    /// A file whose extension claims a format its content contradicts (random
+    /// bytes named `.gguf`) is an [`Error::InvalidModel`] that says so.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use runtime_core::ModelFormat;
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("tiny.gguf");
+    /// // The magic, version 3, zero tensors and zero metadata entries.
+    /// let mut header = b"GGUF".to_vec();
+    /// header.extend(3u32.to_le_bytes());
+    /// header.extend(0u64.to_le_bytes());
+    /// header.extend(0u64.to_le_bytes());
+    /// std::fs::write(&path, header)?;
+    /// assert_eq!(ModelFormat::detect(&path)?, ModelFormat::Gguf);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn detect(path: impl AsRef<Path>) -> Result<ModelFormat> {
+        let path = path.as_ref();
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ModelNotFound {
+                    path: path.to_owned(),
+                });
+            }
+            Err(err) => {
+                return Err(Error::io(
+                    format!("error reading metadata of {}", path.display()),
+                    err,
+                ));
+            }
+        };
+        if meta.is_dir() {
+            detect_directory(path)
+        } else {
+            detect_file(path, meta.len())
+        }
+    }
+
+    fn from_extension(path: &Path) -> Option<ModelFormat> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|format| format.extensions().contains(&ext.as_str()))
+    }
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> Error {
+    Error::InvalidModel {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn detect_directory(path: &Path) -> Result<ModelFormat> {
+    let claimed = ModelFormat::from_extension(path);
+    if claimed == Some(ModelFormat::CoreMl) {
+        return Ok(ModelFormat::CoreMl);
+    }
+    let entries = std::fs::read_dir(path)
+        .map_err(|err| Error::io(format!("error listing {}", path.display()), err))?;
+    let mut has_config = false;
+    let mut has_safetensors = false;
+    for entry in entries {
+        let entry =
+            entry.map_err(|err| Error::io(format!("error listing {}", path.display()), err))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        has_config |= name == "config.json";
+        has_safetensors |= name.ends_with(".safetensors");
+    }
+    match (has_config, has_safetensors) {
+        (true, true) => Ok(ModelFormat::Safetensors),
+        (true, false) => Err(invalid(
+            path,
+            "the directory has config.json but no *.safetensors weights",
+        )),
+        (false, true) => Err(invalid(
+            path,
+            "the directory has *.safetensors weights but no config.json",
+        )),
+        (false, false) => Err(invalid(
+            path,
+            "a model directory needs config.json and *.safetensors weights",
+        )),
+    }
+}
+
+fn detect_file(path: &Path, len: u64) -> Result<ModelFormat> {
+    let claimed = ModelFormat::from_extension(path);
+    if len == 0 {
+        return Err(invalid(path, "the file is empty"));
+    }
+    let mut head = [0u8; 16];
+    let read = read_prefix(path, &mut head)?;
+    let head = &head[..read];
+
+    if head.starts_with(GGUF_MAGIC) {
+        return check_gguf_version(path, head);
+    }
+    if GGML_MAGICS.iter().any(|magic| head.starts_with(*magic)) {
+        return Ok(ModelFormat::Ggml);
+    }
+    if looks_like_safetensors(path, head, len)? {
+        return Ok(ModelFormat::Safetensors);
+    }
+    match claimed {
+        Some(format @ (ModelFormat::Gguf | ModelFormat::Ggml | ModelFormat::Safetensors)) => {
+            Err(invalid(
+                path,
+                format!(
+                    "the name says {format} but the content is not ({})",
+                    describe_magic(head)
+                ),
+            ))
+        }
+        // No magic to check for these; trust the extension.
+        Some(format) => Ok(format),
+        None => Err(invalid(
+            path,
+            format!(
+                "unrecognised model format ({}); expected GGUF, GGML, safetensors, \
+                 or a file named .onnx, .engine or .mlmodel",
+                describe_magic(head)
+            ),
+        )),
+    }
+}
+
+fn read_prefix(path: &Path, buf: &mut [u8]) -> Result<usize> {
+    let context = || format!("error reading {}", path.display());
+    let mut file = File::open(path).map_err(|err| Error::io(context(), err))?;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Error::io(context(), err)),
+        }
+    }
+    Ok(filled)
+}
+
+fn check_gguf_version(path: &Path, head: &[u8]) -> Result<ModelFormat> {
+    let Some(version) = head.get(4..8) else {
+        return Err(invalid(path, "GGUF magic but the header is truncated"));
+    };
+    let version = u32::from_le_bytes(version.try_into().expect("slice of four bytes"));
+    if (1..=3).contains(&version) {
+        Ok(ModelFormat::Gguf)
+    } else {
+        Err(invalid(
+            path,
+            format!("GGUF magic but unsupported version {version}"),
+        ))
+    }
+}
+
+fn looks_like_safetensors(path: &Path, head: &[u8], len: u64) -> Result<bool> {
+    let Some(size) = head.get(..8) else {
+        return Ok(false);
+    };
+    let header_len = u64::from_le_bytes(size.try_into().expect("slice of eight bytes"));
+    if !(2..=MAX_SAFETENSORS_HEADER).contains(&header_len) || header_len > len - 8 {
+        return Ok(false);
+    }
+    if head.get(8) != Some(&b'{') {
+        return Ok(false);
+    }
+    let mut header = vec![0u8; 8 + header_len as usize];
+    let read = read_prefix(path, &mut header)?;
+    if read != header.len() {
+        return Ok(false);
+    }
+    Ok(serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header[8..]).is_ok())
+}
+
+fn describe_magic(head: &[u8]) -> String {
+    let shown: Vec<String> = head.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("starts with bytes {}", shown.join(" "))
+}

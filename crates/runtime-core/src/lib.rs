@@ -1,0 +1,67 @@
+//! The contract of model-runtime: one async trait, [`ModelRuntime`], that every
+//! local language-model engine implements, and the types around it.
+//!
+//! This crate owns:
+//! - [`ModelRuntime`], the lifecycle and generation interface, with the semantics
+//!   every backend honours documented on each method;
+//! - the request, response, configuration and metadata types
+//!   ([`InferenceRequest`], [`InferenceResponse`], [`RuntimeConfig`],
+//!   [`RuntimeMetadata`]);
+//! - [`Error`], one enum whose variants a caller can act on;
+//! - [`ModelFormat`] and detection of a model's format from its content;
+//! - the OpenAI chat-completions wire types in [`openai`], shared by the HTTP
+//!   client of server backends and the HTTP server that fronts any runtime.
+//!
+//! It deliberately does not start processes, speak HTTP or run models: that is
+//! the job of the backend crates (`runtime-llamacpp`, `runtime-vllm`,
+//! `runtime-candle`). Library code that only *drives* a runtime depends on this
+//! crate alone; the application picks the backends.
+//!
+//! # Example
+//!
+//! A program written against the trait works with any backend:
+//!
+//! ```
+//! use futures::StreamExt;
+//! use runtime_core::{InferenceRequest, ModelRuntime, Result, RuntimeConfig};
+//!
+//! async fn ask(mut runtime: Box<dyn ModelRuntime>, model: &str) -> Result<String> {
+//!     runtime.initialize(RuntimeConfig::new(model)).await?;
+//!     let request = InferenceRequest::from_prompt("What is the capital of France?")
+//!         .with_max_tokens(32)
+//!         .with_temperature(0.0);
+//!
+//!     // Streamed: deltas are whole UTF-8 characters.
+//!     let mut stream = runtime.generate_stream(request.clone()).await?;
+//!     let mut streamed = String::new();
+//!     while let Some(delta) = stream.next().await {
+//!         streamed.push_str(&delta?);
+//!     }
+//!
+//!     // Or all at once; at temperature 0 both agree.
+//!     let answer = runtime.generate(request).await?;
+//!     assert_eq!(answer.content, streamed);
+//!
+//!     runtime.shutdown().await?;
+//!     Ok(answer.content)
+//! }
+//! # fn main() { let _ = ask; }
+//! ```
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod format;
+pub mod openai;
+mod request;
+mod response;
+mod runtime;
+
+pub use async_trait::async_trait;
+pub use config::RuntimeConfig;
+pub use error::{BoxError, Error, Result};
+pub use format::ModelFormat;
+pub use request::{ChatMessage, InferenceRequest, Role};
+pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
+pub use runtime::{EventStream, ModelRuntime, TextStream};

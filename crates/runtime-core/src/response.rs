@@ -1,0 +1,246 @@
+//! What an engine answers: [`InferenceResponse`], stream events, metadata.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelFormat;
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// The model ended its answer or a stop string was produced.
+    Stop,
+    /// `max_tokens` (or the context) was reached.
+    Length,
+    /// The engine filtered the content.
+    ContentFilter,
+    /// The model called a tool.
+    ToolCalls,
+    /// A reason this crate does not know, as the engine spelled it.
+    Other(String),
+}
+
+impl FinishReason {
+    /// The reason as the chat API spells it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ContentFilter => "content_filter",
+            Self::ToolCalls => "tool_calls",
+            Self::Other(other) => other,
+        }
+    }
+}
+
+impl From<&str> for FinishReason {
+    fn from(value: &str) -> Self {
+        match value {
+            "stop" | "eos" => Self::Stop,
+            "length" => Self::Length,
+            "content_filter" => Self::ContentFilter,
+            "tool_calls" | "function_call" => Self::ToolCalls,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for FinishReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FinishReason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(Self::from(text.as_str()))
+    }
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// The sum of both.
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Usage from prompt and completion counts.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// How fast a request was served, when the engine (or the runtime) measured it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Timings {
+    /// From the request to the first generated token (prompt processing).
+    pub time_to_first_token: Option<Duration>,
+    /// Time spent generating after the first token.
+    pub generation_time: Option<Duration>,
+    /// Prompt processing speed.
+    pub prompt_tokens_per_second: Option<f64>,
+    /// Decoding speed.
+    pub tokens_per_second: Option<f64>,
+}
+
+impl Timings {
+    /// Timings from the two phase durations and their token counts.
+    pub fn from_phases(
+        prompt: Duration,
+        prompt_tokens: u64,
+        generation: Duration,
+        generated_tokens: u64,
+    ) -> Self {
+        let rate = |tokens: u64, time: Duration| {
+            let secs = time.as_secs_f64();
+            (secs > 0.0 && tokens > 0).then(|| tokens as f64 / secs)
+        };
+        Self {
+            time_to_first_token: Some(prompt),
+            generation_time: Some(generation),
+            prompt_tokens_per_second: rate(prompt_tokens, prompt),
+            tokens_per_second: rate(generated_tokens, generation),
+        }
+    }
+}
+
+/// The answer to a non-streamed request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InferenceResponse {
+    /// The generated text.
+    pub content: String,
+    /// Why generation ended, if the engine said.
+    pub finish_reason: Option<FinishReason>,
+    /// Token counts, if the engine reported them.
+    pub usage: Option<Usage>,
+    /// Speed figures, if the engine reported them.
+    pub timings: Option<Timings>,
+    /// The model name the engine answered under.
+    pub model: Option<String>,
+}
+
+impl InferenceResponse {
+    /// A response with just content; the rest can be filled in field by field.
+    pub fn new(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// One event of a streamed generation, richer than the text deltas of
+/// [`ModelRuntime::generate_stream`](crate::ModelRuntime::generate_stream).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// A piece of generated text; always whole UTF-8 characters.
+    Delta(String),
+    /// The end of the generation, sent once, last.
+    Finished {
+        /// Why generation ended.
+        finish_reason: Option<FinishReason>,
+        /// Token counts, if known.
+        usage: Option<Usage>,
+        /// Speed figures, if known.
+        timings: Option<Timings>,
+    },
+}
+
+/// What a runtime is and what it can do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RuntimeMetadata {
+    /// The model format the runtime takes.
+    pub format: ModelFormat,
+    /// The runtime's name (`llama.cpp`, `vllm`, `candle`).
+    pub runtime_name: String,
+    /// The engine's version, as the engine itself reports it; empty before
+    /// [`initialize`](crate::ModelRuntime::initialize) when it cannot be known yet.
+    pub version: String,
+    /// Whether the runtime can offload to a GPU.
+    pub supports_gpu: bool,
+    /// Whether `generate_stream` streams token by token.
+    pub supports_streaming: bool,
+    /// The context window in effect once initialized, in tokens.
+    pub context_size: Option<u32>,
+}
+
+impl RuntimeMetadata {
+    /// Metadata with the given identity; other fields default to false / unknown.
+    pub fn new(
+        format: ModelFormat,
+        runtime_name: impl Into<String>,
+        version: impl Into<String>,
+    ) -> Self {
+        Self {
+            format,
+            runtime_name: runtime_name.into(),
+            version: version.into(),
+            supports_gpu: false,
+            supports_streaming: true,
+            context_size: None,
+        }
+    }
+
+    /// Sets [`supports_gpu`](Self::supports_gpu).
+    #[must_use]
+    pub fn with_gpu(mut self, supports_gpu: bool) -> Self {
+        self.supports_gpu = supports_gpu;
+        self
+    }
+
+    /// Sets [`context_size`](Self::context_size).
+    #[must_use]
+    pub fn with_context_size(mut self, context_size: Option<u32>) -> Self {
+        self.context_size = context_size;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reasons_round_trip_and_keep_unknown_ones() {
+        for text in ["stop", "length", "content_filter", "tool_calls", "abort"] {
+            let reason: FinishReason = serde_json::from_value(text.into()).unwrap();
+            assert_eq!(serde_json::to_value(&reason).unwrap(), text);
+        }
+        assert_eq!(
+            FinishReason::from("abort"),
+            FinishReason::Other("abort".into())
+        );
+    }
+
+    #[test]
+    fn timings_from_phases_compute_rates() {
+        let t = Timings::from_phases(Duration::from_millis(100), 50, Duration::from_secs(2), 40);
+        assert_eq!(t.prompt_tokens_per_second, Some(500.0));
+        assert_eq!(t.tokens_per_second, Some(20.0));
+        let none = Timings::from_phases(Duration::ZERO, 0, Duration::ZERO, 0);
+        assert_eq!(none.tokens_per_second, None);
+    }
+}

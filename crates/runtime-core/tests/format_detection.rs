@@ -1,0 +1,121 @@
+//! `ModelFormat::detect` reads content, not just names.
+
+mod fixtures;
+
+use std::fs;
+use std::path::Path;
+
+use runtime_core::{Error, ModelFormat};
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn forged_safetensors() -> Vec<u8> {
+    let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 8]);
+    bytes
+}
+
+#[test]
+fn a_real_gguf_header_is_gguf() {
+    let path = fixtures::fixture_path("gguf/smollm2-135m-instruct-q4_1.head.gguf");
+    assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Gguf);
+}
+
+#[test]
+fn gguf_is_recognised_whatever_the_file_is_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = fs::read(fixtures::fixture_path(
+        "gguf/smollm2-135m-instruct-q4_1.head.gguf",
+    ))
+    .unwrap();
+    let path = write(dir.path(), "weights.bin", &real);
+    assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Gguf);
+}
+
+#[test]
+fn a_forged_safetensors_file_is_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "model.safetensors", &forged_safetensors());
+    assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Safetensors);
+}
+
+#[test]
+fn a_hugging_face_directory_is_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.json", b"{}");
+    write(dir.path(), "model.safetensors", &forged_safetensors());
+    assert_eq!(
+        ModelFormat::detect(dir.path()).unwrap(),
+        ModelFormat::Safetensors
+    );
+}
+
+#[test]
+fn a_directory_without_weights_is_an_invalid_model() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "config.json", b"{}");
+    let err = ModelFormat::detect(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidModel { ref reason, .. } if reason.contains("no *.safetensors"))
+    );
+}
+
+#[test]
+fn random_bytes_named_gguf_are_an_error_that_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let path = write(dir.path(), "model.gguf", &noise);
+    let err = ModelFormat::detect(&path).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, Error::InvalidModel { .. }), "{err:?}");
+    assert!(
+        message.contains("the name says GGUF but the content is not"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_empty_file_is_an_invalid_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "model.gguf", b"");
+    assert!(matches!(
+        ModelFormat::detect(path).unwrap_err(),
+        Error::InvalidModel { ref reason, .. } if reason == "the file is empty"
+    ));
+}
+
+#[test]
+fn a_missing_path_is_model_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ModelFormat::detect(dir.path().join("nope.gguf")).unwrap_err();
+    assert!(matches!(err, Error::ModelNotFound { .. }));
+}
+
+#[test]
+fn a_gguf_with_an_unknown_version_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(99u32.to_le_bytes());
+    let path = write(dir.path(), "m.gguf", &bytes);
+    assert!(matches!(
+        ModelFormat::detect(path).unwrap_err(),
+        Error::InvalidModel { .. }
+    ));
+}
+
+#[test]
+fn formats_without_magic_are_taken_by_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "model.onnx", &[0x08, 0x07, 0x12, 0x00]);
+    assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Onnx);
+    let legacy = write(dir.path(), "old.bin", b"tjgg\x01\x00\x00\x00");
+    assert_eq!(ModelFormat::detect(legacy).unwrap(), ModelFormat::Ggml);
+}

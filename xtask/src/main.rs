@@ -1,0 +1,71 @@
+//! `cargo xtask`: the project's automation, one subcommand per task.
+//!
+//! - `test-backends`: the workspace's unit tests (the backends' conformance suites
+//!   join as they land).
+//!
+//! Run `cargo xtask help` for the list. This crate is never published.
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod test_backends;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  test-backends   run the unit tests and every backend's conformance suite
+  help            show this message";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    let outcome = match task.as_str() {
+        "test-backends" => test_backends::run(&rest),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown task `{other}`\n\n{USAGE}")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_owned()
+}
+
+/// The cargo that runs us, so toolchain overrides carry through.
+fn cargo() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command.current_dir(project_root());
+    command
+}
+
+/// Runs `command` to completion, failing with its description if it fails.
+fn run_checked(command: &mut std::process::Command) -> Result {
+    let status = command
+        .status()
+        .map_err(|err| format!("could not run {command:?}: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed ({status})"))
+    }
+}
