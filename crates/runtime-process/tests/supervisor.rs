@@ -1,0 +1,271 @@
+//! The supervisor against real child processes (`/bin/sh` scripts).
+#![cfg(unix)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runtime_core::Error;
+use runtime_process::{ServerCommand, ServerProcess, StopPolicy};
+
+fn sh(script: &str) -> ServerCommand {
+    let mut command = ServerCommand::new("test-engine", "/bin/sh");
+    command.args(["-c", script]);
+    command
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); read its state to tell.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn group_members(pgid: u32) -> Vec<i32> {
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // fields[0] is the state, fields[2] the process group.
+        if fields.get(2) == Some(&pgid.to_string().as_str()) && fields[0] != "Z" {
+            members.push(pid);
+        }
+    }
+    members
+}
+
+#[tokio::test]
+async fn spawning_a_missing_program_is_a_spawn_error() {
+    let command = ServerCommand::new("ghost", "/nonexistent/engine");
+    let err = ServerProcess::spawn(&command).unwrap_err();
+    assert!(matches!(err, Error::Spawn { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn output_of_both_streams_reaches_the_log_tail() {
+    let process = ServerProcess::spawn(&sh("echo out; echo err >&2; sleep 5")).unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            async move { log.contains("out") && log.contains("err") }
+        })
+        .await
+        .unwrap();
+    process.stop(StopPolicy::new(Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn an_exit_during_startup_fails_at_once_with_status_and_log_tail() {
+    let process = ServerProcess::spawn(&sh("echo 'failed to open GGUF file' >&2; exit 3")).unwrap();
+    let started = Instant::now();
+    let err = process
+        .wait_until_ready(Duration::from_secs(30), || async { false })
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match err {
+        Error::EngineExited {
+            status, log_tail, ..
+        } => {
+            assert!(status.contains('3'), "{status}");
+            assert_eq!(log_tail, ["failed to open GGUF file"]);
+        }
+        other => panic!("expected EngineExited, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_silent_engine_times_out_with_its_log_tail() {
+    let process = ServerProcess::spawn(&sh("echo loading; sleep 30")).unwrap();
+    let started = Instant::now();
+    let err = process
+        .wait_until_ready(Duration::from_millis(300), || async { false })
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(matches!(err, Error::StartupTimeout { ref log_tail, .. } if log_tail == &["loading"]));
+    process.stop(StopPolicy::new(Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn a_deadline_is_extended_while_the_log_keeps_moving() {
+    // Logs every 50 ms for about a second; the stall timeout is 300 ms.
+    let process = ServerProcess::spawn(&sh(
+        "i=0; while [ $i -lt 20 ]; do echo step $i; i=$((i+1)); sleep 0.05; done; echo ready; sleep 30",
+    ))
+    .unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_millis(300), || {
+            let log = log.clone();
+            async move { log.contains("ready") }
+        })
+        .await
+        .expect("progressing startup is not cut off");
+    process.stop(StopPolicy::new(Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn readiness_reacts_to_a_log_line_within_milliseconds() {
+    let process = ServerProcess::spawn(&sh("sleep 0.5; echo listening; sleep 30")).unwrap();
+    let log = process.log().clone();
+    let seen_at = Arc::new(std::sync::Mutex::new(None));
+    let seen = seen_at.clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            let seen = seen.clone();
+            async move {
+                let ready = log.contains("listening");
+                if ready {
+                    seen.lock().unwrap().get_or_insert(Instant::now());
+                }
+                ready
+            }
+        })
+        .await
+        .unwrap();
+    let returned = Instant::now();
+    let seen = seen_at.lock().unwrap().unwrap();
+    assert!(returned - seen < Duration::from_millis(20));
+    process.stop(StopPolicy::new(Duration::from_secs(2))).await;
+}
+
+#[tokio::test]
+async fn stop_escalates_to_sigkill_and_empties_the_group() {
+    // The leader ignores SIGTERM and has a child of its own in the group.
+    let process = ServerProcess::spawn(&sh(
+        "trap '' TERM; sleep 60 & echo started; while :; do sleep 0.05; done",
+    ))
+    .unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            async move { log.contains("started") }
+        })
+        .await
+        .unwrap();
+    let pgid = process.pid();
+    assert!(
+        group_members(pgid).len() >= 2,
+        "leader and its child share the group"
+    );
+
+    let started = Instant::now();
+    let exited = process
+        .stop(StopPolicy::new(Duration::from_millis(300)))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(exited.to_string().contains("signal: 9"), "{exited}");
+    assert!(group_members(pgid).is_empty(), "group emptied");
+    assert!(!process.is_running());
+
+    let again = process
+        .stop(StopPolicy::new(Duration::from_millis(300)))
+        .await;
+    assert_eq!(again, exited, "stop is idempotent");
+}
+
+#[tokio::test]
+async fn a_cooperative_engine_stops_on_sigterm_well_before_the_grace_period() {
+    let process = ServerProcess::spawn(&sh("sleep 60")).unwrap();
+    let started = Instant::now();
+    process.stop(StopPolicy::new(Duration::from_secs(10))).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn a_second_sigterm_is_sent_when_the_policy_asks() {
+    // Exits only on the second SIGTERM, like llama-server with a request in flight.
+    let script = "n=0; trap 'n=$((n+1)); [ $n -ge 2 ] && exit 0' TERM; echo up; while :; do sleep 0.02; done";
+    let process = ServerProcess::spawn(&sh(script)).unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            async move { log.contains("up") }
+        })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let policy = StopPolicy {
+        grace: Duration::from_secs(10),
+        repeat_term_after: Some(Duration::from_millis(100)),
+    };
+    let exited = process.stop(policy).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(exited.status.unwrap().success(), "{exited}");
+}
+
+#[tokio::test]
+async fn dropping_without_stop_kills_the_whole_group() {
+    let process = ServerProcess::spawn(&sh("sleep 60 & echo started; wait")).unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            async move { log.contains("started") }
+        })
+        .await
+        .unwrap();
+    let pgid = process.pid();
+    let members = group_members(pgid);
+    assert!(!members.is_empty());
+    drop(process);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while members.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        members.iter().all(|&pid| !alive(pid)),
+        "every member is gone"
+    );
+}
+
+#[tokio::test]
+async fn exit_error_reports_an_engine_that_died_while_serving() {
+    let process = ServerProcess::spawn(&sh("echo serving; sleep 60")).unwrap();
+    assert!(
+        process
+            .exit_error(Duration::from_millis(50))
+            .await
+            .is_none()
+    );
+    sigkill(process.pid());
+    let err = process
+        .exit_error(Duration::from_secs(2))
+        .await
+        .expect("engine died");
+    assert!(matches!(err, Error::EngineExited { .. }));
+    assert!(!process.is_running());
+}
+
+fn sigkill(pid: u32) {
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+}
