@@ -1,0 +1,334 @@
+//! The llama.cpp backend: [`LlamaCppRuntime`] manages a `llama-server` process
+//! behind the [`ModelRuntime`](runtime_core::ModelRuntime) trait.
+//!
+//! This crate owns only what is particular to llama.cpp: finding `llama-server`
+//! (explicit [`RuntimeConfig::runtime_binary`], then `$LLAMA_SERVER_BIN`, then
+//! `PATH`), checking that the model is GGUF by content, turning
+//! [`RuntimeConfig`] into llama-server flags, reading the version from
+//! `llama-server --version`, and the effective context from `/props`. Process
+//! supervision and HTTP are `runtime-process` and `runtime-openai`.
+//!
+//! Defaults that matter:
+//! - the engine binds `127.0.0.1` and, unless the config names a key, requires a
+//!   random per-instance API key ([`ModelRuntime::api_key`](runtime_core::ModelRuntime::api_key)),
+//!   so other local users cannot use it;
+//! - `port = 0` picks a free port, and a fresh one if it was taken meanwhile;
+//! - stopping sends SIGTERM, a second SIGTERM after 250 ms (llama-server keeps
+//!   serving an in-flight request after the first), SIGKILL after the grace period.
+//!
+//! Config mapping: `context_size` → `-c`, `batch_size` → `-b`, `threads` → `-t`
+//! and `-tb`, `gpu_layers` → `-ngl`, `parallel` → `-np`, `served_model_name` →
+//! `--alias`, `extra_args` appended last (they may override anything).
+//!
+//! ```no_run
+//! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
+//! use runtime_llamacpp::LlamaCppRuntime;
+//!
+//! # async fn demo() -> runtime_core::Result<()> {
+//! let mut runtime = LlamaCppRuntime::new();
+//! runtime
+//!     .initialize(RuntimeConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf").with_context_size(2048))
+//!     .await?;
+//! let answer = runtime.generate(InferenceRequest::from_prompt("Hello!")).await?;
+//! println!("{} ({:?})", answer.content, answer.usage);
+//! runtime.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
+use runtime_openai::{Launch, ManagedServer, OpenAiClient, ServerEngine};
+use runtime_process::{BinarySearch, ServerCommand, StopPolicy};
+
+/// The environment variable that may name the `llama-server` binary.
+pub const BINARY_ENV: &str = "LLAMA_SERVER_BIN";
+
+const INSTALL_HINT: &str = "install llama.cpp's llama-server and put it on PATH, set \
+     $LLAMA_SERVER_BIN, or set RuntimeConfig::runtime_binary (in the model-runtime \
+     repository, `cargo xtask provision llamacpp` provides one)";
+
+/// llama.cpp through a managed `llama-server`.
+pub type LlamaCppRuntime = ManagedServer<LlamaServer>;
+
+/// The description of `llama-server` that [`ManagedServer`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlamaServer;
+
+#[async_trait]
+impl ServerEngine for LlamaServer {
+    fn engine_name(&self) -> &'static str {
+        "llama-server"
+    }
+
+    fn runtime_name(&self) -> &'static str {
+        "llama.cpp"
+    }
+
+    fn supported_format(&self) -> ModelFormat {
+        ModelFormat::Gguf
+    }
+
+    fn supports_gpu(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, config: &RuntimeConfig) -> Result<()> {
+        let format = config.resolve_format()?;
+        if format != ModelFormat::Gguf {
+            return Err(Error::UnsupportedFormat {
+                backend: "llama.cpp",
+                expected: ModelFormat::Gguf.name().to_owned(),
+                found: format.name().to_owned(),
+            });
+        }
+        // resolve_format trusts an explicit format; the content must agree.
+        if ModelFormat::detect(&config.model_path)? != ModelFormat::Gguf {
+            return Err(Error::InvalidModel {
+                path: config.model_path.clone(),
+                reason: "configured as GGUF but the content is not GGUF".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn find_binary(&self, config: &RuntimeConfig) -> Result<PathBuf> {
+        BinarySearch {
+            name: "llama-server",
+            explicit: config.runtime_binary.as_deref(),
+            env_var: BINARY_ENV,
+            install_hint: INSTALL_HINT,
+        }
+        .find()
+    }
+
+    async fn binary_version(
+        &self,
+        binary: &Path,
+        config: &RuntimeConfig,
+    ) -> Result<Option<String>> {
+        let mut command = tokio::process::Command::new(binary);
+        command.arg("--version").kill_on_drop(true);
+        for (key, value) in environment(binary, config) {
+            command.env(key, value);
+        }
+        let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .map_err(|_| Error::StartupTimeout {
+                engine: "llama-server --version".to_owned(),
+                elapsed: Duration::from_secs(30),
+                log_tail: Vec::new(),
+            })?
+            .map_err(|source| Error::Spawn {
+                binary: binary.display().to_string(),
+                source,
+            })?;
+        // llama-server prints its version on stderr; accept either stream.
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        match parse_version(&text) {
+            Some(version) if output.status.success() => Ok(Some(version)),
+            _ => Err(Error::EngineExited {
+                engine: "llama-server --version".to_owned(),
+                status: output.status.to_string(),
+                log_tail: text.lines().map(str::to_owned).collect(),
+            }),
+        }
+    }
+
+    fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand> {
+        let config = launch.config;
+        let mut command = ServerCommand::new("llama-server", launch.binary);
+        command
+            .arg("--model")
+            .arg(&config.model_path)
+            .args(["--host", &config.host])
+            .args(["--port", &launch.port.to_string()])
+            .args(["--api-key", launch.api_key])
+            .args(["--alias", launch.model_name]);
+        let numeric = [
+            ("--ctx-size", config.context_size),
+            ("--batch-size", config.batch_size),
+            ("--threads", config.threads),
+            ("--threads-batch", config.threads),
+            ("--n-gpu-layers", config.gpu_layers),
+            ("--parallel", config.parallel),
+        ];
+        for (flag, value) in numeric {
+            if let Some(value) = value {
+                command.args([flag, &value.to_string()]);
+            }
+        }
+        command.args(&config.extra_args);
+        for (key, value) in environment(launch.binary, config) {
+            command.env(key, value);
+        }
+        Ok(command)
+    }
+
+    fn default_startup_timeout(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
+    fn stop_policy(&self, grace: Duration) -> StopPolicy {
+        StopPolicy {
+            grace,
+            repeat_term_after: Some(Duration::from_millis(250)),
+        }
+    }
+
+    fn port_conflict(&self, log_tail: &[String]) -> bool {
+        log_tail.iter().any(|line| {
+            line.contains("couldn't bind HTTP server socket")
+                || line.contains("Address already in use")
+        })
+    }
+
+    async fn context_size(&self, client: &OpenAiClient) -> Option<u32> {
+        let props: serde_json::Value = client
+            .get_json("/props", Duration::from_secs(5))
+            .await
+            .ok()?;
+        let n_ctx = props
+            .pointer("/default_generation_settings/n_ctx")
+            .or_else(|| props.get("n_ctx"))?;
+        u32::try_from(n_ctx.as_u64()?).ok()
+    }
+}
+
+/// The engine's environment: the user's variables, and the binary's directory
+/// first on the library path so a relocatable build finds the shared libraries
+/// shipped beside it.
+fn environment(binary: &Path, config: &RuntimeConfig) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    if let Some(dir) = binary.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        let existing = config
+            .env
+            .get("LD_LIBRARY_PATH")
+            .cloned()
+            .or_else(|| std::env::var("LD_LIBRARY_PATH").ok())
+            .filter(|value| !value.is_empty());
+        let value = match existing {
+            Some(existing) => format!("{}:{existing}", dir.display()),
+            None => dir.display().to_string(),
+        };
+        env.push(("LD_LIBRARY_PATH".to_owned(), value));
+    }
+    env.extend(
+        config
+            .env
+            .iter()
+            .filter(|(key, _)| key.as_str() != "LD_LIBRARY_PATH")
+            .map(|(key, value)| (key.clone(), value.clone())),
+    );
+    env
+}
+
+/// `version: 0.1.0-dev (build 1, commit 7e4c0a9)` → `0.1.0-dev (build 1, commit 7e4c0a9)`.
+fn parse_version(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("version:"))
+        .map(|version| version.trim().to_owned())
+        .filter(|version| !version.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch_args(config: &RuntimeConfig) -> Vec<String> {
+        let command = LlamaServer
+            .command(&Launch::new(
+                Path::new("/opt/llama/bin/llama-server"),
+                config,
+                8123,
+                "k",
+                "smol",
+            ))
+            .unwrap();
+        command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_version_is_read_from_the_captured_output() {
+        let captured = "version: 0.1.0-dev (build 1, commit 7e4c0a9)\nbuilt with GNU 11.4.0 for Linux x86_64\n";
+        assert_eq!(
+            parse_version(captured).unwrap(),
+            "0.1.0-dev (build 1, commit 7e4c0a9)"
+        );
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn config_fields_map_to_llama_server_flags() {
+        let config = RuntimeConfig::new("/m/smol.gguf")
+            .with_context_size(2048)
+            .with_batch_size(256)
+            .with_threads(2)
+            .with_gpu_layers(0)
+            .with_parallel(2)
+            .with_extra_arg("--no-webui");
+        let args = launch_args(&config).join(" ");
+        assert_eq!(
+            args,
+            "--model /m/smol.gguf --host 127.0.0.1 --port 8123 --api-key k --alias smol \
+             --ctx-size 2048 --batch-size 256 --threads 2 --threads-batch 2 \
+             --n-gpu-layers 0 --parallel 2 --no-webui"
+        );
+    }
+
+    #[test]
+    fn unset_fields_leave_llama_server_defaults() {
+        let args = launch_args(&RuntimeConfig::new("/m/smol.gguf"));
+        assert!(!args.iter().any(|a| a == "--ctx-size" || a == "--threads"));
+    }
+
+    #[test]
+    fn the_binary_directory_leads_the_library_path() {
+        let config = RuntimeConfig::new("/m.gguf")
+            .with_env("LD_LIBRARY_PATH", "/usr/local/lib")
+            .with_env("A", "1");
+        let env = environment(Path::new("/opt/llama/bin/llama-server"), &config);
+        assert_eq!(
+            env[0],
+            (
+                "LD_LIBRARY_PATH".into(),
+                "/opt/llama/bin:/usr/local/lib".into()
+            )
+        );
+        assert_eq!(env[1], ("A".into(), "1".into()));
+    }
+
+    #[test]
+    fn port_conflicts_are_recognised_from_the_log() {
+        let log = vec!["0.00.101.000 E srv    start: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8080".to_owned()];
+        assert!(LlamaServer.port_conflict(&log));
+        assert!(!LlamaServer.port_conflict(&["failed to open GGUF file".to_owned()]));
+    }
+
+    #[test]
+    fn a_safetensors_model_is_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 4]);
+        std::fs::write(&path, bytes).unwrap();
+        let err = LlamaServer
+            .validate(&RuntimeConfig::new(&path))
+            .unwrap_err();
+        assert!(matches!(err, Error::UnsupportedFormat { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,423 @@
+//! An HTTP client for OpenAI-compatible engines.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use runtime_core::openai::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody,
+};
+use runtime_core::{
+    Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result, StreamEvent,
+    Timings, Usage,
+};
+
+use crate::sse::{SseDecoder, SseEvent};
+
+/// Timeouts of an [`OpenAiClient`].
+///
+/// There is deliberately no whole-request timeout: a long generation must not
+/// be cut. Instead connecting is bounded, and a stream that goes quiet for
+/// longer than `idle` (no bytes at all, not even a keep-alive ping) fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// Bound on establishing the TCP connection.
+    pub connect: Duration,
+    /// Bound on the silence between two chunks of a streamed body.
+    pub idle: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A client for one engine's OpenAI-compatible API.
+///
+/// Cheap to clone (the connection pool is shared).
+#[derive(Debug, Clone)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+    model: Option<String>,
+    timeouts: ClientTimeouts,
+}
+
+impl OpenAiClient {
+    /// A client for the engine at `base_url` (`http://127.0.0.1:8080`), sending
+    /// `api_key` as a bearer token when given, and `model` as the request's model.
+    pub fn new(
+        base_url: impl Into<String>,
+        api_key: Option<String>,
+        model: Option<String>,
+        timeouts: ClientTimeouts,
+    ) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .no_proxy()
+            .build()
+            .map_err(transport)?;
+        Ok(Self {
+            http,
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            api_key,
+            model,
+            timeouts,
+        })
+    }
+
+    /// The engine's HTTP root.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `GET {base_url}{path}`: the status and body, whatever the status.
+    ///
+    /// `timeout` bounds the whole exchange: meant for probes and small documents.
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(u16, Bytes)> {
+        let response = self
+            .authorized(self.http.get(self.url(path)))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(transport)?;
+        Ok((status, body))
+    }
+
+    /// `GET {base_url}{path}` as JSON; a non-2xx status is an [`Error::Api`].
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T> {
+        let (status, body) = self.get(path, timeout).await?;
+        if !(200..300).contains(&status) {
+            return Err(ErrorBody::to_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|err| Error::Api {
+            status,
+            kind: None,
+            message: format!("{path} answered with unexpected JSON: {err}"),
+        })
+    }
+
+    /// Whether `GET /health` answers 200 within `timeout`.
+    pub async fn is_healthy(&self, timeout: Duration) -> bool {
+        matches!(self.get("/health", timeout).await, Ok((200, _)))
+    }
+
+    /// A non-streamed chat completion.
+    pub async fn chat(&self, request: &InferenceRequest) -> Result<InferenceResponse> {
+        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), false);
+        let response = self.post_chat(&body).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        let wire: ChatCompletionResponse = serde_json::from_slice(&bytes).map_err(|err| {
+            Error::StreamProtocol(format!("the chat completion is not valid JSON: {err}"))
+        })?;
+        Ok(wire.into_inference())
+    }
+
+    /// A streamed chat completion, as events ending in [`StreamEvent::Finished`].
+    ///
+    /// Usage is requested (`stream_options.include_usage`). The stream ends after
+    /// `data: [DONE]`; an error object inside the stream becomes a typed error.
+    /// Dropping the stream closes the connection, which makes the engine cancel
+    /// the generation.
+    pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
+        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
+        let started = Instant::now();
+        let response = self.post_chat(&body).await?;
+        let bytes = response.bytes_stream().boxed();
+        Ok(Box::new(
+            chunk_events(bytes, self.timeouts.idle, started).boxed(),
+        ))
+    }
+
+    async fn post_chat(&self, body: &ChatCompletionRequest) -> Result<reqwest::Response> {
+        let response = self
+            .authorized(self.http.post(self.url("/v1/chat/completions")))
+            .json(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.map_err(transport)?;
+        Err(ErrorBody::to_error(status.as_u16(), &body))
+    }
+
+    fn authorized(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+}
+
+fn transport(err: reqwest::Error) -> Error {
+    Error::Transport(Box::new(err))
+}
+
+/// What the stream has learned so far.
+struct ChunkState<S> {
+    bytes: S,
+    decoder: SseDecoder,
+    ready: VecDeque<Result<StreamEvent>>,
+    idle: Duration,
+    started: Instant,
+    first_delta: Option<Instant>,
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    timings: Option<Timings>,
+    done: bool,
+}
+
+/// Turns a body of SSE bytes into chat stream events.
+fn chunk_events<S>(
+    bytes: S,
+    idle: Duration,
+    started: Instant,
+) -> impl Stream<Item = Result<StreamEvent>> + Send
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Send + Unpin,
+{
+    let state = ChunkState {
+        bytes,
+        decoder: SseDecoder::new(),
+        ready: VecDeque::new(),
+        idle,
+        started,
+        first_delta: None,
+        finish_reason: None,
+        usage: None,
+        timings: None,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(item) = state.ready.pop_front() {
+                return Some((item, state));
+            }
+            if state.done {
+                return None;
+            }
+            match tokio::time::timeout(state.idle, state.bytes.next()).await {
+                Err(_) => {
+                    state.done = true;
+                    let message = format!("no data from the engine for {:?}", state.idle);
+                    return Some((Err(Error::Transport(message.into())), state));
+                }
+                Ok(Some(Ok(chunk))) => {
+                    let mut events = Vec::new();
+                    if let Err(err) = state.decoder.feed(&chunk, &mut events) {
+                        state.done = true;
+                        return Some((Err(err), state));
+                    }
+                    for event in events {
+                        state.handle(event);
+                        if state.done {
+                            break;
+                        }
+                    }
+                }
+                Ok(Some(Err(err))) => {
+                    state.done = true;
+                    return Some((Err(transport(err)), state));
+                }
+                Ok(None) => {
+                    state.done = true;
+                    let err =
+                        Error::StreamProtocol("the stream ended before `data: [DONE]`".to_owned());
+                    return Some((Err(err), state));
+                }
+            }
+        }
+    })
+}
+
+impl<S> ChunkState<S> {
+    fn handle(&mut self, event: SseEvent) {
+        if event.data == "[DONE]" {
+            self.done = true;
+            let timings = self.timings.or_else(|| self.measured_timings());
+            self.ready.push_back(Ok(StreamEvent::Finished {
+                finish_reason: self.finish_reason.take(),
+                usage: self.usage,
+                timings,
+            }));
+            return;
+        }
+        let chunk: ChatCompletionChunk = match serde_json::from_str(&event.data) {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                self.fail(Error::StreamProtocol(format!(
+                    "a stream event is not a chat completion chunk: {err}"
+                )));
+                return;
+            }
+        };
+        if let Some(detail) = chunk.error() {
+            let status = detail
+                .code
+                .as_ref()
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|code| u16::try_from(code).ok())
+                .unwrap_or(500);
+            self.fail(detail.into_error(status));
+            return;
+        }
+        if let Some(reason) = chunk.finish_reason() {
+            self.finish_reason = Some(reason.clone());
+        }
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
+        }
+        if let Some(timings) = chunk.timings() {
+            self.timings = Some(timings);
+        }
+        let content = chunk.content();
+        if !content.is_empty() {
+            self.first_delta.get_or_insert_with(Instant::now);
+            self.ready
+                .push_back(Ok(StreamEvent::Delta(content.to_owned())));
+        }
+    }
+
+    fn fail(&mut self, err: Error) {
+        self.done = true;
+        self.ready.push_back(Err(err));
+    }
+
+    /// Timings measured here when the engine reports none (vLLM).
+    fn measured_timings(&self) -> Option<Timings> {
+        let first = self.first_delta?;
+        let usage = self.usage?;
+        Some(Timings::from_phases(
+            first - self.started,
+            usage.prompt_tokens,
+            first.elapsed(),
+            usage.completion_tokens.saturating_sub(1),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events_of(chunks: Vec<Vec<u8>>) -> Vec<Result<StreamEvent>> {
+        let bytes = futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c))));
+        let stream = chunk_events(bytes, Duration::from_secs(5), Instant::now());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(stream.collect())
+    }
+
+    fn capture(name: &str) -> Vec<u8> {
+        let path = format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|err| panic!("{path}: {err}"))
+    }
+
+    fn text_and_finish(events: Vec<Result<StreamEvent>>) -> (String, StreamEvent) {
+        let mut text = String::new();
+        let mut last = None;
+        for event in events {
+            match event.unwrap() {
+                StreamEvent::Delta(delta) => text.push_str(&delta),
+                finished => last = Some(finished),
+            }
+        }
+        (text, last.expect("a Finished event"))
+    }
+
+    #[test]
+    fn a_real_llama_server_stream_delivered_byte_by_byte_decodes_fully() {
+        let body = capture("llama-server/chat-stream-usage.sse");
+        let one_byte_chunks = body.iter().map(|&b| vec![b]).collect();
+        let (text, finished) = text_and_finish(events_of(one_byte_chunks));
+        assert_eq!(text, "Hello there, welcome to my world!");
+        let StreamEvent::Finished {
+            finish_reason,
+            usage,
+            timings,
+        } = finished
+        else {
+            unreachable!()
+        };
+        assert_eq!(finish_reason, Some(FinishReason::Length));
+        assert_eq!(usage, Some(Usage::new(32, 8)));
+        assert!(timings.unwrap().tokens_per_second.unwrap() > 30.0);
+    }
+
+    #[test]
+    fn a_real_vllm_stream_decodes_with_measured_timings() {
+        let body = capture("vllm/chat-stream-usage.sse");
+        let (text, finished) = text_and_finish(events_of(vec![body]));
+        assert!(!text.is_empty());
+        let StreamEvent::Finished { usage, timings, .. } = finished else {
+            unreachable!()
+        };
+        assert!(usage.is_some());
+        assert!(timings.unwrap().time_to_first_token.is_some());
+    }
+
+    #[test]
+    fn an_error_object_inside_the_stream_becomes_a_typed_error() {
+        let body = b"data: {\"error\":{\"code\":400,\"message\":\"bad\",\"type\":\"invalid_request_error\"}}\n\n".to_vec();
+        let events = events_of(vec![body]);
+        assert!(
+            matches!(&events[0], Err(Error::Api { status: 400, message, .. }) if message == "bad")
+        );
+        assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn a_stream_cut_before_done_is_an_error() {
+        let body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".to_vec();
+        let events = events_of(vec![body]);
+        assert!(matches!(&events[0], Ok(StreamEvent::Delta(d)) if d == "hi"));
+        assert!(matches!(&events[1], Err(Error::StreamProtocol(_))));
+    }
+
+    #[test]
+    fn a_malformed_chunk_is_a_protocol_error() {
+        let events = events_of(vec![b"data: {not json\n\n".to_vec()]);
+        assert!(matches!(&events[0], Err(Error::StreamProtocol(_))));
+    }
+
+    #[test]
+    fn a_silent_stream_fails_after_the_idle_timeout() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let events: Vec<_> = runtime.block_on(async {
+            let silent = futures::stream::pending::<reqwest::Result<Bytes>>();
+            chunk_events(silent, Duration::from_secs(30), Instant::now())
+                .collect()
+                .await
+        });
+        assert!(
+            matches!(&events[0], Err(Error::Transport(e)) if e.to_string().contains("no data"))
+        );
+    }
+}

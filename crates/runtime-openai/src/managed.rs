@@ -1,0 +1,461 @@
+//! [`ManagedServer`]: a [`ModelRuntime`] for any engine that is a server process
+//! speaking the OpenAI API. Server backends describe their engine with
+//! [`ServerEngine`]; everything else (validation order, port selection and retry,
+//! API keys, readiness, error mapping, stopping) is written once, here.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use runtime_core::{
+    Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
+    RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream,
+};
+use runtime_process::{ServerCommand, ServerProcess, StopPolicy, free_port};
+
+use crate::{ClientTimeouts, OpenAiClient};
+
+/// How long a broken connection waits for the exit watcher before it is
+/// reported as a transport error rather than as the engine's exit.
+const EXIT_CONFIRMATION: Duration = Duration::from_millis(500);
+/// Attempts at a fresh port when the engine reports the address in use.
+const PORT_ATTEMPTS: usize = 3;
+/// Bound on one `/health` probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What [`ServerEngine::command`] needs to build a command line.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Launch<'a> {
+    /// The engine binary (or interpreter).
+    pub binary: &'a Path,
+    /// The user's configuration.
+    pub config: &'a RuntimeConfig,
+    /// The port to listen on (never 0: chosen already).
+    pub port: u16,
+    /// The API key to require.
+    pub api_key: &'a str,
+    /// The name to serve the model under.
+    pub model_name: &'a str,
+}
+
+impl<'a> Launch<'a> {
+    /// The launch parameters; for engines' own tests of [`ServerEngine::command`].
+    pub fn new(
+        binary: &'a Path,
+        config: &'a RuntimeConfig,
+        port: u16,
+        api_key: &'a str,
+        model_name: &'a str,
+    ) -> Self {
+        Self {
+            binary,
+            config,
+            port,
+            api_key,
+            model_name,
+        }
+    }
+}
+
+/// One engine that runs as an OpenAI-compatible server process.
+#[async_trait]
+pub trait ServerEngine: Send + Sync + 'static {
+    /// The process's name in logs and errors (`llama-server`).
+    fn engine_name(&self) -> &'static str;
+
+    /// The runtime's name in [`RuntimeMetadata`] (`llama.cpp`).
+    fn runtime_name(&self) -> &'static str;
+
+    /// The model format the engine takes.
+    fn supported_format(&self) -> ModelFormat;
+
+    /// Whether the engine can use a GPU.
+    fn supports_gpu(&self) -> bool;
+
+    /// Checks the configuration and the model before anything is started.
+    fn validate(&self, config: &RuntimeConfig) -> Result<()>;
+
+    /// Finds the binary to run.
+    fn find_binary(&self, config: &RuntimeConfig) -> Result<PathBuf>;
+
+    /// The engine's version from the binary, before it starts; `None` if the
+    /// engine only reports it over HTTP ([`served_version`](Self::served_version)).
+    /// Failing here also catches a binary that cannot run at all.
+    async fn binary_version(&self, binary: &Path, config: &RuntimeConfig)
+    -> Result<Option<String>>;
+
+    /// The command line for one launch.
+    fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand>;
+
+    /// How long startup may go without log progress when the config says nothing.
+    fn default_startup_timeout(&self) -> Duration;
+
+    /// How to stop the engine, given the configured grace period.
+    fn stop_policy(&self, grace: Duration) -> StopPolicy {
+        StopPolicy::new(grace)
+    }
+
+    /// Whether the engine's last log lines say its port was taken, so a fresh
+    /// port is worth a retry.
+    fn port_conflict(&self, log_tail: &[String]) -> bool;
+
+    /// Whether the engine is ready; by default `GET /health` answers 200.
+    async fn probe_ready(&self, client: &OpenAiClient) -> bool {
+        client.is_healthy(PROBE_TIMEOUT).await
+    }
+
+    /// The version the running engine reports over HTTP (vLLM's `/version`).
+    async fn served_version(&self, _client: &OpenAiClient) -> Result<String> {
+        Ok(String::new())
+    }
+
+    /// The effective context size of the running engine, if it says.
+    async fn context_size(&self, _client: &OpenAiClient) -> Option<u32> {
+        None
+    }
+}
+
+/// A running engine and what is known about it.
+#[derive(Debug)]
+struct Running {
+    process: Arc<ServerProcess>,
+    client: OpenAiClient,
+    api_key: String,
+    format: ModelFormat,
+    version: String,
+    context_size: Option<u32>,
+    stop_policy: StopPolicy,
+}
+
+/// A [`ModelRuntime`] over an OpenAI-compatible engine server `E`.
+///
+/// Backends expose it as a type alias (`LlamaCppRuntime = ManagedServer<LlamaServer>`).
+/// Dropping it without [`shutdown`](ModelRuntime::shutdown) kills the engine's
+/// process group.
+#[derive(Debug)]
+pub struct ManagedServer<E> {
+    engine: E,
+    running: Option<Running>,
+}
+
+impl<E: ServerEngine + Default> ManagedServer<E> {
+    /// A runtime that has not started its engine yet.
+    pub fn new() -> Self {
+        Self::with_engine(E::default())
+    }
+}
+
+impl<E: ServerEngine + Default> Default for ManagedServer<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<E: ServerEngine> ManagedServer<E> {
+    /// A runtime for the given engine description.
+    pub fn with_engine(engine: E) -> Self {
+        Self {
+            engine,
+            running: None,
+        }
+    }
+
+    /// The engine description.
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// The HTTP client of the running engine, for engine-specific endpoints.
+    pub fn client(&self) -> Result<&OpenAiClient> {
+        Ok(&self.running()?.client)
+    }
+
+    /// The engine's process id (also its process group id), while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|running| running.process.pid())
+    }
+
+    /// The engine's recent log lines, while running.
+    pub fn log_tail(&self) -> Vec<String> {
+        self.running
+            .as_ref()
+            .map(|running| running.process.log().lines())
+            .unwrap_or_default()
+    }
+
+    fn running(&self) -> Result<&Running> {
+        self.running.as_ref().ok_or(Error::NotInitialized)
+    }
+
+    async fn start(&self, config: &RuntimeConfig) -> Result<Running> {
+        config.validate()?;
+        self.engine.validate(config)?;
+        let format = config.resolve_format()?;
+        let binary = self.engine.find_binary(config)?;
+        let binary_version = self.engine.binary_version(&binary, config).await?;
+        let api_key = match &config.api_key {
+            Some(key) => key.clone(),
+            None => random_api_key()?,
+        };
+        let model_name = config.model_name();
+        let stall_timeout = config
+            .startup_timeout
+            .unwrap_or_else(|| self.engine.default_startup_timeout());
+        let stop_policy = self.engine.stop_policy(config.shutdown_grace);
+
+        let mut attempt = 0;
+        let (process, client) = loop {
+            attempt += 1;
+            let port = match config.port {
+                0 => free_port(&config.host)?,
+                port => port,
+            };
+            let launch = Launch::new(&binary, config, port, &api_key, &model_name);
+            let command = self.engine.command(&launch)?;
+            let process = ServerProcess::spawn(&command)?;
+            let client = OpenAiClient::new(
+                format!("http://{}:{port}", url_host(&config.host)),
+                Some(api_key.clone()),
+                Some(model_name.clone()),
+                ClientTimeouts::default(),
+            )?;
+            let ready = process
+                .wait_until_ready(stall_timeout, || self.engine.probe_ready(&client))
+                .await;
+            match ready {
+                Ok(()) => break (process, client),
+                Err(err) => {
+                    process.stop(stop_policy).await;
+                    let retry = config.port == 0
+                        && attempt < PORT_ATTEMPTS
+                        && matches!(err, Error::EngineExited { .. })
+                        && self.engine.port_conflict(err.log_tail());
+                    if !retry {
+                        return Err(err);
+                    }
+                    tracing::info!(
+                        engine = self.engine.engine_name(),
+                        port,
+                        "port taken; retrying with a fresh one"
+                    );
+                }
+            }
+        };
+
+        let version = match binary_version {
+            Some(version) => version,
+            None => match self.engine.served_version(&client).await {
+                Ok(version) => version,
+                Err(err) => {
+                    process.stop(stop_policy).await;
+                    return Err(err);
+                }
+            },
+        };
+        let context_size = self.engine.context_size(&client).await;
+        tracing::info!(
+            engine = self.engine.engine_name(),
+            base_url = client.base_url(),
+            version,
+            "engine ready"
+        );
+        Ok(Running {
+            process: Arc::new(process),
+            client,
+            api_key,
+            format,
+            version,
+            context_size,
+            stop_policy,
+        })
+    }
+}
+
+#[async_trait]
+impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
+    fn supported_format(&self) -> ModelFormat {
+        self.engine.supported_format()
+    }
+
+    async fn initialize(&mut self, config: RuntimeConfig) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        self.running = Some(self.start(&config).await?);
+        Ok(())
+    }
+
+    async fn is_ready(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|running| running.process.is_running())
+    }
+
+    async fn health_check(&self) -> Result<String> {
+        let running = self.running()?;
+        if let Some(exited) = running.process.exit_status() {
+            return Err(running.process.exited_error(&exited));
+        }
+        match running.client.get("/health", PROBE_TIMEOUT * 5).await {
+            Ok((200, body)) => {
+                let text = String::from_utf8_lossy(&body).trim().to_owned();
+                Ok(if text.is_empty() {
+                    "ok".to_owned()
+                } else {
+                    text
+                })
+            }
+            Ok((status, body)) => Err(runtime_core::openai::ErrorBody::to_error(status, &body)),
+            Err(err) => Err(explain(&running.process, err).await),
+        }
+    }
+
+    fn base_url(&self) -> String {
+        self.running
+            .as_ref()
+            .map(|running| running.client.base_url().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn api_key(&self) -> Option<String> {
+        self.running.as_ref().map(|running| running.api_key.clone())
+    }
+
+    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
+        request.validate()?;
+        let running = self.running()?;
+        match running.client.chat(&request).await {
+            Ok(response) => Ok(response),
+            Err(err) => Err(explain(&running.process, err).await),
+        }
+    }
+
+    async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
+        let events = self.generate_events(request).await?;
+        Ok(Box::new(
+            events
+                .filter_map(|event| async move {
+                    match event {
+                        Ok(StreamEvent::Delta(delta)) => Some(Ok(delta)),
+                        Ok(_) => None,
+                        Err(err) => Some(Err(err)),
+                    }
+                })
+                .boxed(),
+        ))
+    }
+
+    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
+        request.validate()?;
+        let running = self.running()?;
+        let events = match running.client.chat_stream(&request).await {
+            Ok(events) => events,
+            Err(err) => return Err(explain(&running.process, err).await),
+        };
+        // A weak handle: an abandoned stream must not keep a dropped runtime's
+        // engine alive.
+        let process = Arc::downgrade(&running.process);
+        Ok(Box::new(
+            events
+                .then(move |event| explain_event(process.clone(), event))
+                .boxed(),
+        ))
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        if let Some(running) = self.running.take() {
+            let Running {
+                process,
+                client,
+                stop_policy,
+                ..
+            } = running;
+            // Close our pooled connections first: llama-server waits for open
+            // ones before it exits.
+            drop(client);
+            let exited = process.stop(stop_policy).await;
+            tracing::info!(engine = self.engine.engine_name(), %exited, "engine shut down");
+        }
+        Ok(())
+    }
+
+    fn metadata(&self) -> RuntimeMetadata {
+        let (format, version, context_size) = match &self.running {
+            Some(running) => (
+                running.format,
+                running.version.clone(),
+                running.context_size,
+            ),
+            None => (self.engine.supported_format(), String::new(), None),
+        };
+        RuntimeMetadata::new(format, self.engine.runtime_name(), version)
+            .with_gpu(self.engine.supports_gpu())
+            .with_context_size(context_size)
+    }
+}
+
+/// Turns a transport failure into [`Error::EngineExited`] when the engine died.
+async fn explain(process: &ServerProcess, err: Error) -> Error {
+    if !matches!(err, Error::Transport(_) | Error::StreamProtocol(_)) {
+        return err;
+    }
+    process.exit_error(EXIT_CONFIRMATION).await.unwrap_or(err)
+}
+
+async fn explain_event(
+    process: Weak<ServerProcess>,
+    event: Result<StreamEvent>,
+) -> Result<StreamEvent> {
+    match (event, process.upgrade()) {
+        (Err(err), Some(process)) => Err(explain(&process, err).await),
+        (event, _) => event,
+    }
+}
+
+/// 128 random bits, hex-encoded.
+fn random_api_key() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|err| {
+        Error::io(
+            "error generating an API key",
+            std::io::Error::other(err.to_string()),
+        )
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Hosts as they go in a URL: IPv6 literals bracketed, the wildcard address
+/// replaced by loopback (a client cannot connect to `0.0.0.0`).
+fn url_host(host: &str) -> String {
+    match host {
+        "0.0.0.0" => "127.0.0.1".to_owned(),
+        "::" | "[::]" => "[::1]".to_owned(),
+        host if host.contains(':') && !host.starts_with('[') => format!("[{host}]"),
+        host => host.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_are_random_hex_of_128_bits() {
+        let a = random_api_key().unwrap();
+        let b = random_api_key().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn wildcard_and_ipv6_hosts_become_connectable_url_hosts() {
+        assert_eq!(url_host("0.0.0.0"), "127.0.0.1");
+        assert_eq!(url_host("::1"), "[::1]");
+        assert_eq!(url_host("[::1]"), "[::1]");
+        assert_eq!(url_host("localhost"), "localhost");
+    }
+}

@@ -1,0 +1,41 @@
+//! The backends under test, configured from the environment xtask sets.
+
+use std::time::Duration;
+
+use runtime_core::{ModelRuntime, RuntimeConfig};
+use runtime_llamacpp::LlamaCppRuntime;
+
+use crate::{Backend, MODEL_ENV, ServerEngine, required_env};
+
+/// The context size the suite configures, small enough that an over-long prompt is cheap.
+pub const CONTEXT_SIZE: u32 = 1024;
+
+/// llama.cpp through the provisioned llama-server and the SmolLM2 GGUF.
+pub fn llamacpp() -> Backend {
+    let binary = required_env(runtime_llamacpp::BINARY_ENV);
+    let config = RuntimeConfig::new(required_env(MODEL_ENV))
+        .with_context_size(CONTEXT_SIZE)
+        .with_parallel(4)
+        .with_threads(2)
+        .with_runtime_binary(&binary)
+        .with_shutdown_grace(Duration::from_secs(3));
+    Backend {
+        name: "llamacpp",
+        new_runtime: || Box::new(LlamaCppRuntime::new()) as Box<dyn ModelRuntime>,
+        config,
+        server: Some(ServerEngine {
+            binary,
+            has_slots_endpoint: true,
+        }),
+        start_budget: Duration::from_secs(30),
+        hold_runtime: None,
+    }
+}
+
+/// The backend called `name`, for `hold-runtime`.
+pub fn by_name(name: &str) -> Option<Backend> {
+    match name {
+        "llamacpp" => Some(llamacpp()),
+        _ => None,
+    }
+}

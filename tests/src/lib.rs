@@ -1,0 +1,102 @@
+//! The conformance suite: one set of checks, written once, that every
+//! [`ModelRuntime`] backend must pass against its real engine and a real model.
+//!
+//! A backend plugs in with a [`Backend`] description and one line,
+//! `conformance::suite!(path::to::backend_fn);`, in `tests/<backend>.rs`. Each
+//! check group becomes one test, so `cargo xtask test-backends` can print a
+//! backend-by-check table. Run the tests one at a time (`--test-threads=1`):
+//! the leak checks look for *any* engine process left behind.
+//!
+//! The engine and model paths come from environment variables that
+//! `cargo xtask test-backends` sets after provisioning them; run without them,
+//! every check fails with a message naming that command.
+
+pub mod backends;
+pub mod checks;
+pub mod procs;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use runtime_core::{ModelRuntime, RuntimeConfig};
+
+/// The variable holding the GGUF model the suite runs on.
+pub const MODEL_ENV: &str = "MODEL_RUNTIME_TEST_GGUF";
+
+/// One backend under test.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// The backend's name (`llamacpp`), as `hold-runtime` takes it.
+    pub name: &'static str,
+    /// A fresh, uninitialized runtime.
+    pub new_runtime: fn() -> Box<dyn ModelRuntime>,
+    /// A configuration for the real model.
+    pub config: RuntimeConfig,
+    /// The engine process, for server backends.
+    pub server: Option<ServerEngine>,
+    /// How long a start may take here, for the timing assertions of the faults.
+    pub start_budget: Duration,
+    /// The `hold-runtime` helper binary; [`suite!`] fills it in.
+    pub hold_runtime: Option<&'static str>,
+}
+
+/// What the suite knows about a server backend's engine process.
+#[derive(Debug, Clone)]
+pub struct ServerEngine {
+    /// The engine binary: any process running it is this suite's.
+    pub binary: PathBuf,
+    /// The engine reports busy slots at `GET /slots` (llama-server).
+    pub has_slots_endpoint: bool,
+}
+
+/// The value of `var`, or a panic that says how to run the suite.
+pub fn required_env(var: &str) -> PathBuf {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(value) => PathBuf::from(value),
+        None => panic!(
+            "${var} is not set: the conformance suite runs against real engines and models. \
+             Run it with `cargo xtask test-backends`, which provisions them and sets ${var}."
+        ),
+    }
+}
+
+/// Generates one `#[tokio::test]` per check group for the backend that `$backend()` returns.
+#[macro_export]
+macro_rules! suite {
+    ($backend:path) => {
+        $crate::suite!(@checks $backend;
+            lifecycle,
+            generation,
+            streaming_utf8,
+            concurrency,
+            cancellation,
+            bad_requests,
+            fault_bad_models,
+            fault_missing_binary,
+            fault_port_taken,
+            fault_engine_killed,
+            fault_dropped_runtime,
+            fault_owner_killed,
+        );
+    };
+    (@checks $backend:path; $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                $crate::init_tracing();
+                let mut backend = $backend();
+                backend.hold_runtime = Some(env!("CARGO_BIN_EXE_hold-runtime"));
+                $crate::checks::$check(&backend).await;
+                $crate::checks::assert_no_engine_left(&backend).await;
+            }
+        )*
+    };
+}
+
+/// Engine logs at debug level with `RUST_LOG=runtime_process=debug`.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,3 @@
+//! The conformance suite against the real llama-server.
+
+conformance::suite!(conformance::backends::llamacpp);
