@@ -399,6 +399,41 @@ pub async fn cancellation(backend: &Backend) {
     );
 }
 
+/// Shutdown with a stream in flight ends the stream with `ShutDown` and does
+/// not wait for the generation to finish.
+pub async fn shutdown_in_flight(backend: &Backend) {
+    let mut runtime = start(backend).await;
+    let engine = engine_processes(backend, runtime.as_ref());
+    let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
+        .with_max_tokens(2000)
+        .with_temperature(0.0);
+    let mut stream = runtime.generate_stream(long).await.expect("stream");
+    stream.next().await.expect("a delta").expect("a delta");
+    let started = Instant::now();
+    runtime.shutdown().await.expect("shutdown");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "shutdown took {took:?} with a stream in flight"
+    );
+    let mut ended_with = None;
+    while let Some(item) = stream.next().await {
+        if let Err(err) = item {
+            ended_with = Some(err);
+            break;
+        }
+    }
+    assert!(
+        matches!(ended_with, Some(Error::ShutDown)),
+        "the stream ends with ShutDown, got {ended_with:?}"
+    );
+    assert!(
+        procs::wait_gone(&pids(&engine), Duration::from_secs(1))
+            .await
+            .is_empty()
+    );
+}
+
 async fn wait_for_idle_slots(runtime: &dyn ModelRuntime, within: Duration) -> Option<Duration> {
     let started = Instant::now();
     let http = reqwest::Client::new();

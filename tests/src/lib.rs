@@ -70,6 +70,7 @@ macro_rules! suite {
             streaming_utf8,
             concurrency,
             cancellation,
+            shutdown_in_flight,
             bad_requests,
             fault_bad_models,
             fault_missing_binary,

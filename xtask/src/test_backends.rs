@@ -1,11 +1,192 @@
-//! `cargo xtask test-backends`: unit tests, then each backend's conformance suite.
+//! `cargo xtask test-backends [BACKEND...]`: provision, unit tests, then each
+//! backend's conformance suite against its real engine, and a table.
 
-use crate::{Result, cargo, run_checked};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use crate::{Result, cargo, provision, run_checked};
+
+/// Every backend with a conformance suite, in table order.
+pub(crate) const BACKENDS: &[&str] = &["llamacpp"];
+
+/// A check's outcome in the table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Failed,
+}
 
 pub(crate) fn run(args: &[String]) -> Result {
-    if let Some(arg) = args.first() {
-        return Err(format!("test-backends takes no arguments yet, got `{arg}`"));
+    let selected = select(args)?;
+    let env = provision_for(&selected)?;
+
+    step("unit tests (cargo test --workspace --exclude conformance)");
+    run_checked(cargo().args(["test", "--workspace", "--exclude", "conformance"]))?;
+
+    step("building the conformance suite");
+    run_checked(
+        cargo()
+            .args(["test", "-p", "conformance", "--no-run"])
+            .envs(env.iter().cloned()),
+    )?;
+
+    let mut results: Vec<(&str, BTreeMap<String, Outcome>, bool)> = Vec::new();
+    for backend in &selected {
+        step(&format!("conformance suite: {backend}"));
+        let (checks, ok) = run_suite(backend, &env)?;
+        results.push((backend, checks, ok));
     }
-    eprintln!("==> unit tests (cargo test --workspace)");
-    run_checked(cargo().args(["test", "--workspace"]))
+
+    print_table(&results);
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, _, ok)| !ok)
+        .map(|(backend, _, _)| *backend)
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("conformance failed for: {}", failed.join(", ")))
+    }
+}
+
+pub(crate) fn select(args: &[String]) -> Result<Vec<&'static str>> {
+    if args.is_empty() {
+        return Ok(BACKENDS.to_vec());
+    }
+    args.iter()
+        .map(|arg| {
+            BACKENDS
+                .iter()
+                .find(|b| **b == arg.as_str())
+                .copied()
+                .ok_or_else(|| format!("unknown backend `{arg}`; known: {}", BACKENDS.join(", ")))
+        })
+        .collect()
+}
+
+/// Provisions what the selected backends need; returns the suite's environment.
+pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString)>> {
+    let mut env = vec![(
+        "MODEL_RUNTIME_TEST_GGUF".into(),
+        provision::demo_model()?.into(),
+    )];
+    for backend in backends {
+        if *backend == "llamacpp" {
+            env.push(("LLAMA_SERVER_BIN".into(), provision::llama_server()?.into()));
+        }
+    }
+    Ok(env)
+}
+
+/// Runs one backend's suite, echoing its output and reading each check's result.
+fn run_suite(
+    backend: &str,
+    env: &[(OsString, OsString)],
+) -> Result<(BTreeMap<String, Outcome>, bool)> {
+    let mut child = cargo()
+        .args([
+            "test",
+            "-p",
+            "conformance",
+            "--test",
+            backend,
+            "--",
+            "--test-threads=1",
+        ])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running the {backend} suite: {e}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut checks = BTreeMap::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading the {backend} suite's output: {e}"))?;
+        println!("{line}");
+        if let Some((name, outcome)) = parse_result(&line) {
+            checks.insert(name.to_owned(), outcome);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the {backend} suite: {e}"))?;
+    let ok =
+        status.success() && !checks.is_empty() && checks.values().all(|o| *o == Outcome::Passed);
+    Ok((checks, ok))
+}
+
+/// `test lifecycle ... ok` → (`lifecycle`, Passed).
+fn parse_result(line: &str) -> Option<(&str, Outcome)> {
+    let rest = line.strip_prefix("test ")?;
+    let (name, result) = rest.split_once(" ... ")?;
+    let outcome = match result.trim() {
+        "ok" => Outcome::Passed,
+        "FAILED" => Outcome::Failed,
+        _ => return None,
+    };
+    Some((name, outcome))
+}
+
+fn print_table(results: &[(&str, BTreeMap<String, Outcome>, bool)]) {
+    let mut columns: Vec<&str> = Vec::new();
+    for (_, checks, _) in results {
+        for name in checks.keys() {
+            if !columns.contains(&name.as_str()) {
+                columns.push(name);
+            }
+        }
+    }
+    let width = results
+        .iter()
+        .map(|(b, _, _)| b.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    println!();
+    println!("conformance (rows: backends, columns: check groups)");
+    for (index, column) in columns.iter().enumerate() {
+        println!("  {:>2}  {column}", index + 1);
+    }
+    print!("{:<width$}", "backend");
+    for index in 0..columns.len() {
+        print!(" {:>4}", index + 1);
+    }
+    println!("  result");
+    for (backend, checks, ok) in results {
+        print!("{backend:<width$}");
+        for column in &columns {
+            let cell = match checks.get(*column) {
+                Some(Outcome::Passed) => "ok",
+                Some(Outcome::Failed) => "FAIL",
+                None => "-",
+            };
+            print!(" {cell:>4}");
+        }
+        println!("  {}", if *ok { "passed" } else { "FAILED" });
+    }
+}
+
+fn step(message: &str) {
+    eprintln!("==> {message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_result_lines_are_parsed() {
+        assert!(matches!(
+            parse_result("test lifecycle ... ok"),
+            Some(("lifecycle", Outcome::Passed))
+        ));
+        assert!(matches!(
+            parse_result("test fault_port_taken ... FAILED"),
+            Some(("fault_port_taken", Outcome::Failed))
+        ));
+        assert!(parse_result("test result: ok. 12 passed").is_none());
+        assert!(parse_result("running 12 tests").is_none());
+    }
 }

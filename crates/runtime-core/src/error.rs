@@ -126,6 +126,10 @@ pub enum Error {
         context_size: u64,
     },
 
+    /// The runtime was shut down while this request was in flight.
+    #[error("runtime was shut down while the request was in flight")]
+    ShutDown,
+
     /// The engine is at capacity and refused to queue the request.
     #[error("engine is busy: {0}")]
     Busy(String),

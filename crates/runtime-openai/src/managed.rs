@@ -14,6 +14,7 @@ use runtime_core::{
     RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream,
 };
 use runtime_process::{ServerCommand, ServerProcess, StopPolicy, free_port};
+use tokio::sync::watch;
 
 use crate::{ClientTimeouts, OpenAiClient};
 
@@ -128,6 +129,9 @@ struct Running {
     version: String,
     context_size: Option<u32>,
     stop_policy: StopPolicy,
+    /// Flipped by shutdown: in-flight streams end with [`Error::ShutDown`] and
+    /// close their connections, so the engine does not wait for them.
+    shutting_down: watch::Sender<bool>,
 }
 
 /// A [`ModelRuntime`] over an OpenAI-compatible engine server `E`.
@@ -270,6 +274,7 @@ impl<E: ServerEngine> ManagedServer<E> {
             version,
             context_size,
             stop_policy,
+            shutting_down: watch::channel(false).0,
         })
     }
 }
@@ -355,13 +360,15 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             Ok(events) => events,
             Err(err) => return Err(explain(&running.process, err).await),
         };
-        // A weak handle: an abandoned stream must not keep a dropped runtime's
-        // engine alive.
-        let process = Arc::downgrade(&running.process);
+        let supervised = Supervised {
+            events,
+            // Weak: an abandoned stream must not keep a dropped runtime's engine alive.
+            process: Arc::downgrade(&running.process),
+            shutting_down: running.shutting_down.subscribe(),
+            done: false,
+        };
         Ok(Box::new(
-            events
-                .then(move |event| explain_event(process.clone(), event))
-                .boxed(),
+            futures::stream::unfold(supervised, Supervised::next).boxed(),
         ))
     }
 
@@ -371,10 +378,12 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
                 process,
                 client,
                 stop_policy,
+                shutting_down,
                 ..
             } = running;
-            // Close our pooled connections first: llama-server waits for open
-            // ones before it exits.
+            // Close our connections first, streams and pool: llama-server waits
+            // for open ones before it exits.
+            shutting_down.send_replace(true);
             drop(client);
             let exited = process.stop(stop_policy).await;
             tracing::info!(engine = self.engine.engine_name(), %exited, "engine shut down");
@@ -405,13 +414,34 @@ async fn explain(process: &ServerProcess, err: Error) -> Error {
     process.exit_error(EXIT_CONFIRMATION).await.unwrap_or(err)
 }
 
-async fn explain_event(
+/// An engine's event stream, watched: errors are explained by the process's
+/// state, and a shutdown ends the stream (dropping its connection).
+struct Supervised {
+    events: EventStream,
     process: Weak<ServerProcess>,
-    event: Result<StreamEvent>,
-) -> Result<StreamEvent> {
-    match (event, process.upgrade()) {
-        (Err(err), Some(process)) => Err(explain(&process, err).await),
-        (event, _) => event,
+    shutting_down: watch::Receiver<bool>,
+    done: bool,
+}
+
+impl Supervised {
+    async fn next(mut self) -> Option<(Result<StreamEvent>, Self)> {
+        if self.done {
+            return None;
+        }
+        let event = tokio::select! {
+            event = self.events.next() => event?,
+            _ = self.shutting_down.wait_for(|down| *down) => Err(Error::ShutDown),
+        };
+        let event = match (event, self.process.upgrade()) {
+            (Err(err), Some(process)) => Err(explain(&process, err).await),
+            (event, _) => event,
+        };
+        if event.is_err() {
+            self.done = true;
+            // Release the connection now rather than when the caller drops us.
+            self.events = Box::new(futures::stream::empty());
+        }
+        Some((event, self))
     }
 }
 

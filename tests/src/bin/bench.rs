@@ -1,0 +1,288 @@
+//! `cargo xtask bench <backend>`: readiness lag, streaming overhead against
+//! direct HTTP, and stop time, as medians over interleaved runs.
+//!
+//! Every comparison runs its two sides alternately in the same process, so
+//! machine noise hits both; only medians and their ratios are reported.
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use conformance::Backend;
+use futures::StreamExt;
+use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
+use runtime_process::{ServerProcess, StopPolicy};
+
+const RUNS_READY: usize = 7;
+const RUNS_BASELINE: usize = 5;
+const RUNS_STREAM: usize = 15;
+const RUNS_STOP: usize = 7;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    conformance::init_tracing();
+    let name = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "llamacpp".to_owned());
+    let backend =
+        conformance::backends::by_name(&name).unwrap_or_else(|| panic!("unknown backend {name:?}"));
+    println!("bench: {name} (medians; lower is better)");
+
+    readiness(&backend).await;
+    streaming(&backend).await;
+    stopping(&backend).await;
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Polls `/health` every millisecond until it answers 200: an independent
+/// observer of the moment the engine is ready.
+fn watch_ready(port: u16) -> tokio::task::JoinHandle<Instant> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}/health");
+        loop {
+            if let Ok(response) = http.get(&url).send().await
+                && response.status() == 200
+            {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+}
+
+fn config_on_free_port(backend: &Backend) -> RuntimeConfig {
+    let port = runtime_process::free_port("127.0.0.1").unwrap();
+    backend.config.clone().with_port(port)
+}
+
+async fn readiness(backend: &Backend) {
+    let Some(server) = &backend.server else {
+        println!("readiness lag: in-process backend, no engine to wait for");
+        return;
+    };
+    let mut ours = Vec::new();
+    let mut baseline = Vec::new();
+    let mut startup = Vec::new();
+    for run in 0..RUNS_READY {
+        let config = config_on_free_port(backend);
+        let observer = watch_ready(config.port);
+        let mut runtime = (backend.new_runtime)();
+        let started = Instant::now();
+        runtime.initialize(config).await.expect("initialize");
+        let returned = Instant::now();
+        let ready = observer.await.unwrap();
+        ours.push(ms(returned.saturating_duration_since(ready)));
+        startup.push(ms(returned - started));
+        runtime.shutdown().await.unwrap();
+
+        if run < RUNS_BASELINE {
+            baseline.push(seed_design_lag(backend, &server.binary).await);
+        }
+    }
+    println!(
+        "readiness lag (engine ready -> initialize returns): {:.1} ms; \
+         seed design (poll every 2 s): {:.1} ms; startup total {:.0} ms",
+        median(ours),
+        median(baseline),
+        median(startup)
+    );
+}
+
+/// The seed's approach: spawn, then poll `/health` every 2 s.
+async fn seed_design_lag(backend: &Backend, binary: &std::path::Path) -> f64 {
+    let config = config_on_free_port(backend);
+    let observer = watch_ready(config.port);
+    let mut command = runtime_process::ServerCommand::new("llama-server", binary);
+    command
+        .arg("--model")
+        .arg(&config.model_path)
+        .args(["--host", "127.0.0.1", "--port", &config.port.to_string()])
+        .env("LD_LIBRARY_PATH", binary.parent().unwrap());
+    let process = ServerProcess::spawn(&command).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/health", config.port);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if matches!(http.get(&url).send().await, Ok(r) if r.status() == 200) {
+            break;
+        }
+    }
+    let returned = Instant::now();
+    let ready = observer.await.unwrap();
+    process.stop(StopPolicy::new(Duration::from_secs(3))).await;
+    ms(returned.saturating_duration_since(ready))
+}
+
+struct Timed {
+    first_token: Duration,
+    total: Duration,
+    text: String,
+}
+
+async fn through_runtime(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Timed {
+    let started = Instant::now();
+    let mut stream = runtime.generate_stream(request).await.expect("stream");
+    let mut first_token = None;
+    let mut text = String::new();
+    while let Some(delta) = stream.next().await {
+        let delta = delta.expect("delta");
+        if !delta.is_empty() {
+            first_token.get_or_insert_with(|| started.elapsed());
+        }
+        text.push_str(&delta);
+    }
+    Timed {
+        first_token: first_token.expect("at least one delta"),
+        total: started.elapsed(),
+        text,
+    }
+}
+
+/// A plain streaming POST with reqwest, reading `data:` lines as they come.
+async fn direct_http(
+    http: &reqwest::Client,
+    runtime: &dyn ModelRuntime,
+    request: &InferenceRequest,
+) -> Timed {
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": request.messages[0].content}],
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let started = Instant::now();
+    let mut builder = http.post(runtime.completions_url()).json(&body);
+    if let Some(key) = runtime.api_key() {
+        builder = builder.bearer_auth(key);
+    }
+    let response = builder.send().await.expect("direct request");
+    let mut bytes = response.bytes_stream();
+    let mut buffer = Vec::new();
+    let mut first_token = None;
+    let mut text = String::new();
+    'body: while let Some(chunk) = bytes.next().await {
+        buffer.extend_from_slice(&chunk.expect("chunk"));
+        while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let Some(data) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
+            if data.starts_with(b"[DONE]") {
+                break 'body;
+            }
+            let chunk: serde_json::Value = serde_json::from_slice(data).expect("chunk JSON");
+            if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str()
+                && !content.is_empty()
+            {
+                first_token.get_or_insert_with(|| started.elapsed());
+                text.push_str(content);
+            }
+        }
+    }
+    Timed {
+        first_token: first_token.expect("at least one delta"),
+        total: started.elapsed(),
+        text,
+    }
+}
+
+async fn streaming(backend: &Backend) {
+    let mut runtime = (backend.new_runtime)();
+    runtime
+        .initialize(backend.config.clone())
+        .await
+        .expect("initialize");
+    let request = InferenceRequest::from_prompt("What is the capital of France?")
+        .with_max_tokens(64)
+        .with_temperature(0.0);
+    let http = reqwest::Client::new();
+    // Warm both paths (connection pools, the engine's prompt cache).
+    through_runtime(runtime.as_ref(), request.clone()).await;
+    direct_http(&http, runtime.as_ref(), &request).await;
+
+    let (mut ours_total, mut direct_total, mut ttft_diff, mut ours_ttft) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS_STREAM {
+        let (ours, direct) = if run % 2 == 0 {
+            let ours = through_runtime(runtime.as_ref(), request.clone()).await;
+            (ours, direct_http(&http, runtime.as_ref(), &request).await)
+        } else {
+            let direct = direct_http(&http, runtime.as_ref(), &request).await;
+            (
+                through_runtime(runtime.as_ref(), request.clone()).await,
+                direct,
+            )
+        };
+        assert_eq!(ours.text, direct.text, "both paths see the same answer");
+        ours_total.push(ms(ours.total));
+        direct_total.push(ms(direct.total));
+        ours_ttft.push(ms(ours.first_token));
+        ttft_diff.push(ms(ours.first_token) - ms(direct.first_token));
+    }
+    let ratios: Vec<f64> = ours_total
+        .iter()
+        .zip(&direct_total)
+        .map(|(o, d)| o / d)
+        .collect();
+    println!(
+        "streaming (64 tokens): generate_stream {:.1} ms vs direct HTTP {:.1} ms; \
+         ratio {:.3} (median of per-pair ratios); first token {:.1} ms, {:+.2} ms vs direct",
+        median(ours_total),
+        median(direct_total),
+        median(ratios),
+        median(ours_ttft),
+        median(ttft_diff)
+    );
+    runtime.shutdown().await.unwrap();
+}
+
+async fn stopping(backend: &Backend) {
+    let mut idle = Vec::new();
+    let mut in_flight = Vec::new();
+    for _ in 0..RUNS_STOP {
+        let mut runtime = (backend.new_runtime)();
+        runtime
+            .initialize(backend.config.clone())
+            .await
+            .expect("initialize");
+        let started = Instant::now();
+        runtime.shutdown().await.unwrap();
+        idle.push(ms(started.elapsed()));
+
+        let mut runtime = (backend.new_runtime)();
+        runtime
+            .initialize(backend.config.clone())
+            .await
+            .expect("initialize");
+        let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
+            .with_max_tokens(2000);
+        let mut stream = runtime.generate_stream(long).await.unwrap();
+        stream.next().await.unwrap().unwrap();
+        let started = Instant::now();
+        runtime.shutdown().await.unwrap();
+        in_flight.push(ms(started.elapsed()));
+        drop(stream);
+    }
+    println!(
+        "stop: idle {:.1} ms; with a stream in flight {:.1} ms",
+        median(idle),
+        median(in_flight)
+    );
+}
