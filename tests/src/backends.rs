@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use runtime_candle::CandleRuntime;
 use runtime_core::{ModelRuntime, RuntimeConfig};
 use runtime_llamacpp::LlamaCppRuntime;
 
@@ -32,10 +33,28 @@ pub fn llamacpp() -> Backend {
     }
 }
 
-/// The backend called `name`, for `hold-runtime`.
+/// candle in process on the same SmolLM2 GGUF.
+pub fn candle() -> Backend {
+    let config = RuntimeConfig::new(required_env(MODEL_ENV))
+        .with_context_size(CONTEXT_SIZE)
+        .with_parallel(4)
+        .with_threads(2)
+        .with_shutdown_grace(Duration::from_secs(3));
+    Backend {
+        name: "candle",
+        new_runtime: || Box::new(CandleRuntime::new()) as Box<dyn ModelRuntime>,
+        config,
+        server: None,
+        start_budget: Duration::from_secs(30),
+        hold_runtime: None,
+    }
+}
+
+/// The backend called `name`, for `hold-runtime` and the benchmarks.
 pub fn by_name(name: &str) -> Option<Backend> {
     match name {
         "llamacpp" => Some(llamacpp()),
+        "candle" => Some(candle()),
         _ => None,
     }
 }

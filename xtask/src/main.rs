@@ -25,7 +25,8 @@ usage: cargo xtask <task> [args]
 tasks:
   provision [models|llamacpp]...   fetch pinned engines and the demo model into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
-                                   (default: all of them: llamacpp)
+                                   (default: all of them: llamacpp, candle; with
+                                   both, also candle against llama-server)
   bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
                                    medians over interleaved runs (release build)
   help                             show this message

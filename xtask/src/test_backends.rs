@@ -9,7 +9,10 @@ use std::process::Stdio;
 use crate::{Result, cargo, provision, run_checked};
 
 /// Every backend with a conformance suite, in table order.
-pub(crate) const BACKENDS: &[&str] = &["llamacpp"];
+pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle"];
+
+/// Suites that compare two engines, run when both are selected.
+const CROSS_SUITES: &[(&str, [&str; 2])] = &[("cross_engine", ["candle", "llamacpp"])];
 
 /// A check's outcome in the table.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,13 @@ pub(crate) fn run(args: &[String]) -> Result {
         step(&format!("conformance suite: {backend}"));
         let (checks, ok) = run_suite(backend, &env)?;
         results.push((backend, checks, ok));
+    }
+    for (suite, needs) in CROSS_SUITES {
+        if needs.iter().all(|backend| selected.contains(backend)) {
+            step(&format!("cross-engine suite: {}", needs.join(" vs ")));
+            let (checks, ok) = run_suite(suite, &env)?;
+            results.push((suite, checks, ok));
+        }
     }
 
     print_table(&results);
@@ -74,8 +84,11 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
         provision::demo_model()?.into(),
     )];
     for backend in backends {
-        if *backend == "llamacpp" {
-            env.push(("LLAMA_SERVER_BIN".into(), provision::llama_server()?.into()));
+        match *backend {
+            "llamacpp" => env.push(("LLAMA_SERVER_BIN".into(), provision::llama_server()?.into())),
+            // In process: the model is all it needs.
+            "candle" => {}
+            other => return Err(format!("no provisioning known for `{other}`")),
         }
     }
     Ok(env)

@@ -64,4 +64,4 @@ pub use error::{BoxError, Error, Result};
 pub use format::ModelFormat;
 pub use request::{ChatMessage, InferenceRequest, Role};
 pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
-pub use runtime::{EventStream, ModelRuntime, TextStream};
+pub use runtime::{EventStream, ModelRuntime, TextStream, text_deltas};

@@ -119,6 +119,36 @@ pub trait ModelRuntime: Send + Sync {
     fn metadata(&self) -> RuntimeMetadata;
 }
 
+/// The text deltas of an event stream: what
+/// [`ModelRuntime::generate_stream`] returns for backends that implement
+/// [`ModelRuntime::generate_events`] natively. Errors pass through; the
+/// `Finished` event is dropped.
+pub fn text_deltas(events: EventStream) -> TextStream {
+    Box::new(EventsToDeltas { events })
+}
+
+struct EventsToDeltas {
+    events: EventStream,
+}
+
+impl Stream for EventsToDeltas {
+    type Item = Result<String>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.events).poll_next(cx) {
+                Poll::Ready(Some(Ok(StreamEvent::Delta(delta)))) => {
+                    return Poll::Ready(Some(Ok(delta)));
+                }
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 /// Adapts a text-delta stream to events, ending with an empty `Finished`.
 struct DeltasToEvents {
     deltas: TextStream,

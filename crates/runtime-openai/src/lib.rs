@@ -9,18 +9,27 @@
 //!   network chunks);
 //! - with the `managed` feature, [`ManagedServer`]: a complete
 //!   [`ModelRuntime`](runtime_core::ModelRuntime) over any engine that runs as an
-//!   OpenAI-compatible server process, described by a [`ServerEngine`].
+//!   OpenAI-compatible server process, described by a [`ServerEngine`];
+//! - with the `server` feature, [`router`]: an axum router serving any runtime
+//!   (or any [`ChatService`]) over the same API, used by the in-process candle
+//!   backend and by `model-runtime serve`.
 //!
 //! It does not start processes itself (that is `runtime-process`) and knows no
 //! particular engine (those are the backend crates).
 #![forbid(unsafe_code)]
 
 mod client;
+mod key;
 #[cfg(feature = "managed")]
 mod managed;
+#[cfg(feature = "server")]
+mod server;
 mod sse;
 
 pub use client::{ClientTimeouts, OpenAiClient};
+pub use key::random_api_key;
 #[cfg(feature = "managed")]
 pub use managed::{Launch, ManagedServer, ServerEngine};
+#[cfg(feature = "server")]
+pub use server::{ApiError, ChatService, ServeOptions, router};
 pub use sse::{SseDecoder, SseEvent};

@@ -11,12 +11,12 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use runtime_core::{
     Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
-    RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream,
+    RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
 use runtime_process::{ServerCommand, ServerProcess, StopPolicy, free_port};
 use tokio::sync::watch;
 
-use crate::{ClientTimeouts, OpenAiClient};
+use crate::{ClientTimeouts, OpenAiClient, random_api_key};
 
 /// How long a broken connection waits for the exit watcher before it is
 /// reported as a transport error rather than as the engine's exit.
@@ -339,18 +339,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
-        let events = self.generate_events(request).await?;
-        Ok(Box::new(
-            events
-                .filter_map(|event| async move {
-                    match event {
-                        Ok(StreamEvent::Delta(delta)) => Some(Ok(delta)),
-                        Ok(_) => None,
-                        Err(err) => Some(Err(err)),
-                    }
-                })
-                .boxed(),
-        ))
+        Ok(text_deltas(self.generate_events(request).await?))
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
@@ -445,18 +434,6 @@ impl Supervised {
     }
 }
 
-/// 128 random bits, hex-encoded.
-fn random_api_key() -> Result<String> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|err| {
-        Error::io(
-            "error generating an API key",
-            std::io::Error::other(err.to_string()),
-        )
-    })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Hosts as they go in a URL: IPv6 literals bracketed, the wildcard address
 /// replaced by loopback (a client cannot connect to `0.0.0.0`).
 fn url_host(host: &str) -> String {
@@ -471,15 +448,6 @@ fn url_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_keys_are_random_hex_of_128_bits() {
-        let a = random_api_key().unwrap();
-        let b = random_api_key().unwrap();
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
 
     #[test]
     fn wildcard_and_ipv6_hosts_become_connectable_url_hosts() {

@@ -1,0 +1,334 @@
+//! The in-process candle backend: [`CandleRuntime`] runs a llama-architecture
+//! model inside the calling process with candle, no external binary, and serves
+//! it over the OpenAI API on a loopback port of its own, so
+//! [`base_url`](runtime_core::ModelRuntime::base_url) means what it means for the
+//! server backends.
+//!
+//! This crate owns:
+//! - loading GGUF models through candle's quantized llama (SmolLM2, Llama and
+//!   models sharing their layout) and Hugging Face safetensors directories
+//!   (`config.json`, `*.safetensors`, `tokenizer.json`) through candle's llama;
+//! - the tokenizer: `tokenizer.json` beside the model, or one built from the
+//!   GGUF's own metadata the way llama.cpp reads it;
+//! - the model's own chat template, rendered with minijinja;
+//! - sampling (temperature, top-p, seed), stop strings, EOS, UTF-8-safe streaming;
+//! - worker threads of its own (never the async runtime's), each with a KV cache
+//!   over shared weights, behind a bounded queue: a full queue is
+//!   [`Error::Busy`](runtime_core::Error::Busy), not a hang.
+//!
+//! It serves HTTP with `runtime-openai`'s router and does not manage processes.
+//!
+//! Settings: `context_size` (at most what candle supports for the model; its
+//! quantized llama caps positions at 4096), `threads` (the compute pool),
+//! `parallel` (workers, default 2), `extra_config.queue` (waiting requests,
+//! default 16), `extra_config.requantize` (`keep`, `q8_0`, `q4_0`: re-quantize
+//! Q4_1 tensors on load to formats with SIMD kernels; default `keep`).
+//!
+//! ```no_run
+//! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
+//! use runtime_candle::CandleRuntime;
+//!
+//! # async fn demo() -> runtime_core::Result<()> {
+//! let mut runtime = CandleRuntime::new();
+//! runtime.initialize(RuntimeConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf")).await?;
+//! let answer = runtime.generate(InferenceRequest::from_prompt("Hello!")).await?;
+//! println!("{} (served at {})", answer.content, runtime.completions_url());
+//! runtime.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod engine;
+mod model;
+mod stop;
+mod template;
+mod tokenizer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runtime_core::{
+    Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
+    RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+};
+use runtime_openai::{ChatService, ClientTimeouts, OpenAiClient, ServeOptions, random_api_key};
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, EngineOptions};
+use crate::model::LoadedModel;
+pub use crate::model::Requantize;
+pub use crate::tokenizer::TextTokenizer;
+
+/// The candle version this crate is built against (pinned exactly in Cargo.toml).
+pub const ENGINE_VERSION: &str = "0.11.1";
+
+const DEFAULT_WORKERS: usize = 2;
+const DEFAULT_QUEUE: usize = 16;
+
+/// candle, in process, behind the [`ModelRuntime`] trait.
+#[derive(Debug, Default)]
+pub struct CandleRuntime {
+    running: Option<Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    engine: Arc<Engine>,
+    base_url: String,
+    api_key: String,
+    context_limit: usize,
+    format: ModelFormat,
+    shutdown_grace: Duration,
+    server: Option<Server>,
+}
+
+#[derive(Debug)]
+struct Server {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CandleRuntime {
+    /// A runtime with no model loaded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn running(&self) -> Result<&Running> {
+        self.running.as_ref().ok_or(Error::NotInitialized)
+    }
+}
+
+fn options(config: &RuntimeConfig) -> Result<(EngineOptions, Requantize)> {
+    let number = |key: &'static str| -> Result<Option<usize>> {
+        match config.extra_config.get(key) {
+            None => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| *n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| {
+                    Error::invalid_config(
+                        "extra_config",
+                        format!("`{key}` must be a positive integer"),
+                    )
+                }),
+        }
+    };
+    let requantize = match config.extra_config.get("requantize") {
+        None => Requantize::Keep,
+        Some(value) => Requantize::parse(value.as_str().ok_or_else(|| {
+            Error::invalid_config("extra_config", "`requantize` must be a string")
+        })?)?,
+    };
+    let threads = config
+        .threads
+        .map(|n| n as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok((
+        EngineOptions {
+            workers: config.parallel.map_or(DEFAULT_WORKERS, |n| n as usize),
+            queue: number("queue")?.unwrap_or(DEFAULT_QUEUE),
+            threads,
+        },
+        requantize,
+    ))
+}
+
+async fn start(config: &RuntimeConfig) -> Result<Running> {
+    config.validate()?;
+    let format = config.resolve_format()?;
+    if !matches!(format, ModelFormat::Gguf | ModelFormat::Safetensors) {
+        return Err(Error::UnsupportedFormat {
+            backend: "candle",
+            expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
+            found: format.name().to_owned(),
+        });
+    }
+    let (engine_options, requantize) = options(config)?;
+    // Bind before loading: a taken port fails in milliseconds, not after the load.
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|err| {
+            Error::io(
+                format!("error binding {}:{}", config.host, config.port),
+                err,
+            )
+        })?;
+    let address = listener
+        .local_addr()
+        .map_err(|err| Error::io("error reading the bound address", err))?;
+
+    let path = config.model_path.clone();
+    let context_size = config.context_size;
+    let engine = tokio::task::spawn_blocking(move || {
+        let model = LoadedModel::load(&path, format, context_size, requantize)?;
+        Engine::start(model, engine_options)
+    })
+    .await
+    .map_err(|err| Error::engine("model loading panicked", err))??;
+    let engine = Arc::new(engine);
+    let context_limit = engine.model().context_limit;
+
+    let api_key = match &config.api_key {
+        Some(key) => key.clone(),
+        None => random_api_key()?,
+    };
+    let router = runtime_openai::router(
+        engine.clone() as Arc<dyn ChatService>,
+        ServeOptions::new(config.model_name()).with_api_key(Some(api_key.clone())),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(err) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %err, "the candle HTTP server stopped");
+        }
+    });
+    let host = match address.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let base_url = format!("http://{host}:{}", address.port());
+    let mut running = Running {
+        engine,
+        base_url,
+        api_key,
+        context_limit,
+        format,
+        shutdown_grace: config.shutdown_grace,
+        server: Some(Server { stop, task }),
+    };
+
+    // A real probe of what we serve, as for the server backends.
+    let client = OpenAiClient::new(&running.base_url, None, None, ClientTimeouts::default())?;
+    if !client.is_healthy(Duration::from_secs(5)).await {
+        running.stop(Duration::from_secs(1)).await;
+        return Err(Error::engine(
+            "the embedded server does not answer its health probe",
+            std::io::Error::other(running.base_url.clone()),
+        ));
+    }
+    tracing::info!(base_url = running.base_url, context_limit, "candle ready");
+    Ok(running)
+}
+
+impl Running {
+    async fn stop(&mut self, grace: Duration) {
+        let engine = self.engine.clone();
+        // Ends in-flight generations (their streams get ShutDown), joins workers.
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
+        if let Some(server) = self.server.take() {
+            let _ = server.stop.send(());
+            let mut task = server.task;
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Without shutdown: stop serving and generating now; workers exit on
+        // their own once their current token is done.
+        if let Some(server) = self.server.take() {
+            let _ = server.stop.send(());
+            server.task.abort();
+        }
+        let engine = self.engine.clone();
+        std::thread::spawn(move || engine.stop());
+    }
+}
+
+#[async_trait]
+impl ModelRuntime for CandleRuntime {
+    fn supported_format(&self) -> ModelFormat {
+        ModelFormat::Gguf
+    }
+
+    async fn initialize(&mut self, config: RuntimeConfig) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        self.running = Some(start(&config).await?);
+        Ok(())
+    }
+
+    async fn is_ready(&self) -> bool {
+        match &self.running {
+            Some(running) => {
+                running
+                    .server
+                    .as_ref()
+                    .is_some_and(|s| !s.task.is_finished())
+                    && ChatService::is_ready(running.engine.as_ref()).await
+            }
+            None => false,
+        }
+    }
+
+    async fn health_check(&self) -> Result<String> {
+        let running = self.running()?;
+        if !ModelRuntime::is_ready(self).await {
+            return Err(Error::engine(
+                "the embedded server has stopped",
+                std::io::Error::other(running.base_url.clone()),
+            ));
+        }
+        Ok(format!(
+            "ok (candle {ENGINE_VERSION}, context {})",
+            running.context_limit
+        ))
+    }
+
+    fn base_url(&self) -> String {
+        self.running
+            .as_ref()
+            .map(|running| running.base_url.clone())
+            .unwrap_or_default()
+    }
+
+    fn api_key(&self) -> Option<String> {
+        self.running.as_ref().map(|running| running.api_key.clone())
+    }
+
+    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
+        self.running()?.engine.generate(request).await
+    }
+
+    async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
+        Ok(text_deltas(
+            ModelRuntime::generate_events(self, request).await?,
+        ))
+    }
+
+    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
+        self.running()?.engine.generate_events(request).await
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        if let Some(mut running) = self.running.take() {
+            let grace = running.shutdown_grace;
+            running.stop(grace).await;
+        }
+        Ok(())
+    }
+
+    fn metadata(&self) -> RuntimeMetadata {
+        let (format, context) = match &self.running {
+            Some(running) => (running.format, u32::try_from(running.context_limit).ok()),
+            None => (ModelFormat::Gguf, None),
+        };
+        RuntimeMetadata::new(format, "candle", ENGINE_VERSION).with_context_size(context)
+    }
+}

@@ -1,0 +1,321 @@
+//! Loading weights (GGUF through candle's quantized llama, Hugging Face
+//! safetensors directories through candle's llama) and running them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama;
+use candle_transformers::models::quantized_llama::{self, MAX_SEQ_LEN};
+use runtime_core::{Error, ModelFormat, Result};
+
+use crate::template::ChatTemplate;
+use crate::tokenizer::{TextTokenizer, tokenizer_config};
+
+/// Loaded weights, shared by every worker.
+#[derive(Debug, Clone)]
+pub(crate) enum Weights {
+    /// GGUF: `ModelWeights` clones share their tensors and own a KV cache each.
+    Quantized(Box<quantized_llama::ModelWeights>),
+    /// Safetensors: the model is shared, each session gets a cache.
+    Llama {
+        model: Arc<llama::Llama>,
+        config: Box<llama::Config>,
+    },
+}
+
+/// A model ready to serve: weights, tokenizer, template and limits.
+#[derive(Debug)]
+pub(crate) struct LoadedModel {
+    pub(crate) weights: Weights,
+    pub(crate) tokenizer: TextTokenizer,
+    pub(crate) template: Option<ChatTemplate>,
+    /// The most positions the model may use (prompt plus generation).
+    pub(crate) context_limit: usize,
+}
+
+/// Re-quantization applied on load, trading a little accuracy for SIMD kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requantize {
+    /// Keep the file's quantization.
+    Keep,
+    /// Q4_1 tensors become Q8_0 (candle has AVX kernels for Q8_0, not Q4_1).
+    Q8_0,
+    /// Q4_1 tensors become Q4_0.
+    Q4_0,
+}
+
+impl Requantize {
+    /// Parses `keep`, `q8_0` or `q4_0`.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "keep" | "none" => Ok(Self::Keep),
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_0" => Ok(Self::Q4_0),
+            other => Err(Error::invalid_config(
+                "extra_config.requantize",
+                format!("is {other:?}; use keep, q8_0 or q4_0"),
+            )),
+        }
+    }
+
+    fn target(self) -> Option<GgmlDType> {
+        match self {
+            Self::Keep => None,
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+        }
+    }
+}
+
+impl LoadedModel {
+    /// Loads the model at `path` in `format`.
+    pub(crate) fn load(
+        path: &Path,
+        format: ModelFormat,
+        context_size: Option<u32>,
+        requantize: Requantize,
+    ) -> Result<Self> {
+        match format {
+            ModelFormat::Gguf => load_gguf(path, context_size, requantize),
+            ModelFormat::Safetensors => load_safetensors(path, context_size),
+            other => Err(Error::UnsupportedFormat {
+                backend: "candle",
+                expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
+                found: other.name().to_owned(),
+            }),
+        }
+    }
+}
+
+fn engine_err(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Error {
+    let context = context.into();
+    move |err| Error::engine(context, err)
+}
+
+fn load_gguf(
+    path: &Path,
+    context_size: Option<u32>,
+    requantize: Requantize,
+) -> Result<LoadedModel> {
+    let mut file = File::open(path)
+        .map_err(|err| Error::io(format!("error opening {}", path.display()), err))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|err| Error::InvalidModel {
+        path: path.to_owned(),
+        reason: format!("unreadable GGUF: {err}"),
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tokenizer = match dir.join("tokenizer.json") {
+        json if json.is_file() => TextTokenizer::from_file(&json)?,
+        _ => TextTokenizer::from_gguf(&content)?,
+    };
+    let template_source = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok().cloned())
+        .or_else(|| template_beside(dir));
+    let model_context = ["llama.context_length"]
+        .iter()
+        .find_map(|key| content.metadata.get(*key)?.to_u32().ok())
+        .map_or(MAX_SEQ_LEN, |n| n as usize);
+    let context_limit = limit(context_size, model_context.min(MAX_SEQ_LEN))?;
+
+    let weights = match requantize.target() {
+        None => quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu),
+        Some(target) => {
+            let requantized = requantize_gguf(&content, &mut file, target)?;
+            let mut reader = std::io::Cursor::new(requantized);
+            let content = gguf_file::Content::read(&mut reader)
+                .map_err(engine_err("error re-reading the requantized model"))?;
+            quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
+        }
+    }
+    .map_err(|err| Error::InvalidModel {
+        path: path.to_owned(),
+        reason: format!("candle cannot load it as a llama-architecture GGUF: {err}"),
+    })?;
+
+    let template = template_source
+        .map(|source| {
+            ChatTemplate::new(
+                source,
+                tokenizer.bos_token.clone(),
+                tokenizer.eos_token.clone(),
+            )
+        })
+        .transpose()?;
+    Ok(LoadedModel {
+        weights: Weights::Quantized(Box::new(weights)),
+        tokenizer,
+        template,
+        context_limit,
+    })
+}
+
+/// Rewrites the GGUF in memory with Q4_1 tensors in `target`.
+fn requantize_gguf(
+    content: &gguf_file::Content,
+    file: &mut File,
+    target: GgmlDType,
+) -> Result<Vec<u8>> {
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for name in content.tensor_infos.keys() {
+        let tensor = content
+            .tensor(file, name, &Device::Cpu)
+            .map_err(engine_err(format!("error reading tensor {name}")))?;
+        let tensor = if tensor.dtype() == GgmlDType::Q4_1 {
+            let values = tensor
+                .dequantize(&Device::Cpu)
+                .map_err(engine_err("error dequantizing"))?;
+            QTensor::quantize(&values, target).map_err(engine_err("error requantizing"))?
+        } else {
+            tensor
+        };
+        tensors.push((name.clone(), tensor));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut buffer, &metadata, &tensor_refs)
+        .map_err(engine_err("error writing the requantized model"))?;
+    Ok(buffer.into_inner())
+}
+
+fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|err| Error::io(format!("error reading {}", path.display()), err))
+    };
+    let config: llama::LlamaConfig =
+        serde_json::from_str(&read("config.json")?).map_err(|err| Error::InvalidModel {
+            path: dir.to_owned(),
+            reason: format!("config.json is not a llama configuration: {err}"),
+        })?;
+    let config = config.into_config(false);
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(Error::InvalidModel {
+            path: dir.to_owned(),
+            reason: "the directory has no tokenizer.json".to_owned(),
+        });
+    }
+    let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+    let template_source = tokenizer_config(dir)
+        .and_then(|c| c.get("chat_template")?.as_str().map(str::to_owned))
+        .or_else(|| template_beside(dir));
+
+    let mut tensors = std::collections::HashMap::new();
+    for file in safetensors_files(dir)? {
+        let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(engine_err(format!("error reading {}", file.display())))?;
+        tensors.extend(loaded);
+    }
+    // F32 on CPU: candle's bf16 matmuls are much slower there.
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let model = llama::Llama::load(vb, &config).map_err(|err| Error::InvalidModel {
+        path: dir.to_owned(),
+        reason: format!("candle cannot load it as a llama model: {err}"),
+    })?;
+    let context_limit = limit(context_size, config.max_position_embeddings)?;
+    let template = template_source
+        .map(|source| {
+            ChatTemplate::new(
+                source,
+                tokenizer.bos_token.clone(),
+                tokenizer.eos_token.clone(),
+            )
+        })
+        .transpose()?;
+    Ok(LoadedModel {
+        weights: Weights::Llama {
+            model: Arc::new(model),
+            config: Box::new(config),
+        },
+        tokenizer,
+        template,
+        context_limit,
+    })
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|err| Error::io(format!("error listing {}", dir.display()), err))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn template_beside(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("chat_template.jinja")).ok()
+}
+
+/// The context limit: the configured size, which may not exceed what the model supports.
+fn limit(configured: Option<u32>, model: usize) -> Result<usize> {
+    match configured {
+        None => Ok(model),
+        Some(size) if size as usize <= model => Ok(size as usize),
+        Some(size) => Err(Error::invalid_config(
+            "context_size",
+            format!("is {size}, more than this model supports with candle ({model})"),
+        )),
+    }
+}
+
+/// One worker's view of the model: the shared weights plus its own KV cache.
+pub(crate) enum Session {
+    Quantized(Box<quantized_llama::ModelWeights>),
+    Llama {
+        model: Arc<llama::Llama>,
+        config: Box<llama::Config>,
+        cache: llama::Cache,
+    },
+}
+
+impl Session {
+    pub(crate) fn new(weights: &Weights) -> Result<Self> {
+        Ok(match weights {
+            Weights::Quantized(weights) => Self::Quantized(weights.clone()),
+            Weights::Llama { model, config } => Self::Llama {
+                model: model.clone(),
+                cache: llama::Cache::new(true, DType::F32, config, &Device::Cpu)
+                    .map_err(engine_err("error allocating the KV cache"))?,
+                config: config.clone(),
+            },
+        })
+    }
+
+    /// Starts a new sequence (the quantized model resets at position 0 by itself).
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        if let Self::Llama { cache, config, .. } = self {
+            *cache = llama::Cache::new(true, DType::F32, config, &Device::Cpu)
+                .map_err(engine_err("error allocating the KV cache"))?;
+        }
+        Ok(())
+    }
+
+    /// Logits for the token after `tokens`, which start at position `position`.
+    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(engine_err("error building the input tensor"))?;
+        let logits = match self {
+            Self::Quantized(weights) => weights.forward(&input, position),
+            Self::Llama { model, cache, .. } => model.forward(&input, position, cache),
+        }
+        .map_err(engine_err("error running the model"))?;
+        logits
+            .squeeze(0)
+            .map_err(engine_err("unexpected logits shape"))
+    }
+}

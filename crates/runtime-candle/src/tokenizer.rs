@@ -1,0 +1,218 @@
+//! Tokenizers: `tokenizer.json` beside the model, or one built from a GGUF's
+//! own metadata.
+//!
+//! candle's built-in GGUF tokenizer does not know pre-tokenizers such as
+//! SmolLM's and disagrees with llama.cpp on most strings. This one is built the
+//! way llama.cpp reads the same metadata: byte-level BPE from
+//! `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`, the pre-tokenizer named
+//! by `tokenizer.ggml.pre`, and control tokens (type 3) as special tokens.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use runtime_core::{Error, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// llama.cpp's token type for control tokens (`<|im_start|>`, `<|im_end|>`).
+const CONTROL_TOKEN: i32 = 3;
+
+/// A tokenizer and what generation needs to know about its vocabulary.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Tokens that end generation.
+    pub(crate) end_tokens: Vec<u32>,
+    /// The beginning-of-sequence token's text, for chat templates.
+    pub(crate) bos_token: String,
+    /// The end-of-sequence token's text, for chat templates.
+    pub(crate) eos_token: String,
+}
+
+impl TextTokenizer {
+    /// Reads `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|err| Error::engine(format!("error loading {}", path.display()), err))?;
+        let config = tokenizer_config(path.parent().unwrap_or(Path::new(".")));
+        let special = |key: &str| {
+            config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(|v| v.as_str().or_else(|| v.get("content")?.as_str()))
+                .map(str::to_owned)
+        };
+        let bos_token = special("bos_token").unwrap_or_default();
+        let eos_token = special("eos_token").unwrap_or_default();
+        let mut end_tokens: Vec<u32> = [
+            eos_token.as_str(),
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+        ]
+        .iter()
+        .filter_map(|token| inner.token_to_id(token))
+        .collect();
+        end_tokens.dedup();
+        Ok(Self {
+            inner,
+            end_tokens,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Builds the tokenizer from the metadata of the GGUF file at `path`.
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|err| Error::io(format!("error opening {}", path.display()), err))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|err| Error::InvalidModel {
+            path: path.to_owned(),
+            reason: format!("unreadable GGUF: {err}"),
+        })?;
+        Self::from_gguf(&content)
+    }
+
+    /// Builds the tokenizer from a GGUF's metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let metadata = &content.metadata;
+        let get = |key: &str| {
+            metadata.get(key).ok_or_else(|| {
+                gguf_error(format!(
+                    "the GGUF has no `{key}`; put a tokenizer.json beside it"
+                ))
+            })
+        };
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(gguf_value)?;
+        if model != "gpt2" {
+            return Err(gguf_error(format!(
+                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
+                 put a tokenizer.json beside the model"
+            )));
+        }
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()
+            .map_err(gguf_value)?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(gguf_value))
+            .collect::<Result<_>>()?;
+        let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
+            .to_vec()
+            .map_err(gguf_value)?
+            .iter()
+            .map(|v| {
+                let merge = v.to_string().map_err(gguf_value)?;
+                merge
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| gguf_error(format!("malformed merge {merge:?}")))
+            })
+            .collect::<Result<_>>()?;
+        let token_types: Vec<i32> = match metadata.get("tokenizer.ggml.token_type") {
+            Some(types) => types
+                .to_vec()
+                .map_err(gguf_value)?
+                .iter()
+                .map(|v| v.to_i32().map_err(gguf_value))
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        let pre = metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map_or("default", String::as_str);
+
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.clone(), id as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|err| Error::engine("error building the BPE model from GGUF metadata", err))?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let control: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&token_types)
+            .filter(|(_, kind)| **kind == CONTROL_TOKEN)
+            .map(|(token, _)| AddedToken::from(token.clone(), true))
+            .collect();
+        inner.add_special_tokens(&control);
+
+        let id = |key: &str| metadata.get(key).and_then(|v| v.to_u32().ok());
+        let text = |id: Option<u32>| {
+            id.and_then(|id| tokens.get(id as usize).cloned())
+                .unwrap_or_default()
+        };
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut end_tokens: Vec<u32> = eos.into_iter().collect();
+        end_tokens.extend(id("tokenizer.ggml.eot_token_id"));
+        for marker in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+            if let Some(position) = tokens.iter().position(|t| t == marker)
+                && !end_tokens.contains(&(position as u32))
+            {
+                end_tokens.push(position as u32);
+            }
+        }
+        Ok(Self {
+            inner,
+            end_tokens,
+            bos_token: text(id("tokenizer.ggml.bos_token_id")),
+            eos_token: text(eos),
+        })
+    }
+
+    /// Token ids of `text`, special tokens in it recognised as such.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|err| Error::engine("error tokenizing the prompt", err))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+/// The pre-tokenizer llama.cpp uses for the GGUF's `tokenizer.ggml.pre`.
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = ByteLevel::new(false, true, true);
+    match pre {
+        // SmolLM: every digit on its own, then GPT-2's byte-level split.
+        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()),
+        "gpt-2" | "gpt2" | "default" => Ok(byte_level.into()),
+        other => Err(gguf_error(format!(
+            "pre-tokenizer `{other}` is not supported; put the model's tokenizer.json beside it"
+        ))),
+    }
+}
+
+/// `tokenizer_config.json` in `dir`, if present and valid.
+pub(crate) fn tokenizer_config(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn gguf_error(message: String) -> Error {
+    Error::engine(
+        "unusable GGUF tokenizer metadata",
+        std::io::Error::other(message),
+    )
+}
+
+fn gguf_value(err: candle_core::Error) -> Error {
+    Error::engine("unexpected GGUF metadata type", err)
+}

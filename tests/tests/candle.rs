@@ -1,0 +1,3 @@
+//! The conformance suite against candle, in process, on the real GGUF.
+
+conformance::suite!(conformance::backends::candle);
