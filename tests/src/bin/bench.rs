@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use conformance::Backend;
 use futures::StreamExt;
-use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
+use runtime_core::{ChatMessage, InferenceRequest, ModelRuntime, RuntimeConfig, Timings};
 use runtime_process::{ServerProcess, StopPolicy};
 
 const RUNS_READY: usize = 7;
@@ -25,8 +25,12 @@ async fn main() {
         .unwrap_or_else(|| "llamacpp".to_owned());
     let backend =
         conformance::backends::by_name(&name).unwrap_or_else(|| panic!("unknown backend {name:?}"));
-    println!("bench: {name} (medians; lower is better)");
+    println!("bench: {name} (medians over interleaved runs)");
 
+    if name == "candle" {
+        candle_against_llama_cpp().await;
+        return;
+    }
     readiness(&backend).await;
     streaming(&backend).await;
     stopping(&backend).await;
@@ -285,4 +289,112 @@ async fn stopping(backend: &Backend) {
         median(idle),
         median(in_flight)
     );
+}
+
+const RUNS_SPEED: usize = 5;
+
+/// A prompt of a few hundred tokens that no engine has cached: the system
+/// message differs per run, so llama-server's prompt cache cannot help.
+fn speed_request(run: usize) -> InferenceRequest {
+    let filler = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(16);
+    InferenceRequest::new(vec![
+        ChatMessage::system(format!("Session {run}. You are a careful assistant.")),
+        ChatMessage::user(format!("{filler}\nSummarise the text above, then write a long story about it.")),
+    ])
+    .with_max_tokens(96)
+    .with_temperature(0.0)
+}
+
+fn peak_rss_mib(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+struct Speed {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+}
+
+impl Speed {
+    fn new() -> Self {
+        Self { prefill: Vec::new(), decode: Vec::new() }
+    }
+
+    fn record(&mut self, timings: Option<Timings>) {
+        let timings = timings.expect("the engine reports timings");
+        self.prefill.push(timings.prompt_tokens_per_second.expect("prefill speed"));
+        self.decode.push(timings.tokens_per_second.expect("decode speed"));
+    }
+}
+
+/// candle (as loaded and re-quantized) against llama-server on the same GGUF,
+/// two threads each, the same prompts, runs interleaved.
+async fn candle_against_llama_cpp() {
+    let llama_backend = conformance::backends::llamacpp();
+    let candle_backend = conformance::backends::candle();
+    let mut llama = (llama_backend.new_runtime)();
+    llama.initialize(llama_backend.config.clone().with_parallel(1)).await.expect("llama-server");
+    let variants = ["keep", "q8_0", "q4_0"];
+    let mut candles = Vec::new();
+    for variant in variants {
+        let mut runtime = (candle_backend.new_runtime)();
+        let config = candle_backend
+            .config
+            .clone()
+            .with_parallel(1)
+            .with_extra_config("requantize", variant);
+        runtime.initialize(config).await.expect("candle");
+        candles.push(runtime);
+    }
+    // Warm up every engine once.
+    llama.generate(speed_request(1000)).await.unwrap();
+    for runtime in &candles {
+        runtime.generate(speed_request(1001)).await.unwrap();
+    }
+
+    let mut llama_speed = Speed::new();
+    let mut candle_speed: Vec<Speed> = variants.iter().map(|_| Speed::new()).collect();
+    for run in 0..RUNS_SPEED {
+        let request = speed_request(run);
+        llama_speed.record(llama.generate(request.clone()).await.unwrap().timings);
+        for (runtime, speed) in candles.iter().zip(&mut candle_speed) {
+            speed.record(runtime.generate(request.clone()).await.unwrap().timings);
+        }
+    }
+    let prompt_tokens = llama.generate(speed_request(0)).await.unwrap().usage.unwrap().prompt_tokens;
+
+    let llama_prefill = median(llama_speed.prefill.clone());
+    let llama_decode = median(llama_speed.decode.clone());
+    println!("same GGUF (SmolLM2-135M Q4_1), 2 threads, {prompt_tokens}-token prompts, 96 tokens, greedy");
+    println!("{:<22} {:>14} {:>14} {:>10} {:>10}", "engine", "prefill tok/s", "decode tok/s", "prefill x", "decode x");
+    println!("{:<22} {:>14.1} {:>14.1} {:>10} {:>10}", "llama-server", llama_prefill, llama_decode, "1.00", "1.00");
+    for (variant, speed) in variants.iter().zip(candle_speed) {
+        let prefill = median(speed.prefill);
+        let decode = median(speed.decode);
+        println!(
+            "{:<22} {:>14.1} {:>14.1} {:>10.2} {:>10.2}",
+            format!("candle ({variant})"),
+            prefill,
+            decode,
+            prefill / llama_prefill,
+            decode / llama_decode
+        );
+    }
+    let engine_pid = conformance::procs::engine_on_port(conformance::procs::port_of(&llama.base_url()))
+        .first()
+        .map(|p| p.pid.to_string())
+        .unwrap_or_default();
+    println!(
+        "peak RSS: this process with three candle models loaded {:.0} MiB; llama-server {:.0} MiB",
+        peak_rss_mib("self"),
+        peak_rss_mib(&engine_pid)
+    );
+    llama.shutdown().await.unwrap();
+    for mut runtime in candles {
+        runtime.shutdown().await.unwrap();
+    }
 }

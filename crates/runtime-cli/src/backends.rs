@@ -1,0 +1,171 @@
+//! Which backends exist, which are usable here, and picking one for a model.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use runtime_candle::CandleRuntime;
+use runtime_core::{Error, ModelFormat, ModelRuntime, Result, RuntimeConfig};
+use runtime_llamacpp::{LlamaCppRuntime, LlamaServer};
+use runtime_openai::ServerEngine;
+
+use crate::manager::RuntimeFactory;
+
+/// What the user asked for with `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Pick by the model's format and what is installed.
+    #[default]
+    Auto,
+    /// llama.cpp's llama-server.
+    Llamacpp,
+    /// vLLM's OpenAI server.
+    Vllm,
+    /// The embedded candle engine.
+    Candle,
+}
+
+/// A backend this build can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// llama.cpp's llama-server.
+    LlamaCpp,
+    /// The embedded candle engine.
+    Candle,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::LlamaCpp => "llamacpp",
+            Self::Candle => "candle",
+        })
+    }
+}
+
+impl Backend {
+    /// A fresh runtime of this backend.
+    pub fn runtime(self) -> Box<dyn ModelRuntime> {
+        match self {
+            Self::LlamaCpp => Box::new(LlamaCppRuntime::new()),
+            Self::Candle => Box::new(CandleRuntime::new()),
+        }
+    }
+}
+
+/// The backend for `config` under `choice`, and a sentence saying why.
+pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend, String)> {
+    match choice {
+        BackendChoice::Llamacpp => Ok((Backend::LlamaCpp, "as asked".to_owned())),
+        BackendChoice::Candle => Ok((Backend::Candle, "as asked".to_owned())),
+        BackendChoice::Vllm => Err(vllm_missing()),
+        BackendChoice::Auto => {
+            let format = config.resolve_format()?;
+            match format {
+                ModelFormat::Gguf => match LlamaServer.find_binary(config) {
+                    Ok(binary) => Ok((
+                        Backend::LlamaCpp,
+                        format!("GGUF model and llama-server found at {}", binary.display()),
+                    )),
+                    Err(_) => Ok((
+                        Backend::Candle,
+                        "GGUF model and no llama-server installed: using the embedded engine".to_owned(),
+                    )),
+                },
+                ModelFormat::Safetensors => Ok((
+                    Backend::Candle,
+                    "Hugging Face model and vLLM is not part of this build: using the embedded engine".to_owned(),
+                )),
+                other => Err(Error::UnsupportedFormat {
+                    backend: "any backend of model-runtime",
+                    expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
+                    found: other.name().to_owned(),
+                }),
+            }
+        }
+    }
+}
+
+fn vllm_missing() -> Error {
+    Error::invalid_config(
+        "backend",
+        "vllm is not part of this build of model-runtime yet; use llamacpp or candle",
+    )
+}
+
+/// A factory that builds the backend `choice` picks for each configuration.
+pub fn factory(choice: BackendChoice) -> RuntimeFactory {
+    Box::new(move |config| {
+        let (backend, why) = choose(choice, config)?;
+        tracing::info!(%backend, why, "backend chosen");
+        Ok(backend.runtime())
+    })
+}
+
+/// One line of `model-runtime backends`.
+#[derive(Debug)]
+pub struct BackendReport {
+    /// The backend's name for `--backend`.
+    pub name: &'static str,
+    /// Whether it can run here.
+    pub usable: bool,
+    /// The engine binary found, for server backends.
+    pub binary: Option<PathBuf>,
+    /// The engine's version, as it reports it.
+    pub version: Option<String>,
+    /// The model formats it takes.
+    pub formats: &'static str,
+    /// Why it is not usable, or other remarks.
+    pub note: String,
+}
+
+/// What each backend looks like on this machine.
+pub async fn survey() -> Vec<BackendReport> {
+    let config = RuntimeConfig::default();
+    let llama = match LlamaServer.find_binary(&config) {
+        Ok(binary) => match LlamaServer.binary_version(&binary, &config).await {
+            Ok(version) => BackendReport {
+                name: "llamacpp",
+                usable: true,
+                binary: Some(binary),
+                version,
+                formats: "GGUF",
+                note: String::new(),
+            },
+            Err(err) => BackendReport {
+                name: "llamacpp",
+                usable: false,
+                binary: Some(binary),
+                version: None,
+                formats: "GGUF",
+                note: format!("llama-server does not run: {err}"),
+            },
+        },
+        Err(err) => BackendReport {
+            name: "llamacpp",
+            usable: false,
+            binary: None,
+            version: None,
+            formats: "GGUF",
+            note: err.to_string(),
+        },
+    };
+    vec![
+        llama,
+        BackendReport {
+            name: "vllm",
+            usable: false,
+            binary: None,
+            version: None,
+            formats: "Hugging Face safetensors directories",
+            note: vllm_missing().to_string(),
+        },
+        BackendReport {
+            name: "candle",
+            usable: true,
+            binary: None,
+            version: Some(format!("candle {}", runtime_candle::ENGINE_VERSION)),
+            formats: "GGUF (llama architecture), Hugging Face safetensors directories",
+            note: "embedded, no engine binary needed".to_owned(),
+        },
+    ]
+}

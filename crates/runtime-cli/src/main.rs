@@ -1,0 +1,338 @@
+//! `model-runtime`: run, chat with, or serve a local language model.
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use runtime_cli::{BackendChoice, LatestLine, RuntimeManager, Spinner, choose, factory, survey};
+use runtime_core::{ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
+use runtime_openai::{ChatService, ServeOptions};
+use tokio::io::AsyncBufReadExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+#[derive(Parser)]
+#[command(name = "model-runtime", version, about = "Run a language model locally, whatever the engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// The model: a GGUF file or a Hugging Face safetensors directory.
+    model: PathBuf,
+    /// Which engine runs it.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Context window in tokens (default: the engine's).
+    #[arg(long)]
+    context_size: Option<u32>,
+    /// CPU threads for generation (default: the engine's).
+    #[arg(long)]
+    threads: Option<u32>,
+}
+
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// Sampling temperature, 0 to 2; 0 is deterministic.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// A system prompt.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt, streaming the answer to stdout.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt.
+        #[arg(long, short)]
+        prompt: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Talk with the model: Ctrl-C stops an answer, Ctrl-D leaves.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Serve an OpenAI-compatible API in front of the model.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require this bearer token from clients.
+        #[arg(long, env = "MODEL_RUNTIME_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// List the backends, whether they are usable here, and what they take.
+    Backends,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let latest = LatestLine::default();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(EnvFilter::try_from_env("MODEL_RUNTIME_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))),
+        )
+        .with(latest.clone().with_filter(tracing_subscriber::filter::Targets::new().with_target(
+            runtime_cli::ENGINE_LOG_TARGET,
+            tracing::Level::DEBUG,
+        )))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("model-runtime: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, latest)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("model-runtime: {}", explain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
+    match cli.command {
+        Command::Run {
+            model,
+            prompt,
+            sampling,
+        } => run_once(model, prompt, sampling, latest).await,
+        Command::Chat { model, sampling } => chat(model, sampling, latest).await,
+        Command::Serve {
+            model,
+            host,
+            port,
+            api_key,
+        } => serve(model, host, port, api_key, latest).await,
+        Command::Backends => {
+            backends().await;
+            Ok(())
+        }
+    }
+}
+
+fn config_of(args: &ModelArgs) -> RuntimeConfig {
+    let mut config = RuntimeConfig::new(&args.model);
+    config.context_size = args.context_size;
+    config.threads = args.threads;
+    config
+}
+
+/// Chooses, says which, starts with a spinner.
+async fn start(args: &ModelArgs, latest: LatestLine) -> Result<Box<dyn ModelRuntime>, Error> {
+    let config = config_of(args);
+    let (backend, why) = choose(args.backend, &config)?;
+    eprintln!("model-runtime: using {backend} ({why})");
+    let mut runtime = backend.runtime();
+    let spinner = Spinner::start(format!("starting {backend}"), latest);
+    let started = runtime.initialize(config).await;
+    spinner.finish();
+    started?;
+    Ok(runtime)
+}
+
+fn request_of(messages: Vec<ChatMessage>, sampling: &SamplingArgs) -> InferenceRequest {
+    InferenceRequest::new(messages)
+        .with_max_tokens(sampling.max_tokens)
+        .with_temperature(sampling.temperature)
+}
+
+fn opening(sampling: &SamplingArgs) -> Vec<ChatMessage> {
+    sampling.system.iter().map(ChatMessage::system).collect()
+}
+
+async fn run_once(args: ModelArgs, prompt: String, sampling: SamplingArgs, latest: LatestLine) -> Result<(), Error> {
+    let mut runtime = start(&args, latest).await?;
+    let mut messages = opening(&sampling);
+    messages.push(ChatMessage::user(prompt));
+    let answered = stream_answer(runtime.as_ref(), request_of(messages, &sampling)).await;
+    let stopped = runtime.shutdown().await;
+    answered?;
+    stopped
+}
+
+/// Streams an answer to stdout; Ctrl-C stops it. Returns the text shown.
+async fn stream_answer(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Result<String, Error> {
+    let mut stream = runtime.generate_stream(request).await?;
+    let mut answer = String::new();
+    let mut stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            delta = stream.next() => match delta {
+                Some(delta) => {
+                    let delta = delta?;
+                    let _ = stdout.write_all(delta.as_bytes());
+                    let _ = stdout.flush();
+                    answer.push_str(&delta);
+                }
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprint!(" [stopped]");
+                break;
+            }
+        }
+    }
+    println!();
+    Ok(answer)
+}
+
+async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Result<(), Error> {
+    let mut runtime = start(&args, latest).await?;
+    eprintln!("model-runtime: ready. Ctrl-C stops an answer, Ctrl-D leaves.");
+    let mut messages = opening(&sampling);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let outcome = loop {
+        eprint!("> ");
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            // Ctrl-C at the prompt leaves, as Ctrl-D does.
+            _ = tokio::signal::ctrl_c() => Ok(None),
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(Error::io("error reading the prompt", err)),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage::user(line));
+        match stream_answer(runtime.as_ref(), request_of(messages.clone(), &sampling)).await {
+            Ok(answer) => messages.push(ChatMessage::assistant(answer)),
+            Err(err) => {
+                eprintln!("model-runtime: {}", explain(&err));
+                messages.pop();
+            }
+        }
+    };
+    eprintln!();
+    let stopped = runtime.shutdown().await;
+    outcome.and(stopped)
+}
+
+async fn serve(args: ModelArgs, host: String, port: u16, api_key: Option<String>, latest: LatestLine) -> Result<(), Error> {
+    let config = config_of(&args);
+    let (backend, why) = choose(args.backend, &config)?;
+    eprintln!("model-runtime: using {backend} ({why})");
+    // Bind first: a taken port is reported before an engine is started.
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|err| Error::io(format!("error binding {host}:{port}"), err))?;
+    let manager = Arc::new(RuntimeManager::new(factory(args.backend)));
+    let spinner = Spinner::start(format!("starting {backend}"), latest);
+    let started = manager.hot_swap(config.clone()).await;
+    spinner.finish();
+    started?;
+
+    let router = runtime_openai::router(
+        manager.clone() as Arc<dyn ChatService>,
+        ServeOptions::new(config.model_name()).with_api_key(api_key),
+    );
+    let address = listener.local_addr().map_err(|err| Error::io("error reading the bound address", err))?;
+    eprintln!("model-runtime: serving {} at http://{address}/v1/chat/completions", config.model_name());
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(termination())
+        .await
+        .map_err(|err| Error::io("the HTTP server failed", err));
+    eprintln!("model-runtime: shutting down");
+    let stopped = manager.shutdown().await;
+    served.and(stopped)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn backends() {
+    for report in survey().await {
+        let status = if report.usable { "usable" } else { "not usable" };
+        println!("{:<9} {status}", report.name);
+        println!("          formats: {}", report.formats);
+        if let Some(binary) = &report.binary {
+            println!("          binary:  {}", binary.display());
+        }
+        if let Some(version) = &report.version {
+            println!("          version: {version}");
+        }
+        if !report.note.is_empty() {
+            println!("          note:    {}", report.note);
+        }
+    }
+}
+
+/// One readable paragraph: the error, its causes, what to do, the engine's last words.
+fn explain(err: &Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    let hint = match err {
+        Error::ModelNotFound { .. } => Some("check the path; `cargo xtask provision models` fetches the demo model"),
+        Error::InvalidModel { .. } | Error::UnsupportedFormat { .. } => {
+            Some("model-runtime takes GGUF files and Hugging Face safetensors directories")
+        }
+        Error::BinaryNotFound { .. } => Some("or run with --backend candle, which needs no engine binary"),
+        Error::StartupTimeout { .. } | Error::EngineExited { .. } => {
+            Some("the engine's last log lines follow; MODEL_RUNTIME_LOG=debug shows all of them")
+        }
+        _ => None,
+    };
+    if let Some(hint) = hint {
+        text.push_str(&format!(".\n{hint}"));
+    }
+    for line in err.log_tail().iter().rev().take(8).rev() {
+        text.push_str(&format!("\n  | {line}"));
+    }
+    text
+}
