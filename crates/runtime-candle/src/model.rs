@@ -138,15 +138,7 @@ fn load_gguf(
         reason: format!("candle cannot load it as a llama-architecture GGUF: {err}"),
     })?;
 
-    let template = template_source
-        .map(|source| {
-            ChatTemplate::new(
-                source,
-                tokenizer.bos_token.clone(),
-                tokenizer.eos_token.clone(),
-            )
-        })
-        .transpose()?;
+    let template = compile_template(template_source, &tokenizer)?;
     Ok(LoadedModel {
         weights: Weights::Quantized(Box::new(weights)),
         tokenizer,
@@ -225,15 +217,7 @@ fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel
         reason: format!("candle cannot load it as a llama model: {err}"),
     })?;
     let context_limit = limit(context_size, config.max_position_embeddings)?;
-    let template = template_source
-        .map(|source| {
-            ChatTemplate::new(
-                source,
-                tokenizer.bos_token.clone(),
-                tokenizer.eos_token.clone(),
-            )
-        })
-        .transpose()?;
+    let template = compile_template(template_source, &tokenizer)?;
     Ok(LoadedModel {
         weights: Weights::Llama {
             model: Arc::new(model),
@@ -254,6 +238,21 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+fn compile_template(
+    source: Option<String>,
+    tokenizer: &TextTokenizer,
+) -> Result<Option<ChatTemplate>> {
+    source
+        .map(|source| {
+            ChatTemplate::new(
+                source,
+                tokenizer.bos_token.clone(),
+                tokenizer.eos_token.clone(),
+            )
+        })
+        .transpose()
 }
 
 fn template_beside(dir: &Path) -> Option<String> {

@@ -18,7 +18,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 #[derive(Parser)]
-#[command(name = "model-runtime", version, about = "Run a language model locally, whatever the engine")]
+#[command(
+    name = "model-runtime",
+    version,
+    about = "Run a language model locally, whatever the engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,14 +100,22 @@ fn main() -> ExitCode {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_filter(EnvFilter::try_from_env("MODEL_RUNTIME_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))),
+                .with_filter(
+                    EnvFilter::try_from_env("MODEL_RUNTIME_LOG")
+                        .unwrap_or_else(|_| EnvFilter::new("warn")),
+                ),
         )
-        .with(latest.clone().with_filter(tracing_subscriber::filter::Targets::new().with_target(
-            runtime_cli::ENGINE_LOG_TARGET,
-            tracing::Level::DEBUG,
-        )))
+        .with(
+            latest.clone().with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(runtime_cli::ENGINE_LOG_TARGET, tracing::Level::DEBUG),
+            ),
+        )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("model-runtime: cannot start the async runtime: {err}");
@@ -170,7 +182,12 @@ fn opening(sampling: &SamplingArgs) -> Vec<ChatMessage> {
     sampling.system.iter().map(ChatMessage::system).collect()
 }
 
-async fn run_once(args: ModelArgs, prompt: String, sampling: SamplingArgs, latest: LatestLine) -> Result<(), Error> {
+async fn run_once(
+    args: ModelArgs,
+    prompt: String,
+    sampling: SamplingArgs,
+    latest: LatestLine,
+) -> Result<(), Error> {
     let mut runtime = start(&args, latest).await?;
     let mut messages = opening(&sampling);
     messages.push(ChatMessage::user(prompt));
@@ -181,7 +198,10 @@ async fn run_once(args: ModelArgs, prompt: String, sampling: SamplingArgs, lates
 }
 
 /// Streams an answer to stdout; Ctrl-C stops it. Returns the text shown.
-async fn stream_answer(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Result<String, Error> {
+async fn stream_answer(
+    runtime: &dyn ModelRuntime,
+    request: InferenceRequest,
+) -> Result<String, Error> {
     let mut stream = runtime.generate_stream(request).await?;
     let mut answer = String::new();
     let mut stdout = std::io::stdout();
@@ -240,7 +260,13 @@ async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Re
     outcome.and(stopped)
 }
 
-async fn serve(args: ModelArgs, host: String, port: u16, api_key: Option<String>, latest: LatestLine) -> Result<(), Error> {
+async fn serve(
+    args: ModelArgs,
+    host: String,
+    port: u16,
+    api_key: Option<String>,
+    latest: LatestLine,
+) -> Result<(), Error> {
     let config = config_of(&args);
     let (backend, why) = choose(args.backend, &config)?;
     eprintln!("model-runtime: using {backend} ({why})");
@@ -258,8 +284,13 @@ async fn serve(args: ModelArgs, host: String, port: u16, api_key: Option<String>
         manager.clone() as Arc<dyn ChatService>,
         ServeOptions::new(config.model_name()).with_api_key(api_key),
     );
-    let address = listener.local_addr().map_err(|err| Error::io("error reading the bound address", err))?;
-    eprintln!("model-runtime: serving {} at http://{address}/v1/chat/completions", config.model_name());
+    let address = listener
+        .local_addr()
+        .map_err(|err| Error::io("error reading the bound address", err))?;
+    eprintln!(
+        "model-runtime: serving {} at http://{address}/v1/chat/completions",
+        config.model_name()
+    );
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(termination())
         .await
@@ -294,7 +325,11 @@ async fn termination() {
 
 async fn backends() {
     for report in survey().await {
-        let status = if report.usable { "usable" } else { "not usable" };
+        let status = if report.usable {
+            "usable"
+        } else {
+            "not usable"
+        };
         println!("{:<9} {status}", report.name);
         println!("          formats: {}", report.formats);
         if let Some(binary) = &report.binary {
@@ -318,11 +353,15 @@ fn explain(err: &Error) -> String {
         source = cause.source();
     }
     let hint = match err {
-        Error::ModelNotFound { .. } => Some("check the path; `cargo xtask provision models` fetches the demo model"),
+        Error::ModelNotFound { .. } => {
+            Some("check the path; `cargo xtask provision models` fetches the demo model")
+        }
         Error::InvalidModel { .. } | Error::UnsupportedFormat { .. } => {
             Some("model-runtime takes GGUF files and Hugging Face safetensors directories")
         }
-        Error::BinaryNotFound { .. } => Some("or run with --backend candle, which needs no engine binary"),
+        Error::BinaryNotFound { .. } => {
+            Some("or run with --backend candle, which needs no engine binary")
+        }
         Error::StartupTimeout { .. } | Error::EngineExited { .. } => {
             Some("the engine's last log lines follow; MODEL_RUNTIME_LOG=debug shows all of them")
         }

@@ -16,7 +16,8 @@ use runtime_openai::ChatService;
 use tokio::sync::{Mutex, RwLock};
 
 /// Builds an uninitialized runtime for a configuration (picks the backend).
-pub type RuntimeFactory = Box<dyn Fn(&RuntimeConfig) -> Result<Box<dyn ModelRuntime>> + Send + Sync>;
+pub type RuntimeFactory =
+    Box<dyn Fn(&RuntimeConfig) -> Result<Box<dyn ModelRuntime>> + Send + Sync>;
 
 /// How long a swapped-out runtime may take to finish its in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -68,7 +69,11 @@ impl RuntimeManager {
 
     /// The runtime serving now.
     pub async fn current(&self) -> Result<Arc<dyn ModelRuntime>> {
-        self.current.read().await.clone().ok_or(Error::NotInitialized)
+        self.current
+            .read()
+            .await
+            .clone()
+            .ok_or(Error::NotInitialized)
     }
 
     /// Shuts the current runtime down (after its in-flight requests finish).
@@ -119,7 +124,10 @@ impl ChatService for RuntimeManager {
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         let runtime = self.current().await?;
         let events = runtime.generate_events(request).await?;
-        Ok(Box::new(Pinned { events, _runtime: runtime }))
+        Ok(Box::new(Pinned {
+            events,
+            _runtime: runtime,
+        }))
     }
 }
 

@@ -19,7 +19,10 @@ pub struct LatestLine(Arc<Mutex<String>>);
 
 impl LatestLine {
     fn get(&self) -> String {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

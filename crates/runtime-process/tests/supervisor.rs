@@ -47,6 +47,18 @@ fn group_members(pgid: u32) -> Vec<i32> {
     members
 }
 
+/// Waits (up to 5 s) until the process has logged a line containing `needle`.
+async fn wait_for_line(process: &ServerProcess, needle: &'static str) {
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(5), || {
+            let log = log.clone();
+            async move { log.contains(needle) }
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn spawning_a_missing_program_is_a_spawn_error() {
     let command = ServerCommand::new("ghost", "/nonexistent/engine");
@@ -156,14 +168,7 @@ async fn stop_escalates_to_sigkill_and_empties_the_group() {
         "trap '' TERM; sleep 60 & echo started; while :; do sleep 0.05; done",
     ))
     .unwrap();
-    let log = process.log().clone();
-    process
-        .wait_until_ready(Duration::from_secs(5), || {
-            let log = log.clone();
-            async move { log.contains("started") }
-        })
-        .await
-        .unwrap();
+    wait_for_line(&process, "started").await;
     let pgid = process.pid();
     assert!(
         group_members(pgid).len() >= 2,
@@ -202,14 +207,7 @@ async fn a_second_sigterm_is_sent_when_the_policy_asks() {
     // Exits only on the second SIGTERM, like llama-server with a request in flight.
     let script = "n=0; trap 'n=$((n+1)); [ $n -ge 2 ] && exit 0' TERM; echo up; while :; do sleep 0.02; done";
     let process = ServerProcess::spawn(&sh(script)).unwrap();
-    let log = process.log().clone();
-    process
-        .wait_until_ready(Duration::from_secs(5), || {
-            let log = log.clone();
-            async move { log.contains("up") }
-        })
-        .await
-        .unwrap();
+    wait_for_line(&process, "up").await;
     let started = Instant::now();
     let policy = StopPolicy {
         grace: Duration::from_secs(10),
@@ -223,14 +221,7 @@ async fn a_second_sigterm_is_sent_when_the_policy_asks() {
 #[tokio::test]
 async fn dropping_without_stop_kills_the_whole_group() {
     let process = ServerProcess::spawn(&sh("sleep 60 & echo started; wait")).unwrap();
-    let log = process.log().clone();
-    process
-        .wait_until_ready(Duration::from_secs(5), || {
-            let log = log.clone();
-            async move { log.contains("started") }
-        })
-        .await
-        .unwrap();
+    wait_for_line(&process, "started").await;
     let pgid = process.pid();
     let members = group_members(pgid);
     assert!(!members.is_empty());

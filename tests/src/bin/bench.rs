@@ -296,10 +296,13 @@ const RUNS_SPEED: usize = 5;
 /// A prompt of a few hundred tokens that no engine has cached: the system
 /// message differs per run, so llama-server's prompt cache cannot help.
 fn speed_request(run: usize) -> InferenceRequest {
-    let filler = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(16);
+    let filler =
+        "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(16);
     InferenceRequest::new(vec![
         ChatMessage::system(format!("Session {run}. You are a careful assistant.")),
-        ChatMessage::user(format!("{filler}\nSummarise the text above, then write a long story about it.")),
+        ChatMessage::user(format!(
+            "{filler}\nSummarise the text above, then write a long story about it."
+        )),
     ])
     .with_max_tokens(96)
     .with_temperature(0.0)
@@ -310,7 +313,14 @@ fn peak_rss_mib(pid: &str) -> f64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
@@ -321,13 +331,18 @@ struct Speed {
 
 impl Speed {
     fn new() -> Self {
-        Self { prefill: Vec::new(), decode: Vec::new() }
+        Self {
+            prefill: Vec::new(),
+            decode: Vec::new(),
+        }
     }
 
     fn record(&mut self, timings: Option<Timings>) {
         let timings = timings.expect("the engine reports timings");
-        self.prefill.push(timings.prompt_tokens_per_second.expect("prefill speed"));
-        self.decode.push(timings.tokens_per_second.expect("decode speed"));
+        self.prefill
+            .push(timings.prompt_tokens_per_second.expect("prefill speed"));
+        self.decode
+            .push(timings.tokens_per_second.expect("decode speed"));
     }
 }
 
@@ -337,7 +352,10 @@ async fn candle_against_llama_cpp() {
     let llama_backend = conformance::backends::llamacpp();
     let candle_backend = conformance::backends::candle();
     let mut llama = (llama_backend.new_runtime)();
-    llama.initialize(llama_backend.config.clone().with_parallel(1)).await.expect("llama-server");
+    llama
+        .initialize(llama_backend.config.clone().with_parallel(1))
+        .await
+        .expect("llama-server");
     let variants = ["keep", "q8_0", "q4_0"];
     let mut candles = Vec::new();
     for variant in variants {
@@ -365,13 +383,27 @@ async fn candle_against_llama_cpp() {
             speed.record(runtime.generate(request.clone()).await.unwrap().timings);
         }
     }
-    let prompt_tokens = llama.generate(speed_request(0)).await.unwrap().usage.unwrap().prompt_tokens;
+    let prompt_tokens = llama
+        .generate(speed_request(0))
+        .await
+        .unwrap()
+        .usage
+        .unwrap()
+        .prompt_tokens;
 
     let llama_prefill = median(llama_speed.prefill.clone());
     let llama_decode = median(llama_speed.decode.clone());
-    println!("same GGUF (SmolLM2-135M Q4_1), 2 threads, {prompt_tokens}-token prompts, 96 tokens, greedy");
-    println!("{:<22} {:>14} {:>14} {:>10} {:>10}", "engine", "prefill tok/s", "decode tok/s", "prefill x", "decode x");
-    println!("{:<22} {:>14.1} {:>14.1} {:>10} {:>10}", "llama-server", llama_prefill, llama_decode, "1.00", "1.00");
+    println!(
+        "same GGUF (SmolLM2-135M Q4_1), 2 threads, {prompt_tokens}-token prompts, 96 tokens, greedy"
+    );
+    println!(
+        "{:<22} {:>14} {:>14} {:>10} {:>10}",
+        "engine", "prefill tok/s", "decode tok/s", "prefill x", "decode x"
+    );
+    println!(
+        "{:<22} {:>14.1} {:>14.1} {:>10} {:>10}",
+        "llama-server", llama_prefill, llama_decode, "1.00", "1.00"
+    );
     for (variant, speed) in variants.iter().zip(candle_speed) {
         let prefill = median(speed.prefill);
         let decode = median(speed.decode);
@@ -384,10 +416,11 @@ async fn candle_against_llama_cpp() {
             decode / llama_decode
         );
     }
-    let engine_pid = conformance::procs::engine_on_port(conformance::procs::port_of(&llama.base_url()))
-        .first()
-        .map(|p| p.pid.to_string())
-        .unwrap_or_default();
+    let engine_pid =
+        conformance::procs::engine_on_port(conformance::procs::port_of(&llama.base_url()))
+            .first()
+            .map(|p| p.pid.to_string())
+            .unwrap_or_default();
     println!(
         "peak RSS: this process with three candle models loaded {:.0} MiB; llama-server {:.0} MiB",
         peak_rss_mib("self"),
