@@ -5,8 +5,9 @@ use std::time::Duration;
 use runtime_candle::CandleRuntime;
 use runtime_core::{ModelRuntime, RuntimeConfig};
 use runtime_llamacpp::LlamaCppRuntime;
+use runtime_vllm::VllmRuntime;
 
-use crate::{Backend, MODEL_ENV, ServerEngine, required_env};
+use crate::{Backend, MODEL_ENV, ServerEngine, VersionSource, required_env};
 
 /// The context size the suite configures, small enough that an over-long prompt is cheap.
 pub const CONTEXT_SIZE: u32 = 1024;
@@ -27,6 +28,8 @@ pub fn llamacpp() -> Backend {
         server: Some(ServerEngine {
             binary,
             has_slots_endpoint: true,
+            version_source: VersionSource::VersionFlag,
+            process_markers: &[],
         }),
         start_budget: Duration::from_secs(30),
         hold_runtime: None,
@@ -50,11 +53,39 @@ pub fn candle() -> Backend {
     }
 }
 
+/// The variable holding the Hugging Face directory vLLM runs on.
+pub const HF_MODEL_ENV: &str = "MODEL_RUNTIME_TEST_HF_MODEL";
+
+/// vLLM (CPU build) through the provisioned Python on the SmolLM2 safetensors copy.
+pub fn vllm() -> Backend {
+    let python = required_env(runtime_vllm::PYTHON_ENV);
+    let config = RuntimeConfig::new(required_env(HF_MODEL_ENV))
+        .with_context_size(CONTEXT_SIZE)
+        .with_runtime_binary(&python)
+        .with_extra_config("enforce_eager", true)
+        .with_extra_config("cpu_kvcache_space_gib", 1)
+        .with_shutdown_grace(Duration::from_secs(10));
+    Backend {
+        name: "vllm",
+        new_runtime: || Box::new(VllmRuntime::new()) as Box<dyn ModelRuntime>,
+        config,
+        server: Some(ServerEngine {
+            binary: python,
+            has_slots_endpoint: false,
+            version_source: VersionSource::HttpVersion,
+            process_markers: &["VLLM::", "vllm.entrypoints"],
+        }),
+        start_budget: Duration::from_secs(300),
+        hold_runtime: None,
+    }
+}
+
 /// The backend called `name`, for `hold-runtime` and the benchmarks.
 pub fn by_name(name: &str) -> Option<Backend> {
     match name {
         "llamacpp" => Some(llamacpp()),
         "candle" => Some(candle()),
+        "vllm" => Some(vllm()),
         _ => None,
     }
 }

@@ -75,8 +75,14 @@ pub async fn assert_no_engine_left(backend: &Backend) {
     let Some(server) = &backend.server else {
         return;
     };
-    let left = pids(&procs::running(&server.binary));
-    let still = procs::wait_gone(&left, Duration::from_secs(2)).await;
+    let mut left = pids(&procs::running(&server.binary));
+    left.extend(
+        procs::all()
+            .iter()
+            .filter(|p| server.process_markers.iter().any(|m| p.cmdline.contains(m)))
+            .map(|p| p.pid),
+    );
+    let still = procs::wait_gone(&left, Duration::from_secs(5)).await;
     assert!(
         still.is_empty(),
         "{} left engine processes behind: {:?}",
@@ -118,16 +124,28 @@ pub async fn lifecycle(backend: &Backend) {
     assert!(!metadata.version.is_empty(), "version read from the engine");
     assert_eq!(metadata.format, runtime.supported_format());
     if let Some(server) = &backend.server {
-        let printed = std::process::Command::new(&server.binary)
-            .arg("--version")
-            .env("LD_LIBRARY_PATH", server.binary.parent().unwrap())
-            .output()
-            .expect("the engine binary runs");
-        let printed = String::from_utf8_lossy(&printed.stderr).to_string()
-            + &String::from_utf8_lossy(&printed.stdout);
+        let reported = match server.version_source {
+            crate::VersionSource::VersionFlag => {
+                let output = std::process::Command::new(&server.binary)
+                    .arg("--version")
+                    .env("LD_LIBRARY_PATH", server.binary.parent().unwrap())
+                    .output()
+                    .expect("the engine binary runs");
+                String::from_utf8_lossy(&output.stderr).to_string()
+                    + &String::from_utf8_lossy(&output.stdout)
+            }
+            crate::VersionSource::HttpVersion => {
+                reqwest::get(format!("{}/version", runtime.base_url()))
+                    .await
+                    .expect("GET /version")
+                    .text()
+                    .await
+                    .expect("a version body")
+            }
+        };
         assert!(
-            printed.contains(&metadata.version),
-            "metadata version {:?} is what the binary prints: {printed}",
+            reported.contains(&metadata.version),
+            "metadata version {:?} is what the engine reports: {reported}",
             metadata.version
         );
     }
@@ -536,7 +554,7 @@ pub async fn fault_bad_models(backend: &Backend) {
     assert!(matches!(err, Error::InvalidModel { .. }), "{err:?}");
 
     let truncated = dir.path().join("truncated.gguf");
-    let real = std::fs::read(&backend.config.model_path).unwrap();
+    let real = std::fs::read(crate::required_env(crate::MODEL_ENV)).unwrap();
     std::fs::write(&truncated, &real[..10 * 1024 * 1024]).unwrap();
     let started = Instant::now();
     let err = init_err(backend, config_for(backend, &truncated)).await;
@@ -549,7 +567,8 @@ pub async fn fault_bad_models(backend: &Backend) {
         Error::EngineExited { log_tail, .. } => {
             assert!(!log_tail.is_empty(), "the error carries the engine's log")
         }
-        Error::InvalidModel { .. } | Error::Engine { .. } => {}
+        // Backends that do not take GGUF (vLLM) refuse it before starting.
+        Error::InvalidModel { .. } | Error::Engine { .. } | Error::UnsupportedFormat { .. } => {}
         other => panic!("a truncated GGUF is reported as such, got {other:?}"),
     }
 }

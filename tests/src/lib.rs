@@ -47,6 +47,20 @@ pub struct ServerEngine {
     pub binary: PathBuf,
     /// The engine reports busy slots at `GET /slots` (llama-server).
     pub has_slots_endpoint: bool,
+    /// Where the engine's version can be read independently of the runtime.
+    pub version_source: VersionSource,
+    /// Command-line fragments of the engine's helper processes, which may
+    /// rename themselves (vLLM's `VLLM::EngineCore`).
+    pub process_markers: &'static [&'static str],
+}
+
+/// An independent source of an engine's version, to check `metadata().version`.
+#[derive(Debug, Clone, Copy)]
+pub enum VersionSource {
+    /// `BINARY --version` prints it (llama-server, on stderr).
+    VersionFlag,
+    /// `GET /version` answers `{"version": ...}` (vLLM).
+    HttpVersion,
 }
 
 /// The value of `var`, or a panic that says how to run the suite.

