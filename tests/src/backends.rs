@@ -32,6 +32,7 @@ pub fn llamacpp() -> Backend {
             process_markers: &[],
         }),
         start_budget: Duration::from_secs(30),
+        exit_budget: Duration::from_secs(1),
         hold_runtime: None,
     }
 }
@@ -49,6 +50,7 @@ pub fn candle() -> Backend {
         config,
         server: None,
         start_budget: Duration::from_secs(30),
+        exit_budget: Duration::from_secs(1),
         hold_runtime: None,
     }
 }
@@ -76,6 +78,8 @@ pub fn vllm() -> Backend {
             process_markers: &["VLLM::", "vllm.entrypoints"],
         }),
         start_budget: Duration::from_secs(300),
+        // The API server shuts EngineCore and its workers down: about 2 s here.
+        exit_budget: Duration::from_secs(10),
         hold_runtime: None,
     }
 }

@@ -691,7 +691,7 @@ pub async fn fault_dropped_runtime(backend: &Backend) {
     let engine = engine_processes(backend, runtime.as_ref());
     let port = procs::port_of(&runtime.base_url());
     drop(runtime);
-    let left = procs::wait_gone(&pids(&engine), Duration::from_secs(1)).await;
+    let left = procs::wait_gone(&pids(&engine), backend.exit_budget).await;
     assert!(
         left.is_empty(),
         "dropping the runtime stops the engine: {left:?}"
@@ -742,7 +742,7 @@ pub async fn fault_owner_killed(backend: &Backend) {
 
     child.start_kill().expect("SIGKILL hold-runtime");
     child.wait().await.expect("reap hold-runtime");
-    let left = procs::wait_gone(&pids(&engine), Duration::from_secs(1)).await;
+    let left = procs::wait_gone(&pids(&engine), backend.exit_budget).await;
     assert!(left.is_empty(), "the engine dies with its owner: {left:?}");
     wait_port_closed(port, Duration::from_secs(1)).await;
 }

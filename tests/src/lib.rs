@@ -36,6 +36,8 @@ pub struct Backend {
     pub server: Option<ServerEngine>,
     /// How long a start may take here, for the timing assertions of the faults.
     pub start_budget: Duration,
+    /// How long every engine process may take to go once its owner is gone.
+    pub exit_budget: Duration,
     /// The `hold-runtime` helper binary; [`suite!`] fills it in.
     pub hold_runtime: Option<&'static str>,
 }

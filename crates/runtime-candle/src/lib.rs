@@ -14,7 +14,7 @@
 //! - sampling (temperature, top-p, seed), stop strings, EOS, UTF-8-safe streaming;
 //! - worker threads of its own (never the async runtime's), each with a KV cache
 //!   over shared weights, behind a bounded queue: a full queue is
-//!   [`Error::Busy`](runtime_core::Error::Busy), not a hang.
+//!   [`Error::Busy`], not a hang.
 //!
 //! It serves HTTP with `runtime-openai`'s router and does not manage processes.
 //!

@@ -4,10 +4,24 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 
+/// What the kernel sends the engine when the process that spawned it dies
+/// (Linux only; elsewhere there is no such signal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ParentDeath {
+    /// SIGKILL: nothing can survive it. Right for single-process engines.
+    #[default]
+    Kill,
+    /// SIGTERM: lets an engine that spawned processes of its own (vLLM's
+    /// `EngineCore` and workers) shut them down; only the engine's leader
+    /// receives the signal, so a SIGKILL would orphan them.
+    Terminate,
+}
+
 /// An engine's command line and environment.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerCommand {
     pub(crate) engine: String,
+    pub(crate) parent_death: ParentDeath,
     pub(crate) program: PathBuf,
     pub(crate) args: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
@@ -19,6 +33,7 @@ impl ServerCommand {
     pub fn new(engine: impl Into<String>, program: impl Into<PathBuf>) -> Self {
         Self {
             engine: engine.into(),
+            parent_death: ParentDeath::default(),
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
@@ -45,6 +60,12 @@ impl ServerCommand {
     /// Sets an environment variable for the engine (on top of the inherited ones).
     pub fn env(&mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> &mut Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The signal the engine gets when our process dies (default SIGKILL).
+    pub fn parent_death(&mut self, signal: ParentDeath) -> &mut Self {
+        self.parent_death = signal;
         self
     }
 

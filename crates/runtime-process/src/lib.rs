@@ -47,7 +47,7 @@ mod platform;
 #[path = "other.rs"]
 mod platform;
 
-pub use command::ServerCommand;
+pub use command::{ParentDeath, ServerCommand};
 pub use discovery::{BinarySearch, free_port};
 pub use log::{LogTail, MAX_LINE_BYTES};
 pub use process::{Exited, ServerProcess, StopPolicy};

@@ -4,7 +4,7 @@
 //! terminated with `taskkill /T`; other platforms only stop the process itself.
 
 /// Nothing to configure: no process groups or parent-death signal here.
-pub(crate) fn configure(_command: &mut std::process::Command) {}
+pub(crate) fn configure(_command: &mut std::process::Command, _parent_death: crate::ParentDeath) {}
 
 /// Asks the process tree to stop.
 pub(crate) fn terminate_group(pid: u32) {

@@ -112,7 +112,7 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        platform::configure(&mut std_command);
+        platform::configure(&mut std_command, command.parent_death);
 
         let supervisor_log = log.clone();
         let supervisor_engine = engine.clone();

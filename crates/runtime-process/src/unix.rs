@@ -9,28 +9,36 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::ParentDeath;
+
 /// Puts the child in a process group of its own and, on Linux, asks the kernel
-/// to SIGKILL it when the spawning thread exits.
-pub(crate) fn configure(command: &mut std::process::Command) {
+/// to signal it when the spawning thread exits.
+pub(crate) fn configure(command: &mut std::process::Command, parent_death: ParentDeath) {
     command.process_group(0);
     #[cfg(target_os = "linux")]
-    set_parent_death_signal(command);
+    set_parent_death_signal(command, parent_death);
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent_death;
 }
 
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn set_parent_death_signal(command: &mut std::process::Command) {
+fn set_parent_death_signal(command: &mut std::process::Command, parent_death: ParentDeath) {
     let parent = nix::unistd::getpid();
+    let signal = match parent_death {
+        ParentDeath::Kill => Signal::SIGKILL,
+        ParentDeath::Terminate => Signal::SIGTERM,
+    };
     // SAFETY: the hook runs in the forked child before exec and only makes two
     // async-signal-safe system calls (prctl, getppid) plus raise; it allocates
     // nothing and touches no locks.
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            nix::sys::prctl::set_pdeathsig(signal)?;
             // The parent may have died between fork and prctl: then nobody would
             // ever send the signal.
             if nix::unistd::getppid() != parent {
-                nix::sys::signal::raise(Signal::SIGKILL)?;
+                nix::sys::signal::raise(signal)?;
             }
             Ok(())
         });

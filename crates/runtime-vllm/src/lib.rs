@@ -49,7 +49,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
 use runtime_openai::{Launch, ManagedServer, OpenAiClient, ServerEngine};
-use runtime_process::{BinarySearch, ServerCommand};
+use runtime_process::{BinarySearch, ParentDeath, ServerCommand};
 use serde_json::Value;
 
 /// The environment variable that may name a Python with vLLM installed.
@@ -244,6 +244,9 @@ impl ServerEngine for VllmServer {
             command.arg("--enforce-eager");
         }
         command.args(&config.extra_args);
+        // If we die, the API server must take EngineCore and its workers with
+        // it: SIGTERM lets it, SIGKILL would orphan them.
+        command.parent_death(ParentDeath::Terminate);
         command.env("PYTHONUNBUFFERED", "1");
         let kv_cache = flag(config, "cpu_kvcache_space_gib")
             .or_else(|| std::env::var("VLLM_CPU_KVCACHE_SPACE").ok())
