@@ -28,16 +28,18 @@ usage: cargo xtask <task> [args]
 tasks:
   demo [PROMPT]                    provision the demo model and chat with it on the
                                    embedded candle backend (no engine to install)
-  provision [models|llamacpp]...   fetch pinned engines and the demo model into the cache
+  provision [models|llamacpp|vllm]...
+                                   fetch pinned engines and the demo model into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
-                                   (default: all of them: llamacpp, candle; with
-                                   both, also candle against llama-server)
+                                   (default: llamacpp and candle, then candle against
+                                   llama-server and the CLI; vllm on request)
   bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
                                    medians over interleaved runs (release build)
   help                             show this message
 
 The cache lives in $MODEL_RUNTIME_CACHE, else $XDG_CACHE_HOME/model-runtime,
-else ~/.cache/model-runtime. $LLAMA_SERVER_BIN skips provisioning llama-server.";
+else ~/.cache/model-runtime. $LLAMA_SERVER_BIN skips provisioning llama-server,
+$VLLM_PYTHON (a python with vLLM installed) skips building vLLM's environment.";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);

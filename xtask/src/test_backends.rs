@@ -9,7 +9,12 @@ use std::process::Stdio;
 use crate::{Result, cargo, provision, run_checked};
 
 /// Every backend with a conformance suite, in table order.
-pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle"];
+pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
+
+/// What runs without arguments. vLLM is asked for by name
+/// (`test-backends vllm`): its suite starts the engine about fifteen times at
+/// 30 to 90 s each, and its first provisioning installs 6 GB.
+const DEFAULT_BACKENDS: &[&str] = &["llamacpp", "candle"];
 
 /// Suites that compare two engines, run when both are selected.
 /// `cli` runs the built `model-runtime` binary and hot swaps between the two.
@@ -70,7 +75,7 @@ pub(crate) fn run(args: &[String]) -> Result {
 
 pub(crate) fn select(args: &[String]) -> Result<Vec<&'static str>> {
     if args.is_empty() {
-        return Ok(BACKENDS.to_vec());
+        return Ok(DEFAULT_BACKENDS.to_vec());
     }
     args.iter()
         .map(|arg| {
@@ -94,6 +99,11 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
             "llamacpp" => env.push(("LLAMA_SERVER_BIN".into(), provision::llama_server()?.into())),
             // In process: the model is all it needs.
             "candle" => {}
+            "vllm" => {
+                let vllm = provision::vllm()?;
+                env.push(("VLLM_PYTHON".into(), vllm.python.into()));
+                env.push(("MODEL_RUNTIME_TEST_HF_MODEL".into(), vllm.model.into()));
+            }
             other => return Err(format!("no provisioning known for `{other}`")),
         }
     }

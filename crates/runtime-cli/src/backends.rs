@@ -7,6 +7,7 @@ use runtime_candle::CandleRuntime;
 use runtime_core::{Error, ModelFormat, ModelRuntime, Result, RuntimeConfig};
 use runtime_llamacpp::{LlamaCppRuntime, LlamaServer};
 use runtime_openai::ServerEngine;
+use runtime_vllm::{VllmRuntime, VllmServer};
 
 use crate::manager::RuntimeFactory;
 
@@ -29,6 +30,8 @@ pub enum BackendChoice {
 pub enum Backend {
     /// llama.cpp's llama-server.
     LlamaCpp,
+    /// vLLM's OpenAI server.
+    Vllm,
     /// The embedded candle engine.
     Candle,
 }
@@ -37,6 +40,7 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::LlamaCpp => "llamacpp",
+            Self::Vllm => "vllm",
             Self::Candle => "candle",
         })
     }
@@ -47,6 +51,7 @@ impl Backend {
     pub fn runtime(self) -> Box<dyn ModelRuntime> {
         match self {
             Self::LlamaCpp => Box::new(LlamaCppRuntime::new()),
+            Self::Vllm => Box::new(VllmRuntime::new()),
             Self::Candle => Box::new(CandleRuntime::new()),
         }
     }
@@ -57,7 +62,7 @@ pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend,
     match choice {
         BackendChoice::Llamacpp => Ok((Backend::LlamaCpp, "as asked".to_owned())),
         BackendChoice::Candle => Ok((Backend::Candle, "as asked".to_owned())),
-        BackendChoice::Vllm => Err(vllm_missing()),
+        BackendChoice::Vllm => Ok((Backend::Vllm, "as asked".to_owned())),
         BackendChoice::Auto => {
             let format = config.resolve_format()?;
             match format {
@@ -68,13 +73,21 @@ pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend,
                     )),
                     Err(_) => Ok((
                         Backend::Candle,
-                        "GGUF model and no llama-server installed: using the embedded engine".to_owned(),
+                        "GGUF model and no llama-server installed: using the embedded engine"
+                            .to_owned(),
                     )),
                 },
-                ModelFormat::Safetensors => Ok((
-                    Backend::Candle,
-                    "Hugging Face model and vLLM is not part of this build: using the embedded engine".to_owned(),
-                )),
+                ModelFormat::Safetensors => match VllmServer.find_binary(config) {
+                    Ok(binary) => Ok((
+                        Backend::Vllm,
+                        format!("Hugging Face model and vLLM found at {}", binary.display()),
+                    )),
+                    Err(_) => Ok((
+                        Backend::Candle,
+                        "Hugging Face model and no vLLM installed: using the embedded engine"
+                            .to_owned(),
+                    )),
+                },
                 other => Err(Error::UnsupportedFormat {
                     backend: "any backend of model-runtime",
                     expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
@@ -83,13 +96,6 @@ pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend,
             }
         }
     }
-}
-
-fn vllm_missing() -> Error {
-    Error::invalid_config(
-        "backend",
-        "vllm is not part of this build of model-runtime yet; use llamacpp or candle",
-    )
 }
 
 /// A factory that builds the backend `choice` picks for each configuration.
@@ -151,13 +157,23 @@ pub async fn survey() -> Vec<BackendReport> {
     };
     vec![
         llama,
-        BackendReport {
-            name: "vllm",
-            usable: false,
-            binary: None,
-            version: None,
-            formats: "Hugging Face safetensors directories",
-            note: vllm_missing().to_string(),
+        match VllmServer.find_binary(&config) {
+            Ok(binary) => BackendReport {
+                name: "vllm",
+                usable: true,
+                binary: Some(binary),
+                version: None,
+                formats: "Hugging Face safetensors directories",
+                note: "version is read from the running server (/version)".to_owned(),
+            },
+            Err(err) => BackendReport {
+                name: "vllm",
+                usable: false,
+                binary: None,
+                version: None,
+                formats: "Hugging Face safetensors directories",
+                note: err.to_string(),
+            },
         },
         BackendReport {
             name: "candle",
