@@ -1,6 +1,7 @@
 //! An HTTP client for OpenAI-compatible engines.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +14,12 @@ use runtime_core::{
     Timings, Usage,
 };
 
+use tokio::sync::{mpsc, watch};
+
 use crate::sse::{SseDecoder, SseEvent};
+
+/// Chunks buffered between the task reading a response body and its reader.
+const PUMP_BUFFER: usize = 64;
 
 /// Timeouts of an [`OpenAiClient`].
 ///
@@ -47,6 +53,8 @@ pub struct OpenAiClient {
     api_key: Option<String>,
     model: Option<String>,
     timeouts: ClientTimeouts,
+    /// Set by [`OpenAiClient::close_streams`]; every open stream watches it.
+    closing: Arc<watch::Sender<bool>>,
 }
 
 impl OpenAiClient {
@@ -71,7 +79,16 @@ impl OpenAiClient {
             api_key,
             model,
             timeouts,
+            closing: Arc::new(watch::channel(false).0),
         })
+    }
+
+    /// Ends every open stream of this client and its clones with
+    /// [`Error::ShutDown`] and closes their connections at once, whether or not
+    /// anyone is reading them. Engines such as llama-server wait for open
+    /// connections before they exit.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The engine's HTTP root.
@@ -131,13 +148,14 @@ impl OpenAiClient {
     ///
     /// Usage is requested (`stream_options.include_usage`). The stream ends after
     /// `data: [DONE]`; an error object inside the stream becomes a typed error.
-    /// Dropping the stream closes the connection, which makes the engine cancel
-    /// the generation.
+    /// Dropping the stream closes the connection at once (the body is read by a
+    /// task of its own), which makes the engine cancel the generation;
+    /// [`close_streams`](Self::close_streams) does the same for every stream.
     pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
         let started = Instant::now();
         let response = self.post_chat(&body).await?;
-        let bytes = response.bytes_stream().boxed();
+        let bytes = pump(response, self.closing.subscribe());
         Ok(Box::new(
             chunk_events(bytes, self.timeouts.idle, started).boxed(),
         ))
@@ -174,6 +192,45 @@ fn transport(err: reqwest::Error) -> Error {
     Error::Transport(Box::new(err))
 }
 
+/// Reads `response`'s body on a task of its own, so the connection closes the
+/// moment the reader drops the stream or the client closes its streams, not
+/// when the next chunk happens to arrive or the reader next polls.
+fn pump(
+    response: reqwest::Response,
+    mut closing: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<Bytes>> + Send + Unpin {
+    let (sender, receiver) = mpsc::channel(PUMP_BUFFER);
+    let mut body = response.bytes_stream();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = sender.closed() => return,
+                // Only an explicit close counts, not the client being dropped;
+                // and the watch guard must not live across the send below.
+                () = async {
+                    if closing.wait_for(|closing| *closing).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => {
+                    let _ = sender.send(Err(Error::ShutDown)).await;
+                    return;
+                }
+                chunk = body.next() => {
+                    let Some(chunk) = chunk else { return };
+                    let failed = chunk.is_err();
+                    if sender.send(chunk.map_err(transport)).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
+    })
+    .boxed()
+}
+
 /// What the stream has learned so far.
 struct ChunkState<S> {
     bytes: S,
@@ -195,7 +252,7 @@ fn chunk_events<S>(
     started: Instant,
 ) -> impl Stream<Item = Result<StreamEvent>> + Send
 where
-    S: Stream<Item = reqwest::Result<Bytes>> + Send + Unpin,
+    S: Stream<Item = Result<Bytes>> + Send + Unpin,
 {
     let state = ChunkState {
         bytes,
@@ -238,7 +295,7 @@ where
                 }
                 Ok(Some(Err(err))) => {
                     state.done = true;
-                    return Some((Err(transport(err)), state));
+                    return Some((Err(err), state));
                 }
                 Ok(None) => {
                     state.done = true;
@@ -411,7 +468,7 @@ mod tests {
             .build()
             .unwrap();
         let events: Vec<_> = runtime.block_on(async {
-            let silent = futures::stream::pending::<reqwest::Result<Bytes>>();
+            let silent = futures::stream::pending::<Result<Bytes>>();
             chunk_events(silent, Duration::from_secs(30), Instant::now())
                 .collect()
                 .await

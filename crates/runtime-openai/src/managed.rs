@@ -14,7 +14,6 @@ use runtime_core::{
     RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
 use runtime_process::{ServerCommand, ServerProcess, StopPolicy, free_port};
-use tokio::sync::watch;
 
 use crate::{ClientTimeouts, OpenAiClient, random_api_key};
 
@@ -129,9 +128,6 @@ struct Running {
     version: String,
     context_size: Option<u32>,
     stop_policy: StopPolicy,
-    /// Flipped by shutdown: in-flight streams end with [`Error::ShutDown`] and
-    /// close their connections, so the engine does not wait for them.
-    shutting_down: watch::Sender<bool>,
 }
 
 /// A [`ModelRuntime`] over an OpenAI-compatible engine server `E`.
@@ -274,7 +270,6 @@ impl<E: ServerEngine> ManagedServer<E> {
             version,
             context_size,
             stop_policy,
-            shutting_down: watch::channel(false).0,
         })
     }
 }
@@ -353,7 +348,6 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             events,
             // Weak: an abandoned stream must not keep a dropped runtime's engine alive.
             process: Arc::downgrade(&running.process),
-            shutting_down: running.shutting_down.subscribe(),
             done: false,
         };
         Ok(Box::new(
@@ -367,12 +361,11 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
                 process,
                 client,
                 stop_policy,
-                shutting_down,
                 ..
             } = running;
-            // Close our connections first, streams and pool: llama-server waits
-            // for open ones before it exits.
-            shutting_down.send_replace(true);
+            // Close our connections first, streams (they end with ShutDown) and
+            // pool: llama-server waits for open ones before it exits.
+            client.close_streams();
             drop(client);
             let exited = process.stop(stop_policy).await;
             tracing::info!(engine = self.engine.engine_name(), %exited, "engine shut down");
@@ -403,12 +396,10 @@ async fn explain(process: &ServerProcess, err: Error) -> Error {
     process.exit_error(EXIT_CONFIRMATION).await.unwrap_or(err)
 }
 
-/// An engine's event stream, watched: errors are explained by the process's
-/// state, and a shutdown ends the stream (dropping its connection).
+/// An engine's event stream whose errors are explained by the process's state.
 struct Supervised {
     events: EventStream,
     process: Weak<ServerProcess>,
-    shutting_down: watch::Receiver<bool>,
     done: bool,
 }
 
@@ -417,10 +408,7 @@ impl Supervised {
         if self.done {
             return None;
         }
-        let event = tokio::select! {
-            event = self.events.next() => event?,
-            _ = self.shutting_down.wait_for(|down| *down) => Err(Error::ShutDown),
-        };
+        let event = self.events.next().await?;
         let event = match (event, self.process.upgrade()) {
             (Err(err), Some(process)) => Err(explain(&process, err).await),
             (event, _) => event,
