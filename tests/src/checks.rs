@@ -353,13 +353,12 @@ pub async fn streaming_utf8(backend: &Backend) {
         );
         let plain = runtime.generate(request).await.expect("generate");
         assert_eq!(streamed, plain.content, "{prompt}");
-        if prompt == QUESTION {
-            assert!(
-                !streamed.is_ascii(),
-                "this model answers with accents: {streamed:?}"
-            );
-        }
+        non_ascii |= !streamed.is_ascii();
     }
+    assert!(
+        non_ascii,
+        "at least one answer (French, Chinese, emoji) is not ASCII"
+    );
 }
 
 /// Four requests at once all succeed.
