@@ -5,11 +5,14 @@
 //! machine noise hits both; only medians and their ratios are reported.
 #![allow(clippy::print_stdout)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conformance::Backend;
 use futures::StreamExt;
+use runtime_cli::RuntimeManager;
 use runtime_core::{ChatMessage, InferenceRequest, ModelRuntime, RuntimeConfig, Timings};
+use runtime_openai::{ChatService, ServeOptions};
 use runtime_process::{ServerProcess, StopPolicy};
 
 const RUNS_READY: usize = 7;
@@ -34,6 +37,66 @@ async fn main() {
     readiness(&backend).await;
     streaming(&backend).await;
     stopping(&backend).await;
+    gateway(&backend).await;
+}
+
+/// `model-runtime serve`'s path (the router over a RuntimeManager) against
+/// talking to the engine directly, both as plain streaming HTTP clients.
+async fn gateway(backend: &Backend) {
+    let new_runtime = backend.new_runtime;
+    let manager = Arc::new(RuntimeManager::new(Box::new(move |_| Ok(new_runtime()))));
+    manager
+        .hot_swap(backend.config.clone())
+        .await
+        .expect("start the engine");
+    let engine = manager.current().await.unwrap();
+    let router = runtime_openai::router(
+        manager.clone() as Arc<dyn ChatService>,
+        ServeOptions::new("bench"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway_url = format!(
+        "http://{}/v1/chat/completions",
+        listener.local_addr().unwrap()
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let request = InferenceRequest::from_prompt("What is the capital of France?")
+        .with_max_tokens(64)
+        .with_temperature(0.0);
+    let http = reqwest::Client::new();
+    direct_to(&http, engine.as_ref(), &request).await;
+    direct_http(&http, &gateway_url, None, &request).await;
+
+    let (mut through, mut direct, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS_STREAM {
+        let (via, straight) = if run % 2 == 0 {
+            let via = direct_http(&http, &gateway_url, None, &request).await;
+            (via, direct_to(&http, engine.as_ref(), &request).await)
+        } else {
+            let straight = direct_to(&http, engine.as_ref(), &request).await;
+            (
+                direct_http(&http, &gateway_url, None, &request).await,
+                straight,
+            )
+        };
+        assert_eq!(
+            via.text, straight.text,
+            "the gateway passes the same answer"
+        );
+        through.push(ms(via.total));
+        direct.push(ms(straight.total));
+        ratios.push(ms(via.total) / ms(straight.total));
+    }
+    println!(
+        "gateway (model-runtime serve's router + RuntimeManager), 64 tokens streamed: {:.1} ms vs \
+         the engine directly {:.1} ms; ratio {:.3}",
+        median(through),
+        median(direct),
+        median(ratios)
+    );
+    drop(engine);
+    server.abort();
+    manager.shutdown().await.unwrap();
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -158,10 +221,21 @@ async fn through_runtime(runtime: &dyn ModelRuntime, request: InferenceRequest) 
     }
 }
 
+/// A plain streaming POST to the runtime's own endpoint.
+async fn direct_to(
+    http: &reqwest::Client,
+    runtime: &dyn ModelRuntime,
+    request: &InferenceRequest,
+) -> Timed {
+    let key = runtime.api_key();
+    direct_http(http, &runtime.completions_url(), key.as_deref(), request).await
+}
+
 /// A plain streaming POST with reqwest, reading `data:` lines as they come.
 async fn direct_http(
     http: &reqwest::Client,
-    runtime: &dyn ModelRuntime,
+    url: &str,
+    key: Option<&str>,
     request: &InferenceRequest,
 ) -> Timed {
     let body = serde_json::json!({
@@ -172,8 +246,8 @@ async fn direct_http(
         "stream_options": {"include_usage": true},
     });
     let started = Instant::now();
-    let mut builder = http.post(runtime.completions_url()).json(&body);
-    if let Some(key) = runtime.api_key() {
+    let mut builder = http.post(url).json(&body);
+    if let Some(key) = key {
         builder = builder.bearer_auth(key);
     }
     let response = builder.send().await.expect("direct request");
@@ -219,16 +293,16 @@ async fn streaming(backend: &Backend) {
     let http = reqwest::Client::new();
     // Warm both paths (connection pools, the engine's prompt cache).
     through_runtime(runtime.as_ref(), request.clone()).await;
-    direct_http(&http, runtime.as_ref(), &request).await;
+    direct_to(&http, runtime.as_ref(), &request).await;
 
     let (mut ours_total, mut direct_total, mut ttft_diff, mut ours_ttft) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..RUNS_STREAM {
         let (ours, direct) = if run % 2 == 0 {
             let ours = through_runtime(runtime.as_ref(), request.clone()).await;
-            (ours, direct_http(&http, runtime.as_ref(), &request).await)
+            (ours, direct_to(&http, runtime.as_ref(), &request).await)
         } else {
-            let direct = direct_http(&http, runtime.as_ref(), &request).await;
+            let direct = direct_to(&http, runtime.as_ref(), &request).await;
             (
                 through_runtime(runtime.as_ref(), request.clone()).await,
                 direct,
