@@ -54,7 +54,7 @@ pub(crate) fn run(args: &[String]) -> Result {
     }
     for (suite, needs) in CROSS_SUITES {
         if needs.iter().all(|backend| selected.contains(backend)) {
-            step(&format!("cross-engine suite: {}", needs.join(" vs ")));
+            step(&format!("suite {suite}: {}", needs.join(" and ")));
             let (checks, ok) = run_suite(suite, &env)?;
             results.push((suite, checks, ok));
         }
