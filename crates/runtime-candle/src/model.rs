@@ -186,8 +186,22 @@ fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel
         std::fs::read_to_string(&path)
             .map_err(|err| Error::io(format!("error reading {}", path.display()), err))
     };
-    let config: llama::LlamaConfig =
+    let mut config: serde_json::Value =
         serde_json::from_str(&read("config.json")?).map_err(|err| Error::InvalidModel {
+            path: dir.to_owned(),
+            reason: format!("config.json is not JSON: {err}"),
+        })?;
+    // transformers 5 writes `rope_parameters.rope_theta`; candle reads the
+    // older top-level `rope_theta` and would silently fall back to 10000.
+    if config
+        .get("rope_theta")
+        .is_none_or(serde_json::Value::is_null)
+        && let Some(theta) = config.pointer("/rope_parameters/rope_theta").cloned()
+    {
+        config["rope_theta"] = theta;
+    }
+    let config: llama::LlamaConfig =
+        serde_json::from_value(config).map_err(|err| Error::InvalidModel {
             path: dir.to_owned(),
             reason: format!("config.json is not a llama configuration: {err}"),
         })?;
