@@ -45,6 +45,11 @@ pub fn chain(err: &Error) -> String {
     text
 }
 
+/// A greedy request that is still generating when a check interrupts it.
+fn long_request() -> InferenceRequest {
+    greedy("Write a very long story about a dragon.", LONG_ANSWER)
+}
+
 fn greedy(prompt: &str, max_tokens: u32) -> InferenceRequest {
     InferenceRequest::from_prompt(prompt)
         .with_max_tokens(max_tokens)
@@ -392,9 +397,7 @@ pub async fn concurrency(backend: &Backend) {
 /// Dropping a stream after a few deltas cancels the generation in the engine.
 pub async fn cancellation(backend: &Backend) {
     let runtime = start(backend).await;
-    let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
-        .with_max_tokens(LONG_ANSWER)
-        .with_temperature(0.0);
+    let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     for _ in 0..3 {
         stream.next().await.expect("a delta").expect("a delta");
@@ -432,9 +435,7 @@ pub async fn cancellation(backend: &Backend) {
 pub async fn shutdown_in_flight(backend: &Backend) {
     let mut runtime = start(backend).await;
     let engine = engine_processes(backend, runtime.as_ref());
-    let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
-        .with_max_tokens(LONG_ANSWER)
-        .with_temperature(0.0);
+    let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     stream.next().await.expect("a delta").expect("a delta");
     let started = Instant::now();
@@ -651,9 +652,7 @@ pub async fn fault_engine_killed(backend: &Backend) {
     let mut runtime = start(backend).await;
     let engine = engine_processes(backend, runtime.as_ref());
     assert!(!engine.is_empty(), "found the engine by its port");
-    let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
-        .with_max_tokens(LONG_ANSWER)
-        .with_temperature(0.0);
+    let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     stream.next().await.expect("a delta").expect("a delta");
 

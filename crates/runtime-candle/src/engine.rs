@@ -225,6 +225,12 @@ fn sampling_of(request: &InferenceRequest) -> Sampling {
     }
 }
 
+fn sample(sampler: &mut LogitsProcessor, logits: &candle_core::Tensor) -> Result<u32> {
+    sampler
+        .sample(logits)
+        .map_err(|err| Error::engine("error sampling", err))
+}
+
 fn random_seed() -> Result<u64> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(|err| {
@@ -293,9 +299,7 @@ impl Worker {
         let started = Instant::now();
         let mut sampler = LogitsProcessor::from_sampling(job.seed, job.sampling.clone());
         let logits = session.forward(&job.prompt, 0)?;
-        let mut next = sampler
-            .sample(&logits)
-            .map_err(|err| Error::engine("error sampling", err))?;
+        let mut next = sample(&mut sampler, &logits)?;
         let prefill = started.elapsed();
         let decode_started = Instant::now();
 
@@ -332,9 +336,7 @@ impl Worker {
                 break FinishReason::Length;
             }
             let logits = session.forward(&[next], prompt_len + generated - 1)?;
-            next = sampler
-                .sample(&logits)
-                .map_err(|err| Error::engine("error sampling", err))?;
+            next = sample(&mut sampler, &logits)?;
         };
         let rest = stops.finish();
         if !rest.is_empty()
