@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use runtime_candle::CandleRuntime;
 use runtime_core::{ModelRuntime, RuntimeConfig};
-use runtime_llamacpp::LlamaCppRuntime;
-use runtime_vllm::VllmRuntime;
+use runtime_llamacpp::{LlamaCppRuntime, LlamaServer};
+use runtime_openai::{Launch, ServerEngine as EngineLauncher};
+use runtime_process::ServerCommand;
+use runtime_vllm::{VllmRuntime, VllmServer};
 
 use crate::{Backend, MODEL_ENV, ServerEngine, VersionSource, required_env};
 
@@ -30,6 +32,7 @@ pub fn llamacpp() -> Backend {
             has_slots_endpoint: true,
             version_source: VersionSource::VersionFlag,
             process_markers: &[],
+            command: |config, port| engine_command(&LlamaServer, config, port),
         }),
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
@@ -76,6 +79,7 @@ pub fn vllm() -> Backend {
             has_slots_endpoint: false,
             version_source: VersionSource::HttpVersion,
             process_markers: &["VLLM::", "vllm.entrypoints"],
+            command: |config, port| engine_command(&VllmServer, config, port),
         }),
         start_budget: Duration::from_secs(300),
         // The API server shuts EngineCore and its workers down: about 2 s here.
@@ -92,4 +96,17 @@ pub fn by_name(name: &str) -> Option<Backend> {
         "vllm" => Some(vllm()),
         _ => None,
     }
+}
+
+/// The command line `engine` would be launched with for `config` on `port`,
+/// with a fixed API key.
+fn engine_command(
+    engine: &impl EngineLauncher,
+    config: &RuntimeConfig,
+    port: u16,
+) -> ServerCommand {
+    let binary = engine.find_binary(config).expect("the engine binary");
+    engine
+        .command(&Launch::new(&binary, config, port, "bench", "bench"))
+        .expect("the engine command line")
 }

@@ -45,8 +45,8 @@ pub fn chain(err: &Error) -> String {
     text
 }
 
-/// A greedy request that is still generating when a check interrupts it.
-fn long_request() -> InferenceRequest {
+/// A greedy request that is still generating when a check (or a benchmark) interrupts it.
+pub fn long_request() -> InferenceRequest {
     greedy("Write a very long story about a dragon.", LONG_ANSWER)
 }
 

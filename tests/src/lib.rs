@@ -54,6 +54,9 @@ pub struct ServerEngine {
     /// Command-line fragments of the engine's helper processes, which may
     /// rename themselves (vLLM's `VLLM::EngineCore`).
     pub process_markers: &'static [&'static str],
+    /// The command line the runtime would launch for `config` on `port`,
+    /// for benchmarks that start the engine without the runtime.
+    pub command: fn(&RuntimeConfig, u16) -> runtime_process::ServerCommand,
 }
 
 /// An independent source of an engine's version, to check `metadata().version`.

@@ -15,10 +15,36 @@ use runtime_core::{ChatMessage, InferenceRequest, ModelRuntime, RuntimeConfig, T
 use runtime_openai::{ChatService, ServeOptions};
 use runtime_process::{ServerProcess, StopPolicy};
 
-const RUNS_READY: usize = 7;
-const RUNS_BASELINE: usize = 5;
-const RUNS_STREAM: usize = 15;
-const RUNS_STOP: usize = 7;
+/// How many times each measurement repeats. Starting vLLM takes the better
+/// part of a minute here, so it gets fewer starts; the streaming pairs, which
+/// share one engine, stay the same.
+#[derive(Debug, Clone, Copy)]
+struct Runs {
+    ready: usize,
+    baseline: usize,
+    stream: usize,
+    stop: usize,
+}
+
+impl Runs {
+    fn for_backend(backend: &Backend) -> Self {
+        if backend.start_budget > Duration::from_secs(60) {
+            Self {
+                ready: 3,
+                baseline: 3,
+                stream: 15,
+                stop: 3,
+            }
+        } else {
+            Self {
+                ready: 7,
+                baseline: 5,
+                stream: 15,
+                stop: 7,
+            }
+        }
+    }
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -34,15 +60,16 @@ async fn main() {
         candle_against_llama_cpp().await;
         return;
     }
-    readiness(&backend).await;
-    streaming(&backend).await;
-    stopping(&backend).await;
-    gateway(&backend).await;
+    let runs = Runs::for_backend(&backend);
+    readiness(&backend, runs).await;
+    streaming(&backend, runs).await;
+    stopping(&backend, runs).await;
+    gateway(&backend, runs).await;
 }
 
 /// `model-runtime serve`'s path (the router over a RuntimeManager) against
 /// talking to the engine directly, both as plain streaming HTTP clients.
-async fn gateway(backend: &Backend) {
+async fn gateway(backend: &Backend, runs: Runs) {
     let new_runtime = backend.new_runtime;
     let manager = Arc::new(RuntimeManager::new(Box::new(move |_| Ok(new_runtime()))));
     manager
@@ -68,7 +95,8 @@ async fn gateway(backend: &Backend) {
     direct_http(&http, &gateway_url, None, &request).await;
 
     let (mut through, mut direct, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..RUNS_STREAM {
+    let mut differed = 0;
+    for run in 0..runs.stream {
         let (via, straight) = if run % 2 == 0 {
             let via = direct_http(&http, &gateway_url, None, &request).await;
             (via, direct_to(&http, engine.as_ref(), &request).await)
@@ -79,24 +107,41 @@ async fn gateway(backend: &Backend) {
                 straight,
             )
         };
-        assert_eq!(
-            via.text, straight.text,
-            "the gateway passes the same answer"
-        );
+        if via.text != straight.text {
+            differed += 1;
+            continue;
+        }
         through.push(ms(via.total));
         direct.push(ms(straight.total));
         ratios.push(ms(via.total) / ms(straight.total));
     }
     println!(
         "gateway (model-runtime serve's router + RuntimeManager), 64 tokens streamed: {:.1} ms vs \
-         the engine directly {:.1} ms; ratio {:.3}",
+         the engine directly {:.1} ms; ratio {:.3}{}",
         median(through),
         median(direct),
-        median(ratios)
+        median(ratios),
+        differed_note(differed, runs.stream)
     );
     drop(engine);
     server.abort();
     manager.shutdown().await.unwrap();
+}
+
+/// Greedy answers to the same prompt can still differ between requests (an
+/// engine reusing a cached prompt prefix computes it in other batches, and a
+/// near-tie can tip). Pairs whose texts differ did different work, so they are
+/// left out of the comparison and counted.
+fn differed_note(differed: usize, pairs: usize) -> String {
+    assert!(
+        differed * 2 < pairs,
+        "{differed} of {pairs} pairs got different answers: nothing left to compare"
+    );
+    if differed == 0 {
+        String::new()
+    } else {
+        format!(" ({differed} of {pairs} pairs left out: the two answers differed)")
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -138,7 +183,7 @@ fn config_on_free_port(backend: &Backend) -> RuntimeConfig {
     backend.config.clone().with_port(port)
 }
 
-async fn readiness(backend: &Backend) {
+async fn readiness(backend: &Backend, runs: Runs) {
     let Some(server) = &backend.server else {
         println!("readiness lag: in-process backend, no engine to wait for");
         return;
@@ -146,7 +191,7 @@ async fn readiness(backend: &Backend) {
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
     let mut startup = Vec::new();
-    for run in 0..RUNS_READY {
+    for run in 0..runs.ready {
         let config = config_on_free_port(backend);
         let observer = watch_ready(config.port);
         let mut runtime = (backend.new_runtime)();
@@ -158,8 +203,8 @@ async fn readiness(backend: &Backend) {
         startup.push(ms(returned - started));
         runtime.shutdown().await.unwrap();
 
-        if run < RUNS_BASELINE {
-            baseline.push(seed_design_lag(backend, &server.binary).await);
+        if run < runs.baseline {
+            baseline.push(seed_design_lag(backend, server).await);
         }
     }
     println!(
@@ -171,17 +216,12 @@ async fn readiness(backend: &Backend) {
     );
 }
 
-/// The seed's approach: spawn, then poll `/health` every 2 s.
-async fn seed_design_lag(backend: &Backend, binary: &std::path::Path) -> f64 {
+/// The seed's approach: spawn the same command line, then poll `/health`
+/// every 2 s.
+async fn seed_design_lag(backend: &Backend, server: &conformance::ServerEngine) -> f64 {
     let config = config_on_free_port(backend);
     let observer = watch_ready(config.port);
-    let mut command = runtime_process::ServerCommand::new("llama-server", binary);
-    command
-        .arg("--model")
-        .arg(&config.model_path)
-        .args(["--host", "127.0.0.1", "--port", &config.port.to_string()])
-        .env("LD_LIBRARY_PATH", binary.parent().unwrap());
-    let process = ServerProcess::spawn(&command).unwrap();
+    let process = ServerProcess::spawn(&(server.command)(&config, config.port)).unwrap();
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/health", config.port);
     loop {
@@ -192,7 +232,9 @@ async fn seed_design_lag(backend: &Backend, binary: &std::path::Path) -> f64 {
     }
     let returned = Instant::now();
     let ready = observer.await.unwrap();
-    process.stop(StopPolicy::new(Duration::from_secs(3))).await;
+    process
+        .stop(StopPolicy::new(backend.config.shutdown_grace))
+        .await;
     ms(returned.saturating_duration_since(ready))
 }
 
@@ -281,7 +323,7 @@ async fn direct_http(
     }
 }
 
-async fn streaming(backend: &Backend) {
+async fn streaming(backend: &Backend, runs: Runs) {
     let mut runtime = (backend.new_runtime)();
     runtime
         .initialize(backend.config.clone())
@@ -297,7 +339,8 @@ async fn streaming(backend: &Backend) {
 
     let (mut ours_total, mut direct_total, mut ttft_diff, mut ours_ttft) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for run in 0..RUNS_STREAM {
+    let mut differed = 0;
+    for run in 0..runs.stream {
         let (ours, direct) = if run % 2 == 0 {
             let ours = through_runtime(runtime.as_ref(), request.clone()).await;
             (ours, direct_to(&http, runtime.as_ref(), &request).await)
@@ -308,7 +351,10 @@ async fn streaming(backend: &Backend) {
                 direct,
             )
         };
-        assert_eq!(ours.text, direct.text, "both paths see the same answer");
+        if ours.text != direct.text {
+            differed += 1;
+            continue;
+        }
         ours_total.push(ms(ours.total));
         direct_total.push(ms(direct.total));
         ours_ttft.push(ms(ours.first_token));
@@ -321,20 +367,21 @@ async fn streaming(backend: &Backend) {
         .collect();
     println!(
         "streaming (64 tokens): generate_stream {:.1} ms vs direct HTTP {:.1} ms; \
-         ratio {:.3} (median of per-pair ratios); first token {:.1} ms, {:+.2} ms vs direct",
+         ratio {:.3} (median of per-pair ratios); first token {:.1} ms, {:+.2} ms vs direct{}",
         median(ours_total),
         median(direct_total),
         median(ratios),
         median(ours_ttft),
-        median(ttft_diff)
+        median(ttft_diff),
+        differed_note(differed, runs.stream)
     );
     runtime.shutdown().await.unwrap();
 }
 
-async fn stopping(backend: &Backend) {
+async fn stopping(backend: &Backend, runs: Runs) {
     let mut idle = Vec::new();
     let mut in_flight = Vec::new();
-    for _ in 0..RUNS_STOP {
+    for _ in 0..runs.stop {
         let mut runtime = (backend.new_runtime)();
         runtime
             .initialize(backend.config.clone())
@@ -349,9 +396,10 @@ async fn stopping(backend: &Backend) {
             .initialize(backend.config.clone())
             .await
             .expect("initialize");
-        let long = InferenceRequest::from_prompt("Write a very long story about a dragon.")
-            .with_max_tokens(2000);
-        let mut stream = runtime.generate_stream(long).await.unwrap();
+        let mut stream = runtime
+            .generate_stream(conformance::checks::long_request())
+            .await
+            .unwrap();
         stream.next().await.unwrap().unwrap();
         let started = Instant::now();
         runtime.shutdown().await.unwrap();
