@@ -13,6 +13,7 @@
 
 pub mod backends;
 pub mod checks;
+pub mod identity;
 pub mod procs;
 
 use std::path::PathBuf;

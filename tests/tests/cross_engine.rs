@@ -3,6 +3,7 @@
 
 use conformance::backends::{candle, llamacpp};
 use conformance::checks::start;
+use conformance::identity::{self, PROMPTS, Step};
 use runtime_candle::TextTokenizer;
 use runtime_core::InferenceRequest;
 
@@ -65,18 +66,6 @@ async fn tokenizer_matches_llama_server() {
     );
 }
 
-/// The largest gap (in nats) between llama-server's two most likely tokens
-/// that still counts as a tie two correct implementations may break differently.
-const NEAR_TIE: f64 = 0.15;
-
-/// The prompts of the identity check.
-const PROMPTS: &[&str] = &[
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers.",
-    "Explain what a CPU does in one sentence.",
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_output_matches_the_captured_llama_server_answer() {
     conformance::init_tracing();
@@ -106,12 +95,6 @@ async fn greedy_output_matches_the_captured_llama_server_answer() {
         37,
         "the same prompt tokens as llama.cpp"
     );
-}
-
-/// One generated token of llama-server with its two most likely candidates.
-struct Step {
-    text: String,
-    gap: f64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,16 +133,13 @@ async fn greedy_tokens_match_llama_server_up_to_near_ties() {
             .expect("per-token probabilities")
             .iter()
             .map(|step| {
-                let top = step["top_logprobs"].as_array().unwrap();
-                let logprob = |i: usize| {
-                    top.get(i)
-                        .and_then(|t| t["logprob"].as_f64())
-                        .unwrap_or(f64::NEG_INFINITY)
-                };
-                Step {
-                    text: step["token"].as_str().unwrap_or_default().to_owned(),
-                    gap: logprob(0) - logprob(1),
-                }
+                let top: Vec<f64> = step["top_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|t| t["logprob"].as_f64())
+                    .collect();
+                Step::new(step["token"].as_str().unwrap_or_default(), &top)
             })
             .collect();
         reference.push(steps);
@@ -167,56 +147,22 @@ async fn greedy_tokens_match_llama_server_up_to_near_ties() {
     llama.shutdown().await.unwrap();
 
     let mut candle_runtime = start(&candle()).await;
-    let mut report = Vec::new();
-    let mut failures = Vec::new();
-    for (prompt, steps) in PROMPTS.iter().zip(&reference) {
+    let mut answers = Vec::new();
+    for prompt in PROMPTS {
         let request = InferenceRequest::from_prompt(*prompt)
             .with_max_tokens(64)
             .with_temperature(0.0);
-        let ours = candle_runtime
-            .generate(request)
-            .await
-            .expect("candle")
-            .content;
-        // The first llama token whose text no longer continues candle's answer.
-        let mut agreed_text = String::new();
-        let mut diverged = None;
-        for (index, step) in steps.iter().enumerate() {
-            let extended = format!("{agreed_text}{}", step.text);
-            if !ours.starts_with(&extended) {
-                diverged = Some(index);
-                break;
-            }
-            agreed_text = extended;
-        }
-        match diverged {
-            None if ours == agreed_text => {
-                report.push(format!("{prompt:?}: all {} tokens identical", steps.len()));
-            }
-            None => failures.push(format!(
-                "{prompt:?}: candle continues after llama-server stopped:\n  candle: {ours:?}\n  llama:  {agreed_text:?}"
-            )),
-            Some(index) => {
-                let gap = steps[index].gap;
-                report.push(format!(
-                    "{prompt:?}: {index} tokens identical, then a tie of {gap:.3} nats"
-                ));
-                if gap > NEAR_TIE {
-                    failures.push(format!(
-                        "{prompt:?} diverges at token {index} where llama-server's choice leads by \
-                         {gap:.3} nats:\n  candle: {ours:?}\n  llama:  {:?}",
-                        steps.iter().map(|s| s.text.as_str()).collect::<String>()
-                    ));
-                }
-            }
-        }
+        let answer = candle_runtime.generate(request).await.expect("candle");
+        answers.push(answer.content);
     }
     candle_runtime.shutdown().await.unwrap();
-    tracing::info!("identity with llama-server:\n{}", report.join("\n"));
-    assert!(
-        failures.is_empty(),
-        "{}\n\n{}",
-        failures.join("\n"),
-        report.join("\n")
-    );
+    let cases = PROMPTS
+        .iter()
+        .zip(&reference)
+        .zip(&answers)
+        .map(|((prompt, steps), answer)| (*prompt, steps.as_slice(), answer.as_str()));
+    match identity::check_all(cases) {
+        Ok(report) => tracing::info!("identity with llama-server:\n{report}"),
+        Err(failures) => panic!("{failures}"),
+    }
 }

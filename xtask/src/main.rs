@@ -31,10 +31,12 @@ tasks:
   provision [models|llamacpp|vllm]...
                                    fetch pinned engines and the demo model into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
-                                   (default: llamacpp and candle, then candle against
-                                   llama-server and the CLI; vllm on request)
+                                   (default: llamacpp, candle and vllm), then the suites
+                                   that compare two of them (candle against llama-server,
+                                   the CLI, candle's safetensors loader against vLLM)
   bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
-                                   medians over interleaved runs (release build)
+                                   medians over interleaved runs (release build; default:
+                                   every backend)
   help                             show this message
 
 The cache lives in $MODEL_RUNTIME_CACHE, else $XDG_CACHE_HOME/model-runtime,

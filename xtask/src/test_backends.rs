@@ -11,16 +11,14 @@ use crate::{Result, cargo, provision, run_checked};
 /// Every backend with a conformance suite, in table order.
 pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
 
-/// What runs without arguments. vLLM is asked for by name
-/// (`test-backends vllm`): its suite starts the engine about fifteen times at
-/// 30 to 90 s each, and its first provisioning installs 6 GB.
-const DEFAULT_BACKENDS: &[&str] = &["llamacpp", "candle"];
-
 /// Suites that compare two engines, run when both are selected.
-/// `cli` runs the built `model-runtime` binary and hot swaps between the two.
+/// `cli` runs the built `model-runtime` binary and hot swaps between
+/// candle and llama.cpp; `candle_safetensors` checks candle's Hugging Face
+/// loader against vLLM on the same directory.
 const CROSS_SUITES: &[(&str, [&str; 2])] = &[
     ("cross_engine", ["candle", "llamacpp"]),
     ("cli", ["candle", "llamacpp"]),
+    ("candle_safetensors", ["candle", "vllm"]),
 ];
 
 /// A check's outcome in the table.
@@ -36,6 +34,7 @@ pub(crate) fn run(args: &[String]) -> Result {
 
     step("unit tests (cargo test --workspace --exclude conformance)");
     run_checked(cargo().args(["test", "--workspace", "--exclude", "conformance"]))?;
+    run_checked(cargo().args(["test", "-p", "conformance", "--lib"]))?;
 
     step("building the conformance suite and the model-runtime binary");
     run_checked(cargo().args(["test", "-p", "conformance", "--no-run"]))?;
@@ -75,7 +74,7 @@ pub(crate) fn run(args: &[String]) -> Result {
 
 pub(crate) fn select(args: &[String]) -> Result<Vec<&'static str>> {
     if args.is_empty() {
-        return Ok(DEFAULT_BACKENDS.to_vec());
+        return Ok(BACKENDS.to_vec());
     }
     args.iter()
         .map(|arg| {
