@@ -45,7 +45,8 @@ impl Default for ClientTimeouts {
 
 /// A client for one engine's OpenAI-compatible API.
 ///
-/// Cheap to clone (the connection pool is shared).
+/// Cheap to clone. Every request opens a connection of its own (see
+/// [`OpenAiClient::new`]).
 #[derive(Debug, Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
@@ -60,6 +61,9 @@ pub struct OpenAiClient {
 impl OpenAiClient {
     /// A client for the engine at `base_url` (`http://127.0.0.1:8080`), sending
     /// `api_key` as a bearer token when given, and `model` as the request's model.
+    ///
+    /// Connections are not pooled: each request connects afresh, because an
+    /// engine may close an idle connection just as a request is written to it.
     pub fn new(
         base_url: impl Into<String>,
         api_key: Option<String>,
@@ -68,7 +72,13 @@ impl OpenAiClient {
     ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
-            .pool_idle_timeout(Duration::from_secs(30))
+            // No idle connections are kept. Engines close them on their own
+            // schedule (llama-server after every chat response and after 5 s
+            // of keep-alive), and a request written to one that is closing
+            // fails with an incomplete message that cannot be retried safely:
+            // the engine may have seen it. A fresh loopback connection costs
+            // a fraction of a millisecond against a generation.
+            .pool_max_idle_per_host(0)
             .tcp_nodelay(true)
             .no_proxy()
             .build()
