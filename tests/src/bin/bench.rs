@@ -32,14 +32,14 @@ impl Runs {
             Self {
                 ready: 3,
                 baseline: 3,
-                stream: 15,
+                stream: 31,
                 stop: 3,
             }
         } else {
             Self {
                 ready: 7,
                 baseline: 5,
-                stream: 15,
+                stream: 31,
                 stop: 7,
             }
         }
@@ -90,7 +90,7 @@ async fn gateway(backend: &Backend, runs: Runs) {
     let request = InferenceRequest::from_prompt("What is the capital of France?")
         .with_max_tokens(64)
         .with_temperature(0.0);
-    let http = reqwest::Client::new();
+    let http = direct_client();
     direct_to(&http, engine.as_ref(), &request).await;
     direct_http(&http, &gateway_url, None, &request).await;
 
@@ -263,6 +263,16 @@ async fn through_runtime(runtime: &dyn ModelRuntime, request: InferenceRequest) 
     }
 }
 
+/// The baseline's HTTP client: plain reqwest, with connections not pooled,
+/// as the runtime's client does (llama-server closes idle connections
+/// unannounced, and a request landing on one fails).
+fn direct_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// A plain streaming POST to the runtime's own endpoint.
 async fn direct_to(
     http: &reqwest::Client,
@@ -332,7 +342,7 @@ async fn streaming(backend: &Backend, runs: Runs) {
     let request = InferenceRequest::from_prompt("What is the capital of France?")
         .with_max_tokens(64)
         .with_temperature(0.0);
-    let http = reqwest::Client::new();
+    let http = direct_client();
     // Warm both paths (connection pools, the engine's prompt cache).
     through_runtime(runtime.as_ref(), request.clone()).await;
     direct_to(&http, runtime.as_ref(), &request).await;
