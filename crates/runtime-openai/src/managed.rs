@@ -363,8 +363,8 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
                 stop_policy,
                 ..
             } = running;
-            // Close our connections first, streams (they end with ShutDown) and
-            // pool: llama-server waits for open ones before it exits.
+            // Close our open streams first (they end with ShutDown):
+            // llama-server waits for open connections before it exits.
             client.close_streams();
             drop(client);
             let exited = process.stop(stop_policy).await;
