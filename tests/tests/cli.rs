@@ -151,23 +151,16 @@ async fn serve_answers_chat_completions_and_stops_on_sigterm() {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12, "temperature": 0
     });
-    let unauthorized = http
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let completions = format!("{base}/v1/chat/completions");
+    let unauthorized = http.post(&completions).json(&body).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
-    let plain: serde_json::Value = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth("gateway-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let authorized = |body: &serde_json::Value| {
+        http.post(&completions)
+            .bearer_auth("gateway-key")
+            .json(body)
+            .send()
+    };
+    let plain: serde_json::Value = authorized(&body).await.unwrap().json().await.unwrap();
     let content = plain["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or_default()
@@ -177,11 +170,7 @@ async fn serve_answers_chat_completions_and_stops_on_sigterm() {
     let mut streamed_body = body.clone();
     streamed_body["stream"] = true.into();
     streamed_body["stream_options"] = serde_json::json!({"include_usage": true});
-    let streamed = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth("gateway-key")
-        .json(&streamed_body)
-        .send()
+    let streamed = authorized(&streamed_body)
         .await
         .unwrap()
         .text()

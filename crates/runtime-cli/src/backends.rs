@@ -66,28 +66,18 @@ pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend,
         BackendChoice::Auto => {
             let format = config.resolve_format()?;
             match format {
-                ModelFormat::Gguf => match LlamaServer.find_binary(config) {
-                    Ok(binary) => Ok((
-                        Backend::LlamaCpp,
-                        format!("GGUF model and llama-server found at {}", binary.display()),
-                    )),
-                    Err(_) => Ok((
-                        Backend::Candle,
-                        "GGUF model and no llama-server installed: using the embedded engine"
-                            .to_owned(),
-                    )),
-                },
-                ModelFormat::Safetensors => match VllmServer.find_binary(config) {
-                    Ok(binary) => Ok((
-                        Backend::Vllm,
-                        format!("Hugging Face model and vLLM found at {}", binary.display()),
-                    )),
-                    Err(_) => Ok((
-                        Backend::Candle,
-                        "Hugging Face model and no vLLM installed: using the embedded engine"
-                            .to_owned(),
-                    )),
-                },
+                ModelFormat::Gguf => Ok(server_or_embedded(
+                    &LlamaServer,
+                    Backend::LlamaCpp,
+                    ("GGUF model", "llama-server"),
+                    config,
+                )),
+                ModelFormat::Safetensors => Ok(server_or_embedded(
+                    &VllmServer,
+                    Backend::Vllm,
+                    ("Hugging Face model", "vLLM"),
+                    config,
+                )),
                 other => Err(Error::UnsupportedFormat {
                     backend: "any backend of model-runtime",
                     expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
@@ -95,6 +85,26 @@ pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend,
                 }),
             }
         }
+    }
+}
+
+/// `backend` when its engine is installed, else the embedded engine; with the
+/// reason, naming the model kind and the engine as `(model, engine)` say.
+fn server_or_embedded(
+    engine: &impl ServerEngine,
+    backend: Backend,
+    (model, name): (&str, &str),
+    config: &RuntimeConfig,
+) -> (Backend, String) {
+    match engine.find_binary(config) {
+        Ok(binary) => (
+            backend,
+            format!("{model} and {name} found at {}", binary.display()),
+        ),
+        Err(_) => (
+            Backend::Candle,
+            format!("{model} and no {name} installed: using the embedded engine"),
+        ),
     }
 }
 
@@ -124,57 +134,62 @@ pub struct BackendReport {
     pub note: String,
 }
 
+/// Whether a server engine is installed here and runs.
+async fn server_report(
+    engine: &impl ServerEngine,
+    name: &'static str,
+    formats: &'static str,
+    config: &RuntimeConfig,
+) -> BackendReport {
+    let report = BackendReport {
+        name,
+        usable: false,
+        binary: None,
+        version: None,
+        formats,
+        note: String::new(),
+    };
+    let binary = match engine.find_binary(config) {
+        Ok(binary) => binary,
+        Err(err) => {
+            return BackendReport {
+                note: err.to_string(),
+                ..report
+            };
+        }
+    };
+    match engine.binary_version(&binary, config).await {
+        Ok(version) => BackendReport {
+            usable: true,
+            note: if version.is_none() {
+                "version is read from the running server".to_owned()
+            } else {
+                String::new()
+            },
+            binary: Some(binary),
+            version,
+            ..report
+        },
+        Err(err) => BackendReport {
+            note: format!("{} does not run: {err}", engine.engine_name()),
+            binary: Some(binary),
+            ..report
+        },
+    }
+}
+
 /// What each backend looks like on this machine.
 pub async fn survey() -> Vec<BackendReport> {
     let config = RuntimeConfig::default();
-    let llama = match LlamaServer.find_binary(&config) {
-        Ok(binary) => match LlamaServer.binary_version(&binary, &config).await {
-            Ok(version) => BackendReport {
-                name: "llamacpp",
-                usable: true,
-                binary: Some(binary),
-                version,
-                formats: "GGUF",
-                note: String::new(),
-            },
-            Err(err) => BackendReport {
-                name: "llamacpp",
-                usable: false,
-                binary: Some(binary),
-                version: None,
-                formats: "GGUF",
-                note: format!("llama-server does not run: {err}"),
-            },
-        },
-        Err(err) => BackendReport {
-            name: "llamacpp",
-            usable: false,
-            binary: None,
-            version: None,
-            formats: "GGUF",
-            note: err.to_string(),
-        },
-    };
     vec![
-        llama,
-        match VllmServer.find_binary(&config) {
-            Ok(binary) => BackendReport {
-                name: "vllm",
-                usable: true,
-                binary: Some(binary),
-                version: None,
-                formats: "Hugging Face safetensors directories",
-                note: "version is read from the running server (/version)".to_owned(),
-            },
-            Err(err) => BackendReport {
-                name: "vllm",
-                usable: false,
-                binary: None,
-                version: None,
-                formats: "Hugging Face safetensors directories",
-                note: err.to_string(),
-            },
-        },
+        server_report(&LlamaServer, "llamacpp", "GGUF", &config).await,
+        server_report(
+            &VllmServer,
+            "vllm",
+            "Hugging Face safetensors directories",
+            &config,
+        )
+        .await,
         BackendReport {
             name: "candle",
             usable: true,

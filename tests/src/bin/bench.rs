@@ -87,60 +87,97 @@ async fn gateway(backend: &Backend, runs: Runs) {
         listener.local_addr().unwrap()
     );
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
-    let request = InferenceRequest::from_prompt("What is the capital of France?")
-        .with_max_tokens(64)
-        .with_temperature(0.0);
+    let request = streamed_request();
     let http = direct_client();
-    direct_to(&http, engine.as_ref(), &request).await;
-    direct_http(&http, &gateway_url, None, &request).await;
-
-    let (mut through, mut direct, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut differed = 0;
-    for run in 0..runs.stream {
-        let (via, straight) = if run % 2 == 0 {
-            let via = direct_http(&http, &gateway_url, None, &request).await;
-            (via, direct_to(&http, engine.as_ref(), &request).await)
-        } else {
-            let straight = direct_to(&http, engine.as_ref(), &request).await;
-            (
-                direct_http(&http, &gateway_url, None, &request).await,
-                straight,
-            )
-        };
-        if via.text != straight.text {
-            differed += 1;
-            continue;
-        }
-        through.push(ms(via.total));
-        direct.push(ms(straight.total));
-        ratios.push(ms(via.total) / ms(straight.total));
-    }
+    let pairs = Pairs::measure(
+        runs.stream,
+        || direct_http(&http, &gateway_url, None, &request),
+        || direct_to(&http, engine.as_ref(), &request),
+    )
+    .await;
     println!(
         "gateway (model-runtime serve's router + RuntimeManager), 64 tokens streamed: {:.1} ms vs \
          the engine directly {:.1} ms; ratio {:.3}{}",
-        median(through),
-        median(direct),
-        median(ratios),
-        differed_note(differed, runs.stream)
+        pairs.median(|via, _| ms(via.total)),
+        pairs.median(|_, straight| ms(straight.total)),
+        pairs.median(|via, straight| ms(via.total) / ms(straight.total)),
+        pairs.note()
     );
     drop(engine);
     server.abort();
     manager.shutdown().await.unwrap();
 }
 
+/// The request every streaming comparison sends.
+fn streamed_request() -> InferenceRequest {
+    InferenceRequest::from_prompt("What is the capital of France?")
+        .with_max_tokens(64)
+        .with_temperature(0.0)
+}
+
+/// Timings of one path against a baseline, run in interleaved pairs.
+///
 /// Greedy answers to the same prompt can still differ between requests (an
 /// engine reusing a cached prompt prefix computes it in other batches, and a
 /// near-tie can tip). Pairs whose texts differ did different work, so they are
 /// left out of the comparison and counted.
-fn differed_note(differed: usize, pairs: usize) -> String {
-    assert!(
-        differed * 2 < pairs,
-        "{differed} of {pairs} pairs got different answers: nothing left to compare"
-    );
-    if differed == 0 {
-        String::new()
-    } else {
-        format!(" ({differed} of {pairs} pairs left out: the two answers differed)")
+struct Pairs {
+    kept: Vec<(Timed, Timed)>,
+    differed: usize,
+}
+
+impl Pairs {
+    /// Warms both paths (the engine's prompt cache), then runs `count` pairs,
+    /// alternating which side goes first.
+    async fn measure<O, B>(count: usize, ours: impl Fn() -> O, baseline: impl Fn() -> B) -> Self
+    where
+        O: Future<Output = Timed>,
+        B: Future<Output = Timed>,
+    {
+        ours().await;
+        baseline().await;
+        let mut pairs = Self {
+            kept: Vec::new(),
+            differed: 0,
+        };
+        for run in 0..count {
+            let (ours, baseline) = if run % 2 == 0 {
+                let ours = ours().await;
+                (ours, baseline().await)
+            } else {
+                let baseline = baseline().await;
+                (ours().await, baseline)
+            };
+            if ours.text == baseline.text {
+                pairs.kept.push((ours, baseline));
+            } else {
+                pairs.differed += 1;
+            }
+        }
+        assert!(
+            pairs.differed < pairs.kept.len(),
+            "{} of {count} pairs got different answers: nothing left to compare",
+            pairs.differed
+        );
+        pairs
+    }
+
+    /// The median over the kept pairs of `value(ours, baseline)`.
+    fn median(&self, value: impl Fn(&Timed, &Timed) -> f64) -> f64 {
+        median(self.kept.iter().map(|(o, b)| value(o, b)).collect())
+    }
+
+    /// A remark on the pairs left out, if any.
+    fn note(&self) -> String {
+        if self.differed == 0 {
+            String::new()
+        } else {
+            format!(
+                " ({} of {} pairs left out: the two answers differed)",
+                self.differed,
+                self.differed + self.kept.len()
+            )
+        }
     }
 }
 
@@ -339,51 +376,23 @@ async fn streaming(backend: &Backend, runs: Runs) {
         .initialize(backend.config.clone())
         .await
         .expect("initialize");
-    let request = InferenceRequest::from_prompt("What is the capital of France?")
-        .with_max_tokens(64)
-        .with_temperature(0.0);
+    let request = streamed_request();
     let http = direct_client();
-    // Warm both paths (connection pools, the engine's prompt cache).
-    through_runtime(runtime.as_ref(), request.clone()).await;
-    direct_to(&http, runtime.as_ref(), &request).await;
-
-    let (mut ours_total, mut direct_total, mut ttft_diff, mut ours_ttft) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut differed = 0;
-    for run in 0..runs.stream {
-        let (ours, direct) = if run % 2 == 0 {
-            let ours = through_runtime(runtime.as_ref(), request.clone()).await;
-            (ours, direct_to(&http, runtime.as_ref(), &request).await)
-        } else {
-            let direct = direct_to(&http, runtime.as_ref(), &request).await;
-            (
-                through_runtime(runtime.as_ref(), request.clone()).await,
-                direct,
-            )
-        };
-        if ours.text != direct.text {
-            differed += 1;
-            continue;
-        }
-        ours_total.push(ms(ours.total));
-        direct_total.push(ms(direct.total));
-        ours_ttft.push(ms(ours.first_token));
-        ttft_diff.push(ms(ours.first_token) - ms(direct.first_token));
-    }
-    let ratios: Vec<f64> = ours_total
-        .iter()
-        .zip(&direct_total)
-        .map(|(o, d)| o / d)
-        .collect();
+    let pairs = Pairs::measure(
+        runs.stream,
+        || through_runtime(runtime.as_ref(), request.clone()),
+        || direct_to(&http, runtime.as_ref(), &request),
+    )
+    .await;
     println!(
         "streaming (64 tokens): generate_stream {:.1} ms vs direct HTTP {:.1} ms; \
          ratio {:.3} (median of per-pair ratios); first token {:.1} ms, {:+.2} ms vs direct{}",
-        median(ours_total),
-        median(direct_total),
-        median(ratios),
-        median(ours_ttft),
-        median(ttft_diff),
-        differed_note(differed, runs.stream)
+        pairs.median(|ours, _| ms(ours.total)),
+        pairs.median(|_, direct| ms(direct.total)),
+        pairs.median(|ours, direct| ms(ours.total) / ms(direct.total)),
+        pairs.median(|ours, _| ms(ours.first_token)),
+        pairs.median(|ours, direct| ms(ours.first_token) - ms(direct.first_token)),
+        pairs.note()
     );
     runtime.shutdown().await.unwrap();
 }
