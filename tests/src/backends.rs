@@ -5,11 +5,11 @@ use std::time::Duration;
 use runtime_candle::CandleRuntime;
 use runtime_core::{ModelRuntime, RuntimeConfig};
 use runtime_llamacpp::{LlamaCppRuntime, LlamaServer};
-use runtime_openai::{Launch, ServerEngine as EngineLauncher};
 use runtime_process::ServerCommand;
-use runtime_vllm::{VllmRuntime, VllmServer};
+use runtime_server::{LaunchSpec, ServerEngine};
+use runtime_vllm::{VllmOptions, VllmRuntime, VllmServer};
 
-use crate::{Backend, MODEL_ENV, ServerEngine, VersionSource, required_env};
+use crate::{Backend, EngineProcess, MODEL_ENV, VersionSource, required_env};
 
 /// The context size the suite configures, small enough that an over-long prompt is cheap.
 pub const CONTEXT_SIZE: u32 = 1024;
@@ -27,7 +27,7 @@ pub fn llamacpp() -> Backend {
         name: "llamacpp",
         new_runtime: || Box::new(LlamaCppRuntime::new()) as Box<dyn ModelRuntime>,
         config,
-        server: Some(ServerEngine {
+        server: Some(EngineProcess {
             binary,
             has_slots_endpoint: true,
             version_source: VersionSource::VersionFlag,
@@ -36,6 +36,7 @@ pub fn llamacpp() -> Backend {
         }),
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
+        misspelled_option: ("flash_atention", "flash_attention"),
         hold_runtime: None,
     }
 }
@@ -54,6 +55,7 @@ pub fn candle() -> Backend {
         server: None,
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
+        misspelled_option: ("requantise", "requantize"),
         hold_runtime: None,
     }
 }
@@ -67,14 +69,17 @@ pub fn vllm() -> Backend {
     let config = RuntimeConfig::new(required_env(HF_MODEL_ENV))
         .with_context_size(CONTEXT_SIZE)
         .with_runtime_binary(&python)
-        .with_extra_config("enforce_eager", true)
-        .with_extra_config("cpu_kvcache_space_gib", 1)
+        .with_options(
+            &VllmOptions::new()
+                .with_enforce_eager(true)
+                .with_cpu_kvcache_space_gib(1),
+        )
         .with_shutdown_grace(Duration::from_secs(10));
     Backend {
         name: "vllm",
         new_runtime: || Box::new(VllmRuntime::new()) as Box<dyn ModelRuntime>,
         config,
-        server: Some(ServerEngine {
+        server: Some(EngineProcess {
             binary: python,
             has_slots_endpoint: false,
             version_source: VersionSource::HttpVersion,
@@ -84,6 +89,7 @@ pub fn vllm() -> Backend {
         start_budget: Duration::from_secs(300),
         // The API server shuts EngineCore and its workers down: about 2 s here.
         exit_budget: Duration::from_secs(10),
+        misspelled_option: ("tensor_paralel_size", "tensor_parallel_size"),
         hold_runtime: None,
     }
 }
@@ -100,13 +106,12 @@ pub fn by_name(name: &str) -> Option<Backend> {
 
 /// The command line `engine` would be launched with for `config` on `port`,
 /// with a fixed API key.
-fn engine_command(
-    engine: &impl EngineLauncher,
-    config: &RuntimeConfig,
-    port: u16,
-) -> ServerCommand {
+fn engine_command<E: ServerEngine>(engine: &E, config: &RuntimeConfig, port: u16) -> ServerCommand {
     let binary = engine.find_binary(config).expect("the engine binary");
+    let options = config.options::<E::Options>().expect("the engine options");
     engine
-        .command(&Launch::new(&binary, config, port, "bench", "bench"))
+        .command(&LaunchSpec::new(
+            &binary, config, &options, port, "bench", "bench",
+        ))
         .expect("the engine command line")
 }

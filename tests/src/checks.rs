@@ -603,6 +603,36 @@ async fn init_err(backend: &Backend, config: RuntimeConfig) -> Error {
     err
 }
 
+/// A misspelled backend option fails `initialize` at once with an error that
+/// names the key and the closest known one; no engine process is started.
+pub async fn fault_bad_options(backend: &Backend) {
+    let (typo, intended) = backend.misspelled_option;
+    let config = backend.config.clone().with_extra_config(typo, 2);
+    let started = Instant::now();
+    let err = init_err(backend, config).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused before anything started ({:?})",
+        started.elapsed()
+    );
+    match &err {
+        Error::InvalidConfig { field, reason } => {
+            assert_eq!(field, &format!("extra_config.{typo}"));
+            assert!(
+                reason.contains(&format!("did you mean `{intended}`?")),
+                "{reason}"
+            );
+        }
+        other => panic!("expected InvalidConfig naming {typo}, got {other:?}"),
+    }
+    if let Some(server) = &backend.server {
+        assert!(
+            procs::running(&server.binary).is_empty(),
+            "no engine process was started"
+        );
+    }
+}
+
 /// A missing engine binary is a typed error naming what to do.
 pub async fn fault_missing_binary(backend: &Backend) {
     if backend.server.is_none() {

@@ -52,10 +52,18 @@ impl Step {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Agreement {
     /// Every reference token, and nothing more.
-    Identical { tokens: usize },
+    Identical {
+        /// How many tokens.
+        tokens: usize,
+    },
     /// The first `index` tokens agree; then the answers part at a tie of
     /// `gap` nats.
-    Diverged { index: usize, gap: f64 },
+    Diverged {
+        /// Where the answers part.
+        index: usize,
+        /// The reference's gap between its top two tokens there, in nats.
+        gap: f64,
+    },
     /// The answer agrees with the whole reference and then goes on.
     Longer,
 }

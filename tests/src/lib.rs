@@ -34,18 +34,20 @@ pub struct Backend {
     /// A configuration for the real model.
     pub config: RuntimeConfig,
     /// The engine process, for server backends.
-    pub server: Option<ServerEngine>,
+    pub server: Option<EngineProcess>,
     /// How long a start may take here, for the timing assertions of the faults.
     pub start_budget: Duration,
     /// How long every engine process may take to go once its owner is gone.
     pub exit_budget: Duration,
+    /// A misspelled option of this backend and the key it should have been.
+    pub misspelled_option: (&'static str, &'static str),
     /// The `hold-runtime` helper binary; [`suite!`] fills it in.
     pub hold_runtime: Option<&'static str>,
 }
 
 /// What the suite knows about a server backend's engine process.
 #[derive(Debug, Clone)]
-pub struct ServerEngine {
+pub struct EngineProcess {
     /// The engine binary: any process running it is this suite's.
     pub binary: PathBuf,
     /// The engine reports busy slots at `GET /slots` (llama-server).
@@ -93,6 +95,7 @@ macro_rules! suite {
             shutdown_in_flight,
             bad_requests,
             fault_bad_models,
+            fault_bad_options,
             fault_missing_binary,
             fault_port_taken,
             fault_engine_killed,

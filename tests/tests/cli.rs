@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use conformance::backends::{candle, llamacpp};
 use conformance::{MODEL_ENV, procs, required_env};
-use runtime_cli::{Backend, RuntimeManager};
 use runtime_core::{Error, InferenceRequest, RuntimeConfig};
+use runtime_gateway::{Backend, RuntimeManager};
 use runtime_openai::ChatService;
 
 fn cli() -> tokio::process::Command {
@@ -250,9 +250,9 @@ async fn hot_swap_under_a_trickle_of_requests_fails_none() {
     // The configuration says which engine: a runtime binary means llama.cpp.
     let manager = Arc::new(RuntimeManager::new(Box::new(|config: &RuntimeConfig| {
         Ok(if config.runtime_binary.is_some() {
-            Backend::LlamaCpp.runtime()
+            Backend::LlamaCpp.runtime()?
         } else {
-            Backend::Candle.runtime()
+            Backend::Candle.runtime()?
         })
     })));
     let on_candle = candle().config;

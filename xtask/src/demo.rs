@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: provision the demo model and ask it a question with
 //! `model-runtime run` on the embedded candle backend.
 
-use crate::{Result, cargo, provision, run_checked};
+use crate::{Result, cargo, provision, run_checked, step, target_dir};
 
 const QUESTION: &str = "What is the capital of France? Answer in one sentence.";
 
@@ -12,18 +12,23 @@ pub(crate) fn run(args: &[String]) -> Result {
         args.join(" ")
     };
     let model = provision::demo_model()?;
-    eprintln!("==> model-runtime run {} --backend candle", model.display());
+    let binary = target_dir().join("debug/model-runtime");
+    if !binary.exists() {
+        step(
+            "building model-runtime; the first build compiles candle and takes a few minutes \
+             on 2 cores (cargo shows its progress), later runs start at once",
+        );
+    } else {
+        step("building model-runtime (up to date after the first build)");
+    }
+    // Built in its own step, not by `cargo run --quiet`, so the build shows.
+    run_checked(cargo().args(["build", "-p", "runtime-cli", "--bin", "model-runtime"]))?;
+    step(&format!(
+        "model-runtime run {} --backend candle",
+        model.display()
+    ));
     run_checked(
-        cargo()
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "runtime-cli",
-                "--bin",
-                "model-runtime",
-                "--",
-            ])
+        std::process::Command::new(&binary)
             .arg("run")
             .arg(&model)
             .args([

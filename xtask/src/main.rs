@@ -6,7 +6,9 @@
 //!   cached outside the clone;
 //! - `bench`: the benchmarks, as medians over interleaved runs;
 //! - `test-backends`: unit tests, then every backend's conformance suite against
-//!   its real engine, ending with a backend-by-check table.
+//!   its real engine, ending with a backend-by-check table;
+//! - `package`: every published crate packaged, and its tests run from the
+//!   package alone.
 //!
 //! Run `cargo xtask help` for the list. This crate is never published.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@
 
 mod bench;
 mod demo;
+mod package;
 mod provision;
 mod test_backends;
 
@@ -37,6 +40,8 @@ tasks:
   bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
                                    medians over interleaved runs (release build; default:
                                    every backend)
+  package                          cargo package every published crate, then run each
+                                   crate's own tests from its packaged sources
   help                             show this message
 
 The cache lives in $MODEL_RUNTIME_CACHE, else $XDG_CACHE_HOME/model-runtime,
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
     let outcome = match task.as_str() {
         "bench" => bench::run(&rest),
         "demo" => demo::run(&rest),
+        "package" => package::run(&rest),
         "provision" => provision::run(&rest),
         "test-backends" => test_backends::run(&rest),
         "help" | "--help" | "-h" => {
@@ -88,6 +94,16 @@ fn cargo() -> std::process::Command {
     let mut command = std::process::Command::new(cargo);
     command.current_dir(project_root());
     command
+}
+
+/// The Python that provisioning runs: `$PYTHON`, else `python3`.
+fn python() -> std::process::Command {
+    std::process::Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
+}
+
+/// Announces a step on stderr.
+fn step(message: &str) {
+    eprintln!("==> {message}");
 }
 
 /// Runs `command` to completion, failing with its description if it fails.

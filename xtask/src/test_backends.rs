@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
-use crate::{Result, cargo, provision, run_checked};
+use crate::{Result, cargo, provision, run_checked, step};
 
 /// Every backend with a conformance suite, in table order.
 pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
@@ -194,10 +194,6 @@ fn print_table(results: &[(&str, BTreeMap<String, Outcome>, bool)]) {
         }
         println!("  {}", if *ok { "passed" } else { "FAILED" });
     }
-}
-
-fn step(message: &str) {
-    eprintln!("==> {message}");
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use runtime_core::{
 };
 use runtime_openai::ChatService;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::model::{LoadedModel, Session};
 use crate::stop::StopScanner;
@@ -204,10 +205,7 @@ impl ChatService for Engine {
             }
             Err(TrySendError::Disconnected(_)) => return Err(Error::ShutDown),
         }
-        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
-            receiver.recv().await.map(|event| (event, receiver))
-        });
-        Ok(Box::new(stream.boxed()))
+        Ok(Box::new(ReceiverStream::new(receiver)))
     }
 }
 

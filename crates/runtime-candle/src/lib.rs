@@ -20,9 +20,8 @@
 //!
 //! Settings: `context_size` (at most what candle supports for the model; its
 //! quantized llama caps positions at 4096), `threads` (the compute pool),
-//! `parallel` (workers, default 2), `extra_config.queue` (waiting requests,
-//! default 16), `extra_config.requantize` (`keep`, `q8_0`, `q4_0`: re-quantize
-//! Q4_1 tensors on load to formats with SIMD kernels; default `keep`).
+//! `parallel` (workers, default 2), and [`CandleOptions`]: `queue` (waiting
+//! requests, default 16) and `requantize`.
 //!
 //! ```no_run
 //! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
@@ -41,6 +40,7 @@
 
 mod engine;
 mod model;
+mod options;
 mod stop;
 mod template;
 mod tokenizer;
@@ -53,19 +53,22 @@ use runtime_core::{
     Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
     RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
 };
-use runtime_openai::{ChatService, ClientTimeouts, OpenAiClient, ServeOptions, random_api_key};
+use runtime_openai::{
+    ChatService, ClientTimeouts, OpenAiClient, ServeOptions, http_base_url, random_api_key,
+};
 use tokio::sync::oneshot;
 
 use crate::engine::{Engine, EngineOptions};
 use crate::model::LoadedModel;
 pub use crate::model::Requantize;
+pub use crate::options::CandleOptions;
 pub use crate::tokenizer::TextTokenizer;
 
 /// The candle version this crate is built against (pinned exactly in Cargo.toml).
 pub const ENGINE_VERSION: &str = "0.11.1";
 
 const DEFAULT_WORKERS: usize = 2;
-const DEFAULT_QUEUE: usize = 16;
+const DEFAULT_QUEUE: u32 = 16;
 
 /// candle, in process, behind the [`ModelRuntime`] trait.
 #[derive(Debug, Default)]
@@ -101,44 +104,21 @@ impl CandleRuntime {
     }
 }
 
-fn options(config: &RuntimeConfig) -> Result<(EngineOptions, Requantize)> {
-    let number = |key: &'static str| -> Result<Option<usize>> {
-        match config.extra_config.get(key) {
-            None => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .filter(|n| *n > 0)
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| {
-                    Error::invalid_config(
-                        "extra_config",
-                        format!("`{key}` must be a positive integer"),
-                    )
-                }),
-        }
-    };
-    let requantize = match config.extra_config.get("requantize") {
-        None => Requantize::Keep,
-        Some(value) => Requantize::parse(value.as_str().ok_or_else(|| {
-            Error::invalid_config("extra_config", "`requantize` must be a string")
-        })?)?,
-    };
+fn engine_options(config: &RuntimeConfig, options: &CandleOptions) -> EngineOptions {
     let threads = config
         .threads
         .map(|n| n as usize)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    Ok((
-        EngineOptions {
-            workers: config.parallel.map_or(DEFAULT_WORKERS, |n| n as usize),
-            queue: number("queue")?.unwrap_or(DEFAULT_QUEUE),
-            threads,
-        },
-        requantize,
-    ))
+    EngineOptions {
+        workers: config.parallel.map_or(DEFAULT_WORKERS, |n| n as usize),
+        queue: options.queue.unwrap_or(DEFAULT_QUEUE) as usize,
+        threads,
+    }
 }
 
 async fn start(config: &RuntimeConfig) -> Result<Running> {
     config.validate()?;
+    let options = config.options::<CandleOptions>()?;
     let format = config.resolve_format()?;
     if !matches!(format, ModelFormat::Gguf | ModelFormat::Safetensors) {
         return Err(Error::UnsupportedFormat {
@@ -147,7 +127,8 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
             found: format.name().to_owned(),
         });
     }
-    let (engine_options, requantize) = options(config)?;
+    let engine_options = engine_options(config, &options);
+    let requantize = options.requantize;
     // Bind before loading: a taken port fails in milliseconds, not after the load.
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
@@ -192,12 +173,7 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
             tracing::warn!(error = %err, "the candle HTTP server stopped");
         }
     });
-    let host = match address.ip() {
-        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        ip => ip.to_string(),
-    };
-    let base_url = format!("http://{host}:{}", address.port());
+    let base_url = http_base_url(&address.ip().to_string(), address.port());
     let mut running = Running {
         engine,
         base_url,

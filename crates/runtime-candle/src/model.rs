@@ -38,30 +38,22 @@ pub(crate) struct LoadedModel {
 }
 
 /// Re-quantization applied on load, trading a little accuracy for SIMD kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Requantize {
     /// Keep the file's quantization.
+    #[default]
     Keep,
     /// Q4_1 tensors become Q8_0 (candle has AVX kernels for Q8_0, not Q4_1).
+    #[serde(rename = "q8_0")]
     Q8_0,
     /// Q4_1 tensors become Q4_0.
+    #[serde(rename = "q4_0")]
     Q4_0,
 }
 
 impl Requantize {
-    /// Parses `keep`, `q8_0` or `q4_0`.
-    pub fn parse(value: &str) -> Result<Self> {
-        match value.to_ascii_lowercase().as_str() {
-            "keep" | "none" => Ok(Self::Keep),
-            "q8_0" => Ok(Self::Q8_0),
-            "q4_0" => Ok(Self::Q4_0),
-            other => Err(Error::invalid_config(
-                "extra_config.requantize",
-                format!("is {other:?}; use keep, q8_0 or q4_0"),
-            )),
-        }
-    }
-
     fn target(self) -> Option<GgmlDType> {
         match self {
             Self::Keep => None,

@@ -1,4 +1,7 @@
 //! `model-runtime`: run, chat with, or serve a local language model.
+//!
+//! The command line only: backends are chosen and runtimes managed by
+//! `runtime-gateway`, served by `runtime-openai`'s router.
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -7,15 +10,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod progress;
+
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use runtime_cli::{BackendChoice, LatestLine, RuntimeManager, Spinner, choose, factory, survey};
 use runtime_core::{ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
+use runtime_gateway::{BackendChoice, RuntimeManager, choose, factory, survey};
 use runtime_openai::{ChatService, ServeOptions};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::progress::{ENGINE_LOG_TARGET, LatestLine, Spinner};
 
 #[derive(Parser)]
 #[command(
@@ -32,8 +39,8 @@ struct Cli {
 struct ModelArgs {
     /// The model: a GGUF file or a Hugging Face safetensors directory.
     model: PathBuf,
-    /// Which engine runs it.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    /// Which engine runs it: auto, llamacpp, vllm or candle.
+    #[arg(long, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Context window in tokens (default: the engine's).
     #[arg(long)]
@@ -85,8 +92,9 @@ enum Command {
         /// Port to listen on.
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// Require this bearer token from clients.
-        #[arg(long, env = "MODEL_RUNTIME_API_KEY")]
+        /// Require this bearer token from clients. Prefer the environment
+        /// variable: other local users can read a command line.
+        #[arg(long, env = "MODEL_RUNTIME_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
     },
     /// List the backends, whether they are usable here, and what they take.
@@ -108,7 +116,7 @@ fn main() -> ExitCode {
         .with(
             latest.clone().with_filter(
                 tracing_subscriber::filter::Targets::new()
-                    .with_target(runtime_cli::ENGINE_LOG_TARGET, tracing::Level::DEBUG),
+                    .with_target(ENGINE_LOG_TARGET, tracing::Level::DEBUG),
             ),
         )
         .init();
@@ -125,7 +133,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, latest)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("model-runtime: {}", explain(&err));
+            eprintln!("model-runtime: {}", render_error(&err));
             ExitCode::FAILURE
         }
     }
@@ -164,7 +172,7 @@ async fn start(args: &ModelArgs, latest: LatestLine) -> Result<Box<dyn ModelRunt
     let config = config_of(args);
     let (backend, why) = choose(args.backend, &config)?;
     eprintln!("model-runtime: using {backend} ({why})");
-    let mut runtime = backend.runtime();
+    let mut runtime = backend.runtime()?;
     let spinner = Spinner::start(format!("starting {backend}"), latest);
     let started = runtime.initialize(config).await;
     spinner.finish();
@@ -250,7 +258,7 @@ async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Re
         match stream_answer(runtime.as_ref(), request_of(messages.clone(), &sampling)).await {
             Ok(answer) => messages.push(ChatMessage::assistant(answer)),
             Err(err) => {
-                eprintln!("model-runtime: {}", explain(&err));
+                eprintln!("model-runtime: {}", render_error(&err));
                 messages.pop();
             }
         }
@@ -330,7 +338,7 @@ async fn backends() {
         } else {
             "not usable"
         };
-        println!("{:<9} {status}", report.name);
+        println!("{:<9} {status}", report.backend);
         println!("          formats: {}", report.formats);
         if let Some(binary) = &report.binary {
             println!("          binary:  {}", binary.display());
@@ -345,7 +353,7 @@ async fn backends() {
 }
 
 /// One readable paragraph: the error, its causes, what to do, the engine's last words.
-fn explain(err: &Error) -> String {
+fn render_error(err: &Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {

@@ -11,11 +11,11 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
 /// The target runtime-process logs engine output under.
-pub const ENGINE_LOG_TARGET: &str = "runtime_process::engine";
+pub(crate) const ENGINE_LOG_TARGET: &str = "runtime_process::engine";
 
 /// The engine's most recent log line, kept by a tracing layer.
 #[derive(Debug, Clone, Default)]
-pub struct LatestLine(Arc<Mutex<String>>);
+pub(crate) struct LatestLine(Arc<Mutex<String>>);
 
 impl LatestLine {
     fn get(&self) -> String {
@@ -55,13 +55,13 @@ impl<S: Subscriber> Layer<S> for LatestLine {
 
 /// A running spinner; [`Spinner::finish`] clears it.
 #[derive(Debug)]
-pub struct Spinner {
+pub(crate) struct Spinner {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Spinner {
     /// Starts spinning with `label` if stderr is a terminal.
-    pub fn start(label: String, latest: LatestLine) -> Self {
+    pub(crate) fn start(label: String, latest: LatestLine) -> Self {
         if !std::io::stderr().is_terminal() {
             return Self { task: None };
         }
@@ -86,7 +86,7 @@ impl Spinner {
     }
 
     /// Stops and clears the spinner.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
             let mut err = std::io::stderr().lock();

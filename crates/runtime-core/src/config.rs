@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::options::{self, BackendOptions};
 use crate::{Error, ModelFormat, Result};
 
 /// Everything a backend needs to start its engine and load a model.
@@ -65,8 +66,11 @@ pub struct RuntimeConfig {
     pub extra_args: Vec<String>,
     /// Extra environment variables for the engine process.
     pub env: BTreeMap<String, String>,
-    /// Backend-specific settings, documented by each backend (for example vLLM's
-    /// `tensor_parallel_size`).
+    /// Backend-specific settings: the fields of the backend's
+    /// [`BackendOptions`] struct (for example vLLM's `tensor_parallel_size`).
+    /// Set them from code with [`with_options`](Self::with_options); an
+    /// unknown key or a value of the wrong type fails `initialize` before
+    /// anything starts.
     pub extra_config: BTreeMap<String, serde_json::Value>,
 }
 
@@ -189,6 +193,33 @@ impl RuntimeConfig {
     ) -> Self {
         self.extra_config.insert(key.into(), value.into());
         self
+    }
+
+    /// Sets the backend's typed options: every field that is set becomes an
+    /// [`extra_config`](Self::extra_config) entry (replacing one of the same key).
+    ///
+    /// ```
+    /// # use runtime_core::{BackendOptions, RuntimeConfig};
+    /// # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+    /// # #[serde(default)]
+    /// # struct EngineOptions { #[serde(skip_serializing_if = "Option::is_none")] queue: Option<u32> }
+    /// # impl BackendOptions for EngineOptions { const BACKEND: &'static str = "engine"; }
+    /// let config = RuntimeConfig::new("m.gguf").with_options(&EngineOptions { queue: Some(8) });
+    /// assert_eq!(config.extra_config["queue"], 8);
+    /// assert_eq!(config.options::<EngineOptions>().unwrap().queue, Some(8));
+    /// ```
+    #[must_use]
+    pub fn with_options<O: BackendOptions>(mut self, options: &O) -> Self {
+        self.extra_config.extend(options::to_entries(options));
+        self
+    }
+
+    /// The backend's typed options, read from [`extra_config`](Self::extra_config).
+    ///
+    /// Fails with [`Error::InvalidConfig`] on a key `O` does not have (naming
+    /// the known keys and the closest one) or a value of the wrong type.
+    pub fn options<O: BackendOptions>(&self) -> Result<O> {
+        options::parse(&self.extra_config)
     }
 
     /// The name to serve the model under: [`served_model_name`](Self::served_model_name)
@@ -316,13 +347,7 @@ mod tests {
             .with_context_size(0)
             .validate()
             .unwrap_err();
-        assert!(matches!(
-            err,
-            Error::InvalidConfig {
-                field: "context_size",
-                ..
-            }
-        ));
+        assert!(matches!(err, Error::InvalidConfig { field, .. } if field == "context_size"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The one error type every runtime returns.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,8 +23,8 @@ pub enum Error {
     /// A [`RuntimeConfig`](crate::RuntimeConfig) field has a value the backend cannot use.
     #[error("invalid configuration: `{field}` {reason}")]
     InvalidConfig {
-        /// The offending field.
-        field: &'static str,
+        /// The offending field (`context_size`, `extra_config.queue`).
+        field: Cow<'static, str>,
         /// What is wrong with it and what would be accepted.
         reason: String,
     },
@@ -176,9 +177,9 @@ pub enum Error {
 
 impl Error {
     /// Builds [`Error::InvalidConfig`].
-    pub fn invalid_config(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid_config(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
-            field,
+            field: field.into(),
             reason: reason.into(),
         }
     }

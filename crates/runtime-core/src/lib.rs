@@ -9,13 +9,14 @@
 //!   [`RuntimeMetadata`]);
 //! - [`Error`], one enum whose variants a caller can act on;
 //! - [`ModelFormat`] and detection of a model's format from its content;
-//! - the OpenAI chat-completions wire types in [`openai`], shared by the HTTP
-//!   client of server backends and the HTTP server that fronts any runtime.
+//! - [`BackendOptions`]: how a backend's typed options travel in
+//!   [`RuntimeConfig::extra_config`] and are read back strictly.
 //!
 //! It deliberately does not start processes, speak HTTP or run models: that is
 //! the job of the backend crates (`runtime-llamacpp`, `runtime-vllm`,
-//! `runtime-candle`). Library code that only *drives* a runtime depends on this
-//! crate alone; the application picks the backends.
+//! `runtime-candle`), and the OpenAI wire format belongs to `runtime-openai`.
+//! Library code that only *drives* a runtime depends on this crate alone; the
+//! application picks the backends.
 //!
 //! # Example
 //!
@@ -47,13 +48,12 @@
 //! }
 //! # fn main() { let _ = ask; }
 //! ```
-#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod config;
 mod error;
 mod format;
-pub mod openai;
+mod options;
 mod request;
 mod response;
 mod runtime;
@@ -62,6 +62,7 @@ pub use async_trait::async_trait;
 pub use config::RuntimeConfig;
 pub use error::{BoxError, Error, Result};
 pub use format::ModelFormat;
+pub use options::{BackendOptions, option_keys};
 pub use request::{ChatMessage, InferenceRequest, Role};
 pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
 pub use runtime::{EventStream, ModelRuntime, TextStream, text_deltas};

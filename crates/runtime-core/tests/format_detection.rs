@@ -1,11 +1,15 @@
 //! `ModelFormat::detect` reads content, not just names.
 
-mod fixtures;
-
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use runtime_core::{Error, ModelFormat};
+
+/// The first 4 KiB of the SmolLM2 Q4_1 GGUF, in `tests/fixtures/`.
+fn real_gguf_head() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf/smollm2-135m-instruct-q4_1.head.gguf")
+}
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -23,17 +27,14 @@ fn forged_safetensors() -> Vec<u8> {
 
 #[test]
 fn a_real_gguf_header_is_gguf() {
-    let path = fixtures::fixture_path("gguf/smollm2-135m-instruct-q4_1.head.gguf");
+    let path = real_gguf_head();
     assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Gguf);
 }
 
 #[test]
 fn gguf_is_recognised_whatever_the_file_is_called() {
     let dir = tempfile::tempdir().unwrap();
-    let real = fs::read(fixtures::fixture_path(
-        "gguf/smollm2-135m-instruct-q4_1.head.gguf",
-    ))
-    .unwrap();
+    let real = fs::read(real_gguf_head()).unwrap();
     let path = write(dir.path(), "weights.bin", &real);
     assert_eq!(ModelFormat::detect(path).unwrap(), ModelFormat::Gguf);
 }

@@ -4,21 +4,24 @@
 //! This crate owns only what is particular to llama.cpp: finding `llama-server`
 //! (explicit [`RuntimeConfig::runtime_binary`], then `$LLAMA_SERVER_BIN`, then
 //! `PATH`), checking that the model is GGUF by content, turning
-//! [`RuntimeConfig`] into llama-server flags, reading the version from
-//! `llama-server --version`, and the effective context from `/props`. Process
-//! supervision and HTTP are `runtime-process` and `runtime-openai`.
+//! [`RuntimeConfig`] and [`LlamaCppOptions`] into llama-server flags, reading
+//! the version from `llama-server --version`, and the effective context from
+//! `/props`. The server lifecycle is `runtime-server`'s [`ManagedServer`];
+//! process supervision and HTTP are `runtime-process` and `runtime-openai`.
 //!
 //! Defaults that matter:
 //! - the engine binds `127.0.0.1` and, unless the config names a key, requires a
 //!   random per-instance API key ([`ModelRuntime::api_key`](runtime_core::ModelRuntime::api_key)),
-//!   so other local users cannot use it;
+//!   so other local users cannot use it; the key reaches the engine through its
+//!   environment (`LLAMA_API_KEY`), never its command line;
 //! - `port = 0` picks a free port, and a fresh one if it was taken meanwhile;
 //! - stopping sends SIGTERM, a second SIGTERM after 250 ms (llama-server keeps
 //!   serving an in-flight request after the first), SIGKILL after the grace period.
 //!
 //! Config mapping: `context_size` → `-c`, `batch_size` → `-b`, `threads` → `-t`
 //! and `-tb`, `gpu_layers` → `-ngl`, `parallel` → `-np`, `served_model_name` →
-//! `--alias`, `extra_args` appended last (they may override anything).
+//! `--alias`, [`LlamaCppOptions`] as documented on each field, `extra_args`
+//! appended last (they may override anything).
 //!
 //! ```no_run
 //! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
@@ -37,13 +40,19 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod options;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
-use runtime_openai::{Launch, ManagedServer, OpenAiClient, ServerEngine};
+use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ServerCommand, StopPolicy};
+pub use runtime_server::ManagedServer;
+use runtime_server::{LaunchSpec, ServerEngine};
+
+pub use crate::options::{FlashAttention, LlamaCppOptions};
 
 /// The environment variable that may name the `llama-server` binary.
 pub const BINARY_ENV: &str = "LLAMA_SERVER_BIN";
@@ -61,6 +70,8 @@ pub struct LlamaServer;
 
 #[async_trait]
 impl ServerEngine for LlamaServer {
+    type Options = LlamaCppOptions;
+
     fn engine_name(&self) -> &'static str {
         "llama-server"
     }
@@ -77,7 +88,7 @@ impl ServerEngine for LlamaServer {
         true
     }
 
-    fn validate(&self, config: &RuntimeConfig) -> Result<()> {
+    fn validate(&self, config: &RuntimeConfig, _options: &LlamaCppOptions) -> Result<()> {
         let format = config.resolve_format()?;
         if format != ModelFormat::Gguf {
             return Err(Error::UnsupportedFormat {
@@ -143,15 +154,15 @@ impl ServerEngine for LlamaServer {
         }
     }
 
-    fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand> {
+    fn command(&self, launch: &LaunchSpec<'_, LlamaCppOptions>) -> Result<ServerCommand> {
         let config = launch.config;
+        let options = launch.options;
         let mut command = ServerCommand::new("llama-server", launch.binary);
         command
             .arg("--model")
             .arg(&config.model_path)
             .args(["--host", &config.host])
             .args(["--port", &launch.port.to_string()])
-            .args(["--api-key", launch.api_key])
             .args(["--alias", launch.model_name]);
         let numeric = [
             ("--ctx-size", config.context_size),
@@ -166,10 +177,39 @@ impl ServerEngine for LlamaServer {
                 command.args([flag, &value.to_string()]);
             }
         }
+        let texts = [
+            (
+                "--flash-attn",
+                options.flash_attention.map(FlashAttention::as_str),
+            ),
+            ("--cache-type-k", options.cache_type_k.as_deref()),
+            ("--cache-type-v", options.cache_type_v.as_deref()),
+            ("--load-mode", options.load_mode.as_deref()),
+        ];
+        for (flag, value) in texts {
+            if let Some(value) = value {
+                command.args([flag, value]);
+            }
+        }
+        if let Some(ubatch) = options.ubatch_size {
+            command.args(["--ubatch-size", &ubatch.to_string()]);
+        }
+        if options.metrics {
+            command.arg("--metrics");
+        }
+        if !options.rpc_workers.is_empty() {
+            command.args(["--rpc", &options.rpc_workers.join(",")]);
+        }
+        if !options.tensor_split.is_empty() {
+            let split: Vec<String> = options.tensor_split.iter().map(f32::to_string).collect();
+            command.args(["--tensor-split", &split.join(",")]);
+        }
         command.args(&config.extra_args);
         for (key, value) in environment(launch.binary, config) {
             command.env(key, value);
         }
+        // Last, so no configured variable can replace it.
+        command.env("LLAMA_API_KEY", launch.api_key);
         Ok(command)
     }
 
@@ -244,17 +284,22 @@ fn parse_version(output: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn launch_args(config: &RuntimeConfig) -> Vec<String> {
-        let command = LlamaServer
-            .command(&Launch::new(
+    fn launch(config: &RuntimeConfig) -> ServerCommand {
+        let options = config.options::<LlamaCppOptions>().unwrap();
+        LlamaServer
+            .command(&LaunchSpec::new(
                 Path::new("/opt/llama/bin/llama-server"),
                 config,
+                &options,
                 8123,
                 "k",
                 "smol",
             ))
-            .unwrap();
-        command
+            .unwrap()
+    }
+
+    fn launch_args(config: &RuntimeConfig) -> Vec<String> {
+        launch(config)
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
@@ -282,10 +327,61 @@ mod tests {
         let args = launch_args(&config).join(" ");
         assert_eq!(
             args,
-            "--model /m/smol.gguf --host 127.0.0.1 --port 8123 --api-key k --alias smol \
+            "--model /m/smol.gguf --host 127.0.0.1 --port 8123 --alias smol \
              --ctx-size 2048 --batch-size 256 --threads 2 --threads-batch 2 \
              --n-gpu-layers 0 --parallel 2 --no-webui"
         );
+    }
+
+    #[test]
+    fn the_api_key_goes_through_the_environment_not_the_command_line() {
+        let command = launch(&RuntimeConfig::new("/m/smol.gguf").with_env("LLAMA_API_KEY", "mine"));
+        assert!(
+            !launch_args(&RuntimeConfig::new("/m/smol.gguf"))
+                .iter()
+                .any(|a| a == "k" || a == "--api-key")
+        );
+        assert_eq!(command.env_value("LLAMA_API_KEY"), Some("k".as_ref()));
+    }
+
+    #[test]
+    fn typed_options_map_to_llama_server_flags() {
+        let options = LlamaCppOptions::new()
+            .with_flash_attention(FlashAttention::Off)
+            .with_cache_types("q8_0", "q8_0")
+            .with_ubatch_size(128)
+            .with_metrics(true)
+            .with_rpc_worker("127.0.0.1:50052")
+            .with_rpc_worker("127.0.0.1:50053")
+            .with_tensor_split(vec![1.0, 1.0]);
+        let args =
+            launch_args(&RuntimeConfig::new("/m/smol.gguf").with_options(&options)).join(" ");
+        for expected in [
+            "--flash-attn off",
+            "--cache-type-k q8_0 --cache-type-v q8_0",
+            "--ubatch-size 128",
+            "--metrics",
+            "--rpc 127.0.0.1:50052,127.0.0.1:50053",
+            "--tensor-split 1,1",
+        ] {
+            assert!(args.contains(expected), "{expected} in {args}");
+        }
+    }
+
+    #[test]
+    fn a_misspelled_option_is_refused_with_the_closest_key() {
+        let config = RuntimeConfig::new("/m/smol.gguf").with_extra_config("flash_atention", "on");
+        let err = config.options::<LlamaCppOptions>().unwrap_err().to_string();
+        assert!(err.contains("`extra_config.flash_atention`"), "{err}");
+        assert!(err.contains("did you mean `flash_attention`?"), "{err}");
+    }
+
+    #[test]
+    fn an_rpc_worker_must_be_host_and_port() {
+        let config = RuntimeConfig::new("/m/smol.gguf")
+            .with_extra_config("rpc_workers", serde_json::json!(["localhost"]));
+        let err = config.options::<LlamaCppOptions>().unwrap_err();
+        assert!(err.to_string().contains("host:port"), "{err}");
     }
 
     #[test]
@@ -327,7 +423,7 @@ mod tests {
         bytes.extend_from_slice(&[0; 4]);
         std::fs::write(&path, bytes).unwrap();
         let err = LlamaServer
-            .validate(&RuntimeConfig::new(&path))
+            .validate(&RuntimeConfig::new(&path), &LlamaCppOptions::new())
             .unwrap_err();
         assert!(matches!(err, Error::UnsupportedFormat { .. }), "{err:?}");
     }

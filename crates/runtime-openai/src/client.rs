@@ -4,17 +4,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use runtime_core::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody,
-};
 use runtime_core::{
     Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result, StreamEvent,
     Timings, Usage,
 };
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::sse::{SseDecoder, SseEvent};
 
@@ -198,6 +197,25 @@ impl OpenAiClient {
     }
 }
 
+/// The HTTP root of a server listening on `host:port`, as a client reaches it:
+/// IPv6 literals bracketed, the wildcard addresses replaced by loopback (a
+/// client cannot connect to `0.0.0.0`).
+///
+/// ```
+/// use runtime_openai::http_base_url;
+/// assert_eq!(http_base_url("0.0.0.0", 8080), "http://127.0.0.1:8080");
+/// assert_eq!(http_base_url("::1", 8080), "http://[::1]:8080");
+/// ```
+pub fn http_base_url(host: &str, port: u16) -> String {
+    let host = match host {
+        "0.0.0.0" => "127.0.0.1".to_owned(),
+        "::" | "[::]" => "[::1]".to_owned(),
+        host if host.contains(':') && !host.starts_with('[') => format!("[{host}]"),
+        host => host.to_owned(),
+    };
+    format!("http://{host}:{port}")
+}
+
 fn transport(err: reqwest::Error) -> Error {
     Error::Transport(Box::new(err))
 }
@@ -235,10 +253,7 @@ fn pump(
             }
         }
     });
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|chunk| (chunk, receiver))
-    })
-    .boxed()
+    ReceiverStream::new(receiver)
 }
 
 /// What the stream has learned so far.
@@ -399,7 +414,7 @@ mod tests {
     }
 
     fn capture(name: &str) -> Vec<u8> {
-        let path = format!("{}/../../fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/captures/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|err| panic!("{path}: {err}"))
     }
 
@@ -468,6 +483,14 @@ mod tests {
     fn a_malformed_chunk_is_a_protocol_error() {
         let events = events_of(vec![b"data: {not json\n\n".to_vec()]);
         assert!(matches!(&events[0], Err(Error::StreamProtocol(_))));
+    }
+
+    #[test]
+    fn wildcard_and_ipv6_hosts_become_connectable_base_urls() {
+        assert_eq!(http_base_url("0.0.0.0", 1), "http://127.0.0.1:1");
+        assert_eq!(http_base_url("::", 1), "http://[::1]:1");
+        assert_eq!(http_base_url("[::1]", 1), "http://[::1]:1");
+        assert_eq!(http_base_url("localhost", 1), "http://localhost:1");
     }
 
     #[test]

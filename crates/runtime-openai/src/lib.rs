@@ -1,35 +1,35 @@
-//! OpenAI-compatible HTTP for model-runtime.
+//! The OpenAI chat-completions protocol for model-runtime, written once.
 //!
-//! This crate owns the HTTP side of server backends, written once:
-//! - [`OpenAiClient`]: chat completions (plain and streamed), health, arbitrary
-//!   JSON endpoints; connect and idle timeouts, never a whole-request timeout, so
-//!   a long generation is not cut;
-//! - [`SseDecoder`]: a byte-level server-sent-events decoder (LF, CR and CRLF line
-//!   ends, multi-line data, comments, events and UTF-8 characters split across
-//!   network chunks);
-//! - with the `managed` feature, [`ManagedServer`]: a complete
-//!   [`ModelRuntime`](runtime_core::ModelRuntime) over any engine that runs as an
-//!   OpenAI-compatible server process, described by a [`ServerEngine`];
-//! - with the `server` feature, [`router`]: an axum router serving any runtime
-//!   (or any [`ChatService`]) over the same API, used by the in-process candle
-//!   backend and by `model-runtime serve`.
+//! This crate owns:
+//! - [`wire`]: the request, response, chunk and error types as engines really
+//!   send them, and their mapping to `runtime-core`'s types;
+//! - [`SseDecoder`]: a byte-level server-sent-events decoder (LF, CR and CRLF
+//!   line ends, multi-line data, comments, events and UTF-8 characters split
+//!   across network chunks);
+//! - [`OpenAiClient`]: chat completions (plain and streamed), health and
+//!   arbitrary JSON endpoints of an engine, with connect and idle timeouts,
+//!   never a whole-request timeout that would cut a long generation;
+//! - with the `server` feature, [`router`]: an axum router serving any
+//!   [`ModelRuntime`](runtime_core::ModelRuntime) (or any [`ChatService`]) over
+//!   the same API, used by the in-process candle backend and by the gateway.
 //!
-//! It does not start processes itself (that is `runtime-process`) and knows no
-//! particular engine (those are the backend crates).
+//! It does not start processes (`runtime-process`), manage an engine's
+//! lifecycle (`runtime-server`) or know any particular engine. The router is
+//! behind a feature because it is the only part that needs an HTTP server
+//! (axum): a program that only drives a server backend compiles none.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod key;
-#[cfg(feature = "managed")]
-mod managed;
 #[cfg(feature = "server")]
 mod server;
 mod sse;
+pub mod wire;
 
-pub use client::{ClientTimeouts, OpenAiClient};
+pub use client::{ClientTimeouts, OpenAiClient, http_base_url};
 pub use key::random_api_key;
-#[cfg(feature = "managed")]
-pub use managed::{Launch, ManagedServer, ServerEngine};
 #[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub use server::{ApiError, ChatService, ServeOptions, router};
 pub use sse::{SseDecoder, SseEvent};

@@ -10,19 +10,20 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::wire::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
+    ErrorBody, Extra,
+};
 use async_trait::async_trait;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
-use runtime_core::openai::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
-    ErrorBody, Extra,
-};
 use runtime_core::{
     Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result, StreamEvent,
 };
@@ -98,10 +99,13 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
         service,
         options: Arc::new(options),
     };
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
         .route("/health", get(health))
+        .merge(api)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -144,10 +148,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut body = ErrorBody::new(self.0.to_string(), self.kind(), status.as_u16());
-        if let (
-            Error::InvalidRequest { field, .. },
-            runtime_core::openai::ErrorField::Detail(detail),
-        ) = (&self.0, &mut body.error)
+        if let (Error::InvalidRequest { field, .. }, crate::wire::ErrorField::Detail(detail)) =
+            (&self.0, &mut body.error)
         {
             detail.param = Some((*field).to_owned());
         }
@@ -155,9 +157,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn unauthorized() -> Response {
-    let body = ErrorBody::new("invalid or missing API key", "authentication_error", 401);
-    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+/// Every route but `/health` requires the API key, when one is configured.
+async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if authorized(&state.options, request.headers()) {
+        next.run(request).await
+    } else {
+        let body = ErrorBody::new("invalid or missing API key", "authentication_error", 401);
+        (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+    }
 }
 
 fn authorized(options: &ServeOptions, headers: &HeaderMap) -> bool {
@@ -184,10 +191,7 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !authorized(&state.options, &headers) {
-        return unauthorized();
-    }
+async fn models(State(state): State<AppState>) -> Response {
     Json(json!({
         "object": "list",
         "data": [{
@@ -200,14 +204,7 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn chat_completions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if !authorized(&state.options, &headers) {
-        return unauthorized();
-    }
+async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
     // Parsed here rather than by axum's Json extractor so malformed JSON gets
     // the OpenAI error shape too.
     let wire: ChatCompletionRequest = match serde_json::from_slice(&body) {

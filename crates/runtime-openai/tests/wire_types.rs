@@ -1,17 +1,17 @@
 //! The OpenAI wire types parse what llama-server and vLLM really send.
 
-mod fixtures;
+mod common;
 
-use fixtures::{fixture, sse_payloads};
-use runtime_core::openai::{
+use common::{capture, sse_payloads};
+use runtime_core::{ChatMessage, Error, FinishReason, InferenceRequest, Usage};
+use runtime_openai::wire::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody,
 };
-use runtime_core::{ChatMessage, Error, FinishReason, InferenceRequest, Usage};
 
 #[test]
 fn llama_server_chat_response_becomes_an_inference_response_with_timings() {
     let wire: ChatCompletionResponse =
-        serde_json::from_str(&fixture("llama-server/chat.json")).unwrap();
+        serde_json::from_str(&capture("llama-server/chat.json")).unwrap();
     let response = wire.into_inference();
     assert!(response.content.starts_with("L'Étoile, la Marseillaise"));
     assert_eq!(response.finish_reason, Some(FinishReason::Length));
@@ -27,7 +27,7 @@ fn llama_server_chat_response_becomes_an_inference_response_with_timings() {
 
 #[test]
 fn vllm_chat_response_becomes_an_inference_response_without_timings() {
-    let wire: ChatCompletionResponse = serde_json::from_str(&fixture("vllm/chat.json")).unwrap();
+    let wire: ChatCompletionResponse = serde_json::from_str(&capture("vllm/chat.json")).unwrap();
     assert!(wire.extra.contains_key("stop_reason") || wire.extra.contains_key("service_tier"));
     let response = wire.into_inference();
     assert!(response.content.starts_with("L'Étoile"));
@@ -74,7 +74,7 @@ fn every_vllm_stream_chunk_parses_and_carries_usage_last() {
 fn llama_server_context_overflow_becomes_context_exceeded() {
     let err = ErrorBody::to_error(
         400,
-        fixture("llama-server/error-exceed-context.json").as_bytes(),
+        capture("llama-server/error-exceed-context.json").as_bytes(),
     );
     assert!(matches!(
         err,
@@ -114,7 +114,7 @@ fn engine_error_bodies_keep_status_type_and_message() {
         ("vllm/error-unauthorized.json", 401, None),
     ];
     for (file, status, kind) in cases {
-        match ErrorBody::to_error(status, fixture(file).as_bytes()) {
+        match ErrorBody::to_error(status, capture(file).as_bytes()) {
             Error::Api {
                 status: got,
                 kind: got_kind,

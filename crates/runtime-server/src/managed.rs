@@ -1,9 +1,6 @@
 //! [`ManagedServer`]: a [`ModelRuntime`] for any engine that is a server process
-//! speaking the OpenAI API. Server backends describe their engine with
-//! [`ServerEngine`]; everything else (validation order, port selection and retry,
-//! API keys, readiness, error mapping, stopping) is written once, here.
+//! speaking the OpenAI API, described by a [`ServerEngine`].
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,110 +10,17 @@ use runtime_core::{
     Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
     RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
-use runtime_process::{ServerCommand, ServerProcess, StopPolicy, free_port};
+use runtime_openai::{ClientTimeouts, OpenAiClient, http_base_url, random_api_key};
+use runtime_process::{ServerProcess, StopPolicy, free_port};
 
-use crate::{ClientTimeouts, OpenAiClient, random_api_key};
+use crate::engine::PROBE_TIMEOUT;
+use crate::{LaunchSpec, ServerEngine};
 
 /// How long a broken connection waits for the exit watcher before it is
 /// reported as a transport error rather than as the engine's exit.
 const EXIT_CONFIRMATION: Duration = Duration::from_millis(500);
 /// Attempts at a fresh port when the engine reports the address in use.
 const PORT_ATTEMPTS: usize = 3;
-/// Bound on one `/health` probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What [`ServerEngine::command`] needs to build a command line.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct Launch<'a> {
-    /// The engine binary (or interpreter).
-    pub binary: &'a Path,
-    /// The user's configuration.
-    pub config: &'a RuntimeConfig,
-    /// The port to listen on (never 0: chosen already).
-    pub port: u16,
-    /// The API key to require.
-    pub api_key: &'a str,
-    /// The name to serve the model under.
-    pub model_name: &'a str,
-}
-
-impl<'a> Launch<'a> {
-    /// The launch parameters; for engines' own tests of [`ServerEngine::command`].
-    pub fn new(
-        binary: &'a Path,
-        config: &'a RuntimeConfig,
-        port: u16,
-        api_key: &'a str,
-        model_name: &'a str,
-    ) -> Self {
-        Self {
-            binary,
-            config,
-            port,
-            api_key,
-            model_name,
-        }
-    }
-}
-
-/// One engine that runs as an OpenAI-compatible server process.
-#[async_trait]
-pub trait ServerEngine: Send + Sync + 'static {
-    /// The process's name in logs and errors (`llama-server`).
-    fn engine_name(&self) -> &'static str;
-
-    /// The runtime's name in [`RuntimeMetadata`] (`llama.cpp`).
-    fn runtime_name(&self) -> &'static str;
-
-    /// The model format the engine takes.
-    fn supported_format(&self) -> ModelFormat;
-
-    /// Whether the engine can use a GPU.
-    fn supports_gpu(&self) -> bool;
-
-    /// Checks the configuration and the model before anything is started.
-    fn validate(&self, config: &RuntimeConfig) -> Result<()>;
-
-    /// Finds the binary to run.
-    fn find_binary(&self, config: &RuntimeConfig) -> Result<PathBuf>;
-
-    /// The engine's version from the binary, before it starts; `None` if the
-    /// engine only reports it over HTTP ([`served_version`](Self::served_version)).
-    /// Failing here also catches a binary that cannot run at all.
-    async fn binary_version(&self, binary: &Path, config: &RuntimeConfig)
-    -> Result<Option<String>>;
-
-    /// The command line for one launch.
-    fn command(&self, launch: &Launch<'_>) -> Result<ServerCommand>;
-
-    /// How long startup may go without log progress when the config says nothing.
-    fn default_startup_timeout(&self) -> Duration;
-
-    /// How to stop the engine, given the configured grace period.
-    fn stop_policy(&self, grace: Duration) -> StopPolicy {
-        StopPolicy::new(grace)
-    }
-
-    /// Whether the engine's last log lines say its port was taken, so a fresh
-    /// port is worth a retry.
-    fn port_conflict(&self, log_tail: &[String]) -> bool;
-
-    /// Whether the engine is ready; by default `GET /health` answers 200.
-    async fn probe_ready(&self, client: &OpenAiClient) -> bool {
-        client.is_healthy(PROBE_TIMEOUT).await
-    }
-
-    /// The version the running engine reports over HTTP (vLLM's `/version`).
-    async fn served_version(&self, _client: &OpenAiClient) -> Result<String> {
-        Ok(String::new())
-    }
-
-    /// The effective context size of the running engine, if it says.
-    async fn context_size(&self, _client: &OpenAiClient) -> Option<u32> {
-        None
-    }
-}
 
 /// A running engine and what is known about it.
 #[derive(Debug)]
@@ -192,7 +96,8 @@ impl<E: ServerEngine> ManagedServer<E> {
 
     async fn start(&self, config: &RuntimeConfig) -> Result<Running> {
         config.validate()?;
-        self.engine.validate(config)?;
+        let options = config.options::<E::Options>()?;
+        self.engine.validate(config, &options)?;
         let format = config.resolve_format()?;
         let binary = self.engine.find_binary(config)?;
         let binary_version = self.engine.binary_version(&binary, config).await?;
@@ -213,11 +118,11 @@ impl<E: ServerEngine> ManagedServer<E> {
                 0 => free_port(&config.host)?,
                 port => port,
             };
-            let launch = Launch::new(&binary, config, port, &api_key, &model_name);
+            let launch = LaunchSpec::new(&binary, config, &options, port, &api_key, &model_name);
             let command = self.engine.command(&launch)?;
             let process = ServerProcess::spawn(&command)?;
             let client = OpenAiClient::new(
-                format!("http://{}:{port}", url_host(&config.host)),
+                http_base_url(&config.host, port),
                 Some(api_key.clone()),
                 Some(model_name.clone()),
                 ClientTimeouts::default(),
@@ -308,8 +213,8 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
                     text
                 })
             }
-            Ok((status, body)) => Err(runtime_core::openai::ErrorBody::to_error(status, &body)),
-            Err(err) => Err(explain(&running.process, err).await),
+            Ok((status, body)) => Err(runtime_openai::wire::ErrorBody::to_error(status, &body)),
+            Err(err) => Err(attribute_to_exit(&running.process, err).await),
         }
     }
 
@@ -329,7 +234,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         let running = self.running()?;
         match running.client.chat(&request).await {
             Ok(response) => Ok(response),
-            Err(err) => Err(explain(&running.process, err).await),
+            Err(err) => Err(attribute_to_exit(&running.process, err).await),
         }
     }
 
@@ -342,7 +247,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         let running = self.running()?;
         let events = match running.client.chat_stream(&request).await {
             Ok(events) => events,
-            Err(err) => return Err(explain(&running.process, err).await),
+            Err(err) => return Err(attribute_to_exit(&running.process, err).await),
         };
         let supervised = Supervised {
             events,
@@ -389,7 +294,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
 }
 
 /// Turns a transport failure into [`Error::EngineExited`] when the engine died.
-async fn explain(process: &ServerProcess, err: Error) -> Error {
+async fn attribute_to_exit(process: &ServerProcess, err: Error) -> Error {
     if !matches!(err, Error::Transport(_) | Error::StreamProtocol(_)) {
         return err;
     }
@@ -410,7 +315,7 @@ impl Supervised {
         }
         let event = self.events.next().await?;
         let event = match (event, self.process.upgrade()) {
-            (Err(err), Some(process)) => Err(explain(&process, err).await),
+            (Err(err), Some(process)) => Err(attribute_to_exit(&process, err).await),
             (event, _) => event,
         };
         if event.is_err() {
@@ -419,29 +324,5 @@ impl Supervised {
             self.events = Box::new(futures::stream::empty());
         }
         Some((event, self))
-    }
-}
-
-/// Hosts as they go in a URL: IPv6 literals bracketed, the wildcard address
-/// replaced by loopback (a client cannot connect to `0.0.0.0`).
-fn url_host(host: &str) -> String {
-    match host {
-        "0.0.0.0" => "127.0.0.1".to_owned(),
-        "::" | "[::]" => "[::1]".to_owned(),
-        host if host.contains(':') && !host.starts_with('[') => format!("[{host}]"),
-        host => host.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcard_and_ipv6_hosts_become_connectable_url_hosts() {
-        assert_eq!(url_host("0.0.0.0"), "127.0.0.1");
-        assert_eq!(url_host("::1"), "[::1]");
-        assert_eq!(url_host("[::1]"), "[::1]");
-        assert_eq!(url_host("localhost"), "localhost");
     }
 }

@@ -124,7 +124,7 @@ impl ChatService for RuntimeManager {
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         let runtime = self.current().await?;
         let events = runtime.generate_events(request).await?;
-        Ok(Box::new(Pinned {
+        Ok(Box::new(HoldingRuntime {
             events,
             _runtime: runtime,
         }))
@@ -132,12 +132,12 @@ impl ChatService for RuntimeManager {
 }
 
 /// A stream that keeps the runtime it came from alive (and so undrained).
-struct Pinned {
+struct HoldingRuntime {
     events: EventStream,
     _runtime: Arc<dyn ModelRuntime>,
 }
 
-impl Stream for Pinned {
+impl Stream for HoldingRuntime {
     type Item = Result<StreamEvent>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

@@ -1,9 +1,9 @@
-//! OpenAI chat-completions wire types, as engines really send them.
+//! The OpenAI chat-completions wire format, as engines really send it.
 //!
 //! Lenient on input: every field an engine may leave out is optional, unknown
 //! fields are kept in a flattened `extra` map (llama.cpp's `timings`, vLLM's
 //! `stop_reason`), and an error body may be an object or a bare string (vLLM's
-//! `{"error":"Unauthorized"}`). Conversions to and from the crate's own
+//! `{"error":"Unauthorized"}`). Conversions to and from `runtime-core`'s
 //! [`InferenceRequest`] and [`InferenceResponse`] live here too, so the HTTP
 //! client and the HTTP server agree on one mapping.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::{
+use runtime_core::{
     ChatMessage, Error, FinishReason, InferenceRequest, InferenceResponse, Result, Role, Timings,
     Usage,
 };
@@ -195,15 +195,13 @@ impl ChatCompletionRequest {
                 )
             })?),
         };
-        let request = InferenceRequest {
-            messages,
-            max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
-            stream: self.stream.unwrap_or(false),
-        };
+        let mut request = InferenceRequest::new(messages);
+        request.max_tokens = max_tokens;
+        request.temperature = self.temperature;
+        request.top_p = self.top_p;
+        request.seed = self.seed;
+        request.stop = self.stop.map(Stop::into_vec).unwrap_or_default();
+        request.stream = self.stream.unwrap_or(false);
         request.validate()?;
         Ok(request)
     }
@@ -273,13 +271,12 @@ impl ChatCompletionResponse {
     pub fn into_inference(self) -> InferenceResponse {
         let timings = timings_from_extra(&self.extra);
         let choice = self.choices.into_iter().next().unwrap_or_default();
-        InferenceResponse {
-            content: choice.message.content.unwrap_or_default(),
-            finish_reason: choice.finish_reason,
-            usage: self.usage,
-            timings,
-            model: (!self.model.is_empty()).then_some(self.model),
-        }
+        let mut response = InferenceResponse::new(choice.message.content.unwrap_or_default());
+        response.finish_reason = choice.finish_reason;
+        response.usage = self.usage;
+        response.timings = timings;
+        response.model = (!self.model.is_empty()).then_some(self.model);
+        response
     }
 
     /// The wire form of `response`.
@@ -502,10 +499,10 @@ fn timings_from_extra(extra: &Extra) -> Option<Timings> {
             .filter(|ms| ms.is_finite() && *ms >= 0.0)
             .map(|ms| Duration::from_secs_f64(ms / 1000.0))
     };
-    Some(Timings {
-        time_to_first_token: millis("prompt_ms"),
-        generation_time: millis("predicted_ms"),
-        prompt_tokens_per_second: number("prompt_per_second"),
-        tokens_per_second: number("predicted_per_second"),
-    })
+    let mut parsed = Timings::default();
+    parsed.time_to_first_token = millis("prompt_ms");
+    parsed.generation_time = millis("predicted_ms");
+    parsed.prompt_tokens_per_second = number("prompt_per_second");
+    parsed.tokens_per_second = number("predicted_per_second");
+    Some(parsed)
 }

@@ -1,0 +1,95 @@
+//! [`CandleOptions`]: what the candle engine takes beyond [`RuntimeConfig`](runtime_core::RuntimeConfig).
+
+use runtime_core::{BackendOptions, Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::Requantize;
+
+/// The candle engine's own settings, beyond the fields of
+/// [`RuntimeConfig`](runtime_core::RuntimeConfig) (`threads` sizes the compute
+/// pool, `parallel` the number of requests generated at once).
+///
+/// ```
+/// use runtime_candle::{CandleOptions, Requantize};
+/// use runtime_core::RuntimeConfig;
+///
+/// let options = CandleOptions::new().with_queue(4).with_requantize(Requantize::Q8_0);
+/// let config = RuntimeConfig::new("model.gguf").with_options(&options);
+/// assert_eq!(config.options::<CandleOptions>().unwrap(), options);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CandleOptions {
+    /// Requests that may wait for a free worker before new ones are refused
+    /// with [`Error::Busy`] (default 16).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    /// Re-quantize Q4_1 tensors on load (default: keep the file's).
+    #[serde(skip_serializing_if = "is_keep")]
+    pub requantize: Requantize,
+}
+
+fn is_keep(requantize: &Requantize) -> bool {
+    *requantize == Requantize::Keep
+}
+
+impl CandleOptions {
+    /// Every option at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`queue`](Self::queue).
+    #[must_use]
+    pub fn with_queue(mut self, waiting: u32) -> Self {
+        self.queue = Some(waiting);
+        self
+    }
+
+    /// Sets [`requantize`](Self::requantize).
+    #[must_use]
+    pub fn with_requantize(mut self, requantize: Requantize) -> Self {
+        self.requantize = requantize;
+        self
+    }
+}
+
+impl BackendOptions for CandleOptions {
+    const BACKEND: &'static str = "candle";
+
+    fn validate(&self) -> Result<()> {
+        if self.queue == Some(0) {
+            return Err(Error::invalid_config(
+                "extra_config.queue",
+                "must be at least 1 (leave it unset for the default)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use runtime_core::RuntimeConfig;
+
+    use super::*;
+
+    #[test]
+    fn requantize_is_read_by_its_lowercase_name() {
+        let config = RuntimeConfig::new("m.gguf").with_extra_config("requantize", "q4_0");
+        assert_eq!(
+            config.options::<CandleOptions>().unwrap().requantize,
+            Requantize::Q4_0
+        );
+        let bad = RuntimeConfig::new("m.gguf").with_extra_config("requantize", "q2_k");
+        assert!(bad.options::<CandleOptions>().is_err());
+    }
+
+    #[test]
+    fn a_misspelled_option_names_the_closest_key() {
+        let config = RuntimeConfig::new("m.gguf").with_extra_config("requantise", "q8_0");
+        let err = config.options::<CandleOptions>().unwrap_err().to_string();
+        assert!(err.contains("did you mean `requantize`?"), "{err}");
+    }
+}

@@ -1,0 +1,326 @@
+//! Which backends exist, which are usable here, and picking one for a model.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use runtime_core::{Error, ModelFormat, ModelRuntime, Result, RuntimeConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::manager::RuntimeFactory;
+
+/// A backend of model-runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Backend {
+    /// llama.cpp's llama-server (`runtime-llamacpp`).
+    #[serde(rename = "llamacpp")]
+    LlamaCpp,
+    /// vLLM's OpenAI server (`runtime-vllm`).
+    #[serde(rename = "vllm")]
+    Vllm,
+    /// The embedded candle engine (`runtime-candle`).
+    #[serde(rename = "candle")]
+    Candle,
+}
+
+/// Which backend runs a model: one by name, or [`Auto`](Self::Auto).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BackendChoice {
+    /// Pick by the model's format and what is installed ([`choose`]).
+    #[default]
+    Auto,
+    /// llama.cpp's llama-server.
+    #[serde(rename = "llamacpp")]
+    LlamaCpp,
+    /// vLLM's OpenAI server.
+    Vllm,
+    /// The embedded candle engine.
+    Candle,
+}
+
+impl Backend {
+    /// Every backend, in the order `model-runtime backends` lists them.
+    pub const ALL: [Backend; 3] = [Self::LlamaCpp, Self::Vllm, Self::Candle];
+
+    /// The name used on the command line and in configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LlamaCpp => "llamacpp",
+            Self::Vllm => "vllm",
+            Self::Candle => "candle",
+        }
+    }
+
+    /// A fresh, uninitialized runtime of this backend, or an error if this
+    /// build of the gateway was compiled without it.
+    pub fn runtime(self) -> Result<Box<dyn ModelRuntime>> {
+        match self {
+            #[cfg(feature = "llamacpp")]
+            Self::LlamaCpp => Ok(Box::new(runtime_llamacpp::LlamaCppRuntime::new())),
+            #[cfg(feature = "vllm")]
+            Self::Vllm => Ok(Box::new(runtime_vllm::VllmRuntime::new())),
+            #[cfg(feature = "candle")]
+            Self::Candle => Ok(Box::new(runtime_candle::CandleRuntime::new())),
+            #[allow(unreachable_patterns)]
+            other => Err(Error::invalid_config(
+                "backend",
+                format!(
+                    "is {other}, which this build does not include; enable the \
+                     `{other}` feature of runtime-gateway"
+                ),
+            )),
+        }
+    }
+}
+
+impl BackendChoice {
+    /// The backend named, or `None` for [`Auto`](Self::Auto).
+    pub fn backend(self) -> Option<Backend> {
+        match self {
+            Self::Auto => None,
+            Self::LlamaCpp => Some(Backend::LlamaCpp),
+            Self::Vllm => Some(Backend::Vllm),
+            Self::Candle => Some(Backend::Candle),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.backend() {
+            Some(backend) => backend.fmt(f),
+            None => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            "llamacpp" => Ok(Self::LlamaCpp),
+            "vllm" => Ok(Self::Vllm),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!(
+                "unknown backend `{other}`; use auto, llamacpp, vllm or candle"
+            )),
+        }
+    }
+}
+
+/// The backend for `config` under `choice`, and a sentence saying why.
+///
+/// `Auto` takes llama.cpp for a GGUF and vLLM for a Hugging Face directory
+/// when their engine is installed, else the embedded candle engine.
+pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend, String)> {
+    if let Some(backend) = choice.backend() {
+        return Ok((backend, "as asked".to_owned()));
+    }
+    match config.resolve_format()? {
+        ModelFormat::Gguf => Ok(server_or_embedded(
+            Backend::LlamaCpp,
+            ("GGUF model", "llama-server"),
+            config,
+        )),
+        ModelFormat::Safetensors => Ok(server_or_embedded(
+            Backend::Vllm,
+            ("Hugging Face model", "vLLM"),
+            config,
+        )),
+        other => Err(Error::UnsupportedFormat {
+            backend: "any backend of model-runtime",
+            expected: "GGUF or a Hugging Face safetensors directory".to_owned(),
+            found: other.name().to_owned(),
+        }),
+    }
+}
+
+/// `backend` when its engine is installed, else the embedded engine; with the
+/// reason, which names the kind of model and the engine (`model`, `name`).
+fn server_or_embedded(
+    backend: Backend,
+    (model, name): (&str, &str),
+    config: &RuntimeConfig,
+) -> (Backend, String) {
+    match find_engine(backend, config) {
+        Some(Ok(binary)) => (
+            backend,
+            format!("{model} and {name} found at {}", binary.display()),
+        ),
+        _ => (
+            Backend::Candle,
+            format!("{model} and no {name} installed: using the embedded engine"),
+        ),
+    }
+}
+
+/// The engine binary of a server backend, if this build includes it.
+#[cfg_attr(
+    not(any(feature = "llamacpp", feature = "vllm")),
+    allow(unused_variables)
+)]
+fn find_engine(backend: Backend, config: &RuntimeConfig) -> Option<Result<PathBuf>> {
+    match backend {
+        #[cfg(feature = "llamacpp")]
+        Backend::LlamaCpp => Some(runtime_server::ServerEngine::find_binary(
+            &runtime_llamacpp::LlamaServer,
+            config,
+        )),
+        #[cfg(feature = "vllm")]
+        Backend::Vllm => Some(runtime_server::ServerEngine::find_binary(
+            &runtime_vllm::VllmServer,
+            config,
+        )),
+        _ => None,
+    }
+}
+
+/// A factory that builds the backend `choice` picks for each configuration.
+pub fn factory(choice: BackendChoice) -> RuntimeFactory {
+    Box::new(move |config| {
+        let (backend, why) = choose(choice, config)?;
+        tracing::info!(%backend, why, "backend chosen");
+        backend.runtime()
+    })
+}
+
+/// One backend as found on this machine, for `model-runtime backends`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct BackendReport {
+    /// The backend.
+    pub backend: Backend,
+    /// Whether it can run here.
+    pub usable: bool,
+    /// The engine binary found, for server backends.
+    pub binary: Option<PathBuf>,
+    /// The engine's version, as it reports it.
+    pub version: Option<String>,
+    /// The model formats it takes.
+    pub formats: &'static str,
+    /// Why it is not usable, or other remarks.
+    pub note: String,
+}
+
+impl BackendReport {
+    fn new(backend: Backend, formats: &'static str) -> Self {
+        Self {
+            backend,
+            usable: false,
+            binary: None,
+            version: None,
+            formats,
+            note: String::new(),
+        }
+    }
+}
+
+/// Whether a server engine is installed here and runs.
+#[cfg(any(feature = "llamacpp", feature = "vllm"))]
+async fn server_report(
+    engine: &impl runtime_server::ServerEngine,
+    mut report: BackendReport,
+    config: &RuntimeConfig,
+) -> BackendReport {
+    let binary = match engine.find_binary(config) {
+        Ok(binary) => binary,
+        Err(err) => {
+            report.note = err.to_string();
+            return report;
+        }
+    };
+    match engine.binary_version(&binary, config).await {
+        Ok(version) => {
+            report.usable = true;
+            if version.is_none() {
+                report.note = "version is read from the running server".to_owned();
+            }
+            report.version = version;
+        }
+        Err(err) => report.note = format!("{} does not run: {err}", engine.engine_name()),
+    }
+    report.binary = Some(binary);
+    report
+}
+
+/// What each backend looks like on this machine.
+#[cfg_attr(
+    not(any(feature = "llamacpp", feature = "vllm")),
+    allow(unused_variables)
+)]
+pub async fn survey() -> Vec<BackendReport> {
+    let config = RuntimeConfig::default();
+    let mut reports = Vec::new();
+    for backend in Backend::ALL {
+        let report = match backend {
+            Backend::LlamaCpp => BackendReport::new(backend, "GGUF"),
+            Backend::Vllm => BackendReport::new(backend, "Hugging Face safetensors directories"),
+            Backend::Candle => BackendReport::new(
+                backend,
+                "GGUF (llama architecture), Hugging Face safetensors directories",
+            ),
+        };
+        let report = match backend {
+            #[cfg(feature = "llamacpp")]
+            Backend::LlamaCpp => {
+                server_report(&runtime_llamacpp::LlamaServer, report, &config).await
+            }
+            #[cfg(feature = "vllm")]
+            Backend::Vllm => server_report(&runtime_vllm::VllmServer, report, &config).await,
+            #[cfg(feature = "candle")]
+            Backend::Candle => BackendReport {
+                usable: true,
+                version: Some(format!("candle {}", runtime_candle::ENGINE_VERSION)),
+                note: "embedded, no engine binary needed".to_owned(),
+                ..report
+            },
+            #[allow(unreachable_patterns)]
+            _ => BackendReport {
+                note: format!("not in this build (the `{backend}` feature of runtime-gateway)"),
+                ..report
+            },
+        };
+        reports.push(report);
+    }
+    reports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse_and_print_by_their_configuration_names() {
+        for name in ["auto", "llamacpp", "vllm", "candle"] {
+            let choice: BackendChoice = name.parse().unwrap();
+            assert_eq!(choice.to_string(), name);
+            let json = serde_json::to_value(choice).unwrap();
+            assert_eq!(json, name);
+        }
+        assert!("llama.cpp".parse::<BackendChoice>().is_err());
+        assert_eq!(BackendChoice::LlamaCpp.backend(), Some(Backend::LlamaCpp));
+    }
+
+    #[test]
+    fn a_named_backend_is_chosen_as_asked() {
+        let config = RuntimeConfig::new("/nonexistent.gguf");
+        let (backend, why) = choose(BackendChoice::Candle, &config).unwrap();
+        assert_eq!(backend, Backend::Candle);
+        assert_eq!(why, "as asked");
+        assert!(matches!(
+            choose(BackendChoice::Auto, &config),
+            Err(Error::ModelNotFound { .. })
+        ));
+    }
+}

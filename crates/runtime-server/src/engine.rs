@@ -1,0 +1,121 @@
+//! What a server backend tells [`ManagedServer`](crate::ManagedServer) about its
+//! engine: [`ServerEngine`], and the [`LaunchSpec`] of one start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runtime_core::{BackendOptions, ModelFormat, Result, RuntimeConfig};
+use runtime_openai::OpenAiClient;
+use runtime_process::{ServerCommand, StopPolicy};
+
+/// Bound on one readiness or health probe.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Everything one start of the engine is built from: what
+/// [`ServerEngine::command`] turns into a command line.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct LaunchSpec<'a, O> {
+    /// The engine binary (or interpreter).
+    pub binary: &'a Path,
+    /// The user's configuration.
+    pub config: &'a RuntimeConfig,
+    /// The backend's typed options, read from the configuration.
+    pub options: &'a O,
+    /// The port to listen on (never 0: chosen already).
+    pub port: u16,
+    /// The API key the engine must require. Engines take it from their
+    /// environment, never from the command line, which other local users can
+    /// read.
+    pub api_key: &'a str,
+    /// The name to serve the model under.
+    pub model_name: &'a str,
+}
+
+impl<'a, O> LaunchSpec<'a, O> {
+    /// The launch parameters; for engines' own tests of [`ServerEngine::command`].
+    pub fn new(
+        binary: &'a Path,
+        config: &'a RuntimeConfig,
+        options: &'a O,
+        port: u16,
+        api_key: &'a str,
+        model_name: &'a str,
+    ) -> Self {
+        Self {
+            binary,
+            config,
+            options,
+            port,
+            api_key,
+            model_name,
+        }
+    }
+}
+
+/// One engine that runs as an OpenAI-compatible server process.
+///
+/// A backend crate implements it for a unit struct (`LlamaServer`) and exposes
+/// `ManagedServer<ThatStruct>` as its runtime.
+#[async_trait]
+pub trait ServerEngine: Send + Sync + 'static {
+    /// The engine's typed options, read strictly from
+    /// [`RuntimeConfig::extra_config`].
+    type Options: BackendOptions + Send + Sync;
+
+    /// The process's name in logs and errors (`llama-server`).
+    fn engine_name(&self) -> &'static str;
+
+    /// The runtime's name in [`RuntimeMetadata`](runtime_core::RuntimeMetadata) (`llama.cpp`).
+    fn runtime_name(&self) -> &'static str;
+
+    /// The model format the engine takes.
+    fn supported_format(&self) -> ModelFormat;
+
+    /// Whether the engine can use a GPU.
+    fn supports_gpu(&self) -> bool;
+
+    /// Checks the configuration, the options and the model before anything is
+    /// started.
+    fn validate(&self, config: &RuntimeConfig, options: &Self::Options) -> Result<()>;
+
+    /// Finds the binary to run.
+    fn find_binary(&self, config: &RuntimeConfig) -> Result<PathBuf>;
+
+    /// The engine's version from the binary, before it starts; `None` if the
+    /// engine only reports it over HTTP ([`served_version`](Self::served_version)).
+    /// Failing here also catches a binary that cannot run at all.
+    async fn binary_version(&self, binary: &Path, config: &RuntimeConfig)
+    -> Result<Option<String>>;
+
+    /// The command line and environment for one start.
+    fn command(&self, launch: &LaunchSpec<'_, Self::Options>) -> Result<ServerCommand>;
+
+    /// How long startup may go without log progress when the config says nothing.
+    fn default_startup_timeout(&self) -> Duration;
+
+    /// How to stop the engine, given the configured grace period.
+    fn stop_policy(&self, grace: Duration) -> StopPolicy {
+        StopPolicy::new(grace)
+    }
+
+    /// Whether the engine's last log lines say its port was taken, so a fresh
+    /// port is worth a retry.
+    fn port_conflict(&self, log_tail: &[String]) -> bool;
+
+    /// Whether the engine is ready; by default `GET /health` answers 200.
+    async fn probe_ready(&self, client: &OpenAiClient) -> bool {
+        client.is_healthy(PROBE_TIMEOUT).await
+    }
+
+    /// The version the running engine reports over HTTP (vLLM's `/version`).
+    async fn served_version(&self, _client: &OpenAiClient) -> Result<String> {
+        Ok(String::new())
+    }
+
+    /// The effective context size of the running engine, if it says.
+    async fn context_size(&self, _client: &OpenAiClient) -> Option<u32> {
+        None
+    }
+}
