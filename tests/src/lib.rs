@@ -71,6 +71,14 @@ pub enum VersionSource {
     HttpVersion,
 }
 
+/// The bearer token for `runtime`'s own endpoint (empty if it needs none).
+pub fn bearer(runtime: &dyn ModelRuntime) -> String {
+    runtime
+        .api_key()
+        .map(|key| key.expose().to_owned())
+        .unwrap_or_default()
+}
+
 /// The value of `var`, or a panic that says how to run the suite.
 pub fn required_env(var: &str) -> PathBuf {
     match std::env::var_os(var).filter(|v| !v.is_empty()) {

@@ -34,7 +34,7 @@ impl Reference<'_> {
         let response = self
             .http
             .post(format!("{}{path}", self.engine.base_url()))
-            .bearer_auth(self.engine.api_key().unwrap_or_default())
+            .bearer_auth(conformance::bearer(self.engine))
             .json(&body)
             .send()
             .await

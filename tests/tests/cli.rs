@@ -230,7 +230,7 @@ fn trickle(
             let request = InferenceRequest::from_prompt("Say hi.")
                 .with_max_tokens(4)
                 .with_temperature(0.0);
-            match manager.generate(request).await {
+            match manager.generate(None, request).await {
                 Ok(_) => {
                     ok.fetch_add(1, Ordering::SeqCst);
                 }

@@ -35,7 +35,7 @@ async fn tokenizer_matches_llama_server() {
     for text in HARD_STRINGS {
         let response: serde_json::Value = http
             .post(format!("{}/tokenize", runtime.base_url()))
-            .bearer_auth(runtime.api_key().unwrap_or_default())
+            .bearer_auth(conformance::bearer(runtime.as_ref()))
             .json(
                 &serde_json::json!({"content": text, "add_special": false, "parse_special": true}),
             )
@@ -102,7 +102,7 @@ async fn greedy_tokens_match_llama_server_up_to_near_ties() {
     conformance::init_tracing();
     let mut llama = start(&llamacpp()).await;
     let http = reqwest::Client::new();
-    let key = llama.api_key().unwrap_or_default();
+    let key = conformance::bearer(llama.as_ref());
     let mut reference = Vec::new();
     for prompt in PROMPTS {
         let rendered: serde_json::Value = http

@@ -1,28 +1,33 @@
 //! The in-process engine: a bounded queue of requests served by worker threads
 //! of its own, each with a session (shared weights, own KV cache), inside a
 //! rayon pool sized by `threads`.
+//!
+//! A worker never waits for a reader: each generation's events go into a
+//! channel without a bound, which its length bounds (at most one event per
+//! generated token, and a request generates at most the context's tokens). A
+//! client that never reads holds its own request's memory, never a worker.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use futures::StreamExt;
 use runtime_core::{
     Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result, StreamEvent,
-    Timings, Usage,
+    Timings, Usage, collect_events,
 };
 use runtime_openai::ChatService;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::model::{LoadedModel, Session};
 use crate::stop::StopScanner;
 
-/// Events buffered between a worker and a slow reader before the worker waits.
-const EVENT_BUFFER: usize = 256;
+/// Where a generation's events go.
+type Events = mpsc::UnboundedSender<Result<StreamEvent>>;
 
 /// How the engine runs.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +47,7 @@ struct Job {
     sampling: Sampling,
     seed: u64,
     stop: Vec<String>,
-    events: mpsc::Sender<Result<StreamEvent>>,
+    events: Events,
     queued_at: Instant,
 }
 
@@ -52,6 +57,8 @@ pub(crate) struct Engine {
     model: Arc<LoadedModel>,
     jobs: Mutex<Option<SyncSender<Job>>>,
     shutting_down: Arc<AtomicBool>,
+    /// Generations running now (not those waiting in the queue).
+    active: Arc<AtomicUsize>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -69,6 +76,7 @@ impl Engine {
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.queue);
         let queue = Arc::new(Mutex::new(queue));
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::with_capacity(options.workers);
         for index in 0..options.workers.max(1) {
             let session = Session::new(&model.weights)?;
@@ -77,6 +85,7 @@ impl Engine {
                 queue: queue.clone(),
                 pool: pool.clone(),
                 shutting_down: shutting_down.clone(),
+                active: active.clone(),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("candle-worker-{index}"))
@@ -88,6 +97,7 @@ impl Engine {
             model,
             jobs: Mutex::new(Some(jobs)),
             shutting_down,
+            active,
             workers: Mutex::new(workers),
         })
     }
@@ -96,9 +106,17 @@ impl Engine {
         &self.model
     }
 
-    /// Stops taking jobs, ends in-flight generations with [`Error::ShutDown`],
-    /// and waits for the workers to finish.
-    pub(crate) fn stop(&self) {
+    /// Generations running now.
+    pub(crate) fn active_generations(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking jobs, ends in-flight generations with [`Error::ShutDown`]
+    /// at their next token, and waits up to `budget` for the workers to
+    /// finish. Workers still inside a long step after that (a long prompt's
+    /// prefill) exit on their own when it ends; they hold nothing a caller
+    /// waits for.
+    pub(crate) fn stop(&self, budget: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.jobs
             .lock()
@@ -106,8 +124,19 @@ impl Engine {
             .take();
         let workers =
             std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+        let deadline = Instant::now() + budget;
         for worker in workers {
-            let _ = worker.join();
+            while !worker.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if worker.is_finished() {
+                let _ = worker.join();
+            } else {
+                tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "a candle worker is still in a step after the shutdown budget; leaving it to finish"
+                );
+            }
         }
     }
 }
@@ -142,28 +171,28 @@ impl ChatService for Engine {
         !self.shutting_down.load(Ordering::SeqCst)
     }
 
-    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
-        let mut events = ChatService::generate_events(self, request).await?;
-        let mut response = InferenceResponse::default();
-        while let Some(event) = events.next().await {
-            match event? {
-                StreamEvent::Delta(text) => response.content.push_str(&text),
-                StreamEvent::Finished {
-                    finish_reason,
-                    usage,
-                    timings,
-                } => {
-                    response.finish_reason = finish_reason;
-                    response.usage = usage;
-                    response.timings = timings;
-                }
-                _ => {}
-            }
-        }
-        Ok(response)
+    async fn generate(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
+        collect_events(ChatService::generate_events(self, model, request).await?).await
     }
 
-    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
+    async fn metrics(&self) -> Option<String> {
+        Some(format!(
+            "# HELP candle_generations_active Generations running in the engine now.\n\
+             # TYPE candle_generations_active gauge\n\
+             candle_generations_active {}\n",
+            self.active_generations()
+        ))
+    }
+
+    async fn generate_events(
+        &self,
+        _model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
         request.validate()?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::NotInitialized);
@@ -175,7 +204,7 @@ impl ChatService for Engine {
                 .await
                 .map_err(|err| Error::engine("request preparation panicked", err))??
         };
-        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
             prompt,
             max_tokens,
@@ -205,7 +234,7 @@ impl ChatService for Engine {
             }
             Err(TrySendError::Disconnected(_)) => return Err(Error::ShutDown),
         }
-        Ok(Box::new(ReceiverStream::new(receiver)))
+        Ok(Box::new(UnboundedReceiverStream::new(receiver)))
     }
 }
 
@@ -246,6 +275,7 @@ struct Worker {
     queue: Arc<Mutex<Receiver<Job>>>,
     pool: Arc<rayon::ThreadPool>,
     shutting_down: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
 }
 
 /// How a generation ended early.
@@ -267,15 +297,26 @@ impl Worker {
                 return; // the queue's sender is gone: shutting down
             };
             let events = job.events.clone();
-            let outcome = self.pool.install(|| self.generate(&mut session, job));
+            self.active.fetch_add(1, Ordering::SeqCst);
+            let outcome = guarded(|| self.pool.install(|| self.generate(&mut session, job)));
+            self.active.fetch_sub(1, Ordering::SeqCst);
             match outcome {
                 Ok(Ok(())) | Ok(Err(Interrupted::Cancelled)) => {}
                 Ok(Err(Interrupted::ShutDown)) => {
-                    let _ = events.blocking_send(Err(Error::ShutDown));
+                    let _ = events.send(Err(Error::ShutDown));
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "generation failed");
-                    let _ = events.blocking_send(Err(err));
+                    let _ = events.send(Err(err));
+                    // A step that failed or panicked may have left the KV
+                    // cache half written: the next job starts from a fresh one.
+                    match Session::new(&self.model.weights) {
+                        Ok(fresh) => session = fresh,
+                        Err(err) => {
+                            tracing::error!(error = %err, "a candle worker cannot renew its session; it stops");
+                            return;
+                        }
+                    }
                 }
             }
         }
@@ -319,12 +360,7 @@ impl Worker {
                 .step(next)
                 .map_err(|err| Error::engine("error decoding a token", err))?;
             let (ready, stopped) = stops.push(piece.as_deref().unwrap_or(""));
-            if !ready.is_empty()
-                && job
-                    .events
-                    .blocking_send(Ok(StreamEvent::Delta(ready)))
-                    .is_err()
-            {
+            if !ready.is_empty() && job.events.send(Ok(StreamEvent::Delta(ready))).is_err() {
                 return Ok(Err(Interrupted::Cancelled));
             }
             if stopped {
@@ -337,12 +373,7 @@ impl Worker {
             next = sample(&mut sampler, &logits)?;
         };
         let rest = stops.finish();
-        if !rest.is_empty()
-            && job
-                .events
-                .blocking_send(Ok(StreamEvent::Delta(rest)))
-                .is_err()
-        {
+        if !rest.is_empty() && job.events.send(Ok(StreamEvent::Delta(rest))).is_err() {
             return Ok(Err(Interrupted::Cancelled));
         }
         let finished = StreamEvent::Finished {
@@ -355,7 +386,43 @@ impl Worker {
                 generated.saturating_sub(1) as u64,
             )),
         };
-        let _ = job.events.blocking_send(Ok(finished));
+        let _ = job.events.send(Ok(finished));
         Ok(Ok(()))
+    }
+}
+
+/// Runs one generation, turning a panic into an error: a panicking step must
+/// neither take its worker down (the pool would shrink for good) nor end its
+/// stream without a word (its reader would take a cut-off answer for a whole
+/// one).
+fn guarded<T>(generate: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(generate)) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(Error::engine(
+                "the generation panicked",
+                std::io::Error::other(message),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_generation_becomes_an_error_and_the_caller_goes_on() {
+        let outcome: Result<()> = guarded(|| panic!("index out of bounds"));
+        let err = outcome.unwrap_err();
+        assert!(matches!(err, Error::Engine { .. }), "{err:?}");
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert_eq!(source, "index out of bounds");
+        assert_eq!(guarded(|| Ok(7)).unwrap(), 7);
     }
 }

@@ -50,11 +50,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
-    RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
+    Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
 };
 use runtime_openai::{
-    ChatService, ClientTimeouts, OpenAiClient, ServeOptions, http_base_url, random_api_key,
+    ChatService, ClientTimeouts, HostPolicy, OpenAiClient, ServeLimits, ServeOptions,
+    http_base_url, random_api_key,
 };
 use tokio::sync::oneshot;
 
@@ -80,7 +81,7 @@ pub struct CandleRuntime {
 struct Running {
     engine: Arc<Engine>,
     base_url: String,
-    api_key: String,
+    api_key: ApiKey,
     context_limit: usize,
     format: ModelFormat,
     shutdown_grace: Duration,
@@ -159,16 +160,17 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
     };
     let router = runtime_openai::router(
         engine.clone() as Arc<dyn ChatService>,
-        ServeOptions::new(config.model_name()).with_api_key(Some(api_key.clone())),
+        ServeOptions::new(config.model_name())
+            .with_api_key(Some(api_key.clone()))
+            .with_hosts(HostPolicy::for_address(&address)),
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        if let Err(err) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        if let Err(err) =
+            runtime_openai::serve(listener, router, ServeLimits::default(), shutdown).await
         {
             tracing::warn!(error = %err, "the candle HTTP server stopped");
         }
@@ -198,10 +200,11 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
 }
 
 impl Running {
+    /// Ends in-flight generations (their streams get [`Error::ShutDown`]),
+    /// stops the workers and the HTTP server, each within `grace`.
     async fn stop(&mut self, grace: Duration) {
         let engine = self.engine.clone();
-        // Ends in-flight generations (their streams get ShutDown), joins workers.
-        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
+        let _ = tokio::task::spawn_blocking(move || engine.stop(grace)).await;
         if let Some(server) = self.server.take() {
             let _ = server.stop.send(());
             let mut task = server.task;
@@ -222,7 +225,7 @@ impl Drop for Running {
             server.task.abort();
         }
         let engine = self.engine.clone();
-        std::thread::spawn(move || engine.stop());
+        std::thread::spawn(move || engine.stop(Duration::ZERO));
     }
 }
 
@@ -274,12 +277,12 @@ impl ModelRuntime for CandleRuntime {
             .unwrap_or_default()
     }
 
-    fn api_key(&self) -> Option<String> {
+    fn api_key(&self) -> Option<ApiKey> {
         self.running.as_ref().map(|running| running.api_key.clone())
     }
 
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
-        self.running()?.engine.generate(request).await
+        ChatService::generate(self.running()?.engine.as_ref(), None, request).await
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -289,7 +292,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        self.running()?.engine.generate_events(request).await
+        ChatService::generate_events(self.running()?.engine.as_ref(), None, request).await
     }
 
     async fn shutdown(&mut self) -> Result<()> {

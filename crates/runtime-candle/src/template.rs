@@ -116,13 +116,7 @@ mod tests {
         .unwrap();
         let err = template.render(&[ChatMessage::user("x")]).unwrap_err();
         assert!(
-            matches!(
-                err,
-                Error::InvalidRequest {
-                    field: "messages",
-                    ..
-                }
-            ),
+            matches!(&err, Error::InvalidRequest { field, .. } if field == "messages"),
             "{err:?}"
         );
     }

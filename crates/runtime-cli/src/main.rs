@@ -9,14 +9,15 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 mod progress;
 
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use runtime_core::{ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
+use runtime_core::{ApiKey, ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
 use runtime_gateway::{BackendChoice, RuntimeManager, choose, factory, survey};
-use runtime_openai::{ChatService, ServeOptions};
+use runtime_openai::{ChatService, HostPolicy, ServeLimits, ServeOptions, check_exposure};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -96,6 +97,10 @@ enum Command {
         /// variable: other local users can read a command line.
         #[arg(long, env = "MODEL_RUNTIME_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Listen on a non-loopback address without an API key (anyone who
+        /// can reach the address can use the model).
+        #[arg(long)]
+        allow_unauthenticated: bool,
     },
     /// List the backends, whether they are usable here, and what they take.
     Backends,
@@ -152,7 +157,14 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
             host,
             port,
             api_key,
-        } => serve(model, host, port, api_key, latest).await,
+            allow_unauthenticated,
+        } => {
+            let access = Access {
+                api_key: api_key.map(ApiKey::new),
+                allow_unauthenticated,
+            };
+            serve(model, host, port, access, latest).await
+        }
         Command::Backends => {
             backends().await;
             Ok(())
@@ -268,11 +280,20 @@ async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Re
     outcome.and(stopped)
 }
 
+/// Who may use `serve`'s API.
+struct Access {
+    api_key: Option<ApiKey>,
+    allow_unauthenticated: bool,
+}
+
+/// How long open connections get to finish once the engines are stopped.
+const CONNECTION_GRACE: Duration = Duration::from_secs(5);
+
 async fn serve(
     args: ModelArgs,
     host: String,
     port: u16,
-    api_key: Option<String>,
+    access: Access,
     latest: LatestLine,
 ) -> Result<(), Error> {
     let config = config_of(&args);
@@ -282,52 +303,118 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind((host.as_str(), port))
         .await
         .map_err(|err| Error::io(format!("error binding {host}:{port}"), err))?;
+    let address = listener
+        .local_addr()
+        .map_err(|err| Error::io("error reading the bound address", err))?;
+    check_exposure(
+        &address,
+        access.api_key.as_ref(),
+        access.allow_unauthenticated,
+    )?;
+    let mut signals = Signals::listen()?;
     let manager = Arc::new(RuntimeManager::new(factory(args.backend)));
     let spinner = Spinner::start(format!("starting {backend}"), latest);
-    let started = manager.hot_swap(config.clone()).await;
+    let started = tokio::select! {
+        started = manager.hot_swap(config.clone()) => started,
+        // Dropping the start stops the engine it was starting.
+        () = signals.next() => Err(Error::ShutDown),
+    };
     spinner.finish();
+    if let Err(Error::ShutDown) = started {
+        eprintln!("model-runtime: stopped before the engine was ready");
+        return Ok(());
+    }
     started?;
 
     let router = runtime_openai::router(
         manager.clone() as Arc<dyn ChatService>,
-        ServeOptions::new(config.model_name()).with_api_key(api_key),
+        ServeOptions::new(config.model_name())
+            .with_api_key(access.api_key)
+            .with_hosts(HostPolicy::for_address(&address)),
     );
-    let address = listener
-        .local_addr()
-        .map_err(|err| Error::io("error reading the bound address", err))?;
     eprintln!(
         "model-runtime: serving {} at http://{address}/v1/chat/completions",
         config.model_name()
     );
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(termination())
-        .await
-        .map_err(|err| Error::io("the HTTP server failed", err));
-    eprintln!("model-runtime: shutting down");
-    let stopped = manager.shutdown().await;
-    served.and(stopped)
-}
-
-/// Ctrl-C or SIGTERM.
-async fn termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(runtime_openai::serve(
+        listener,
+        router,
+        ServeLimits::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let served = tokio::select! {
+        () = signals.next() => Ok(()),
+        ended = &mut server => match ended {
+            Ok(result) => result.map_err(|err| Error::io("the HTTP server failed", err)),
+            Err(err) => Err(Error::io("the HTTP server failed", std::io::Error::other(err))),
+        },
+    };
+    eprintln!("model-runtime: shutting down (a second Ctrl-C exits at once)");
+    let _ = stop_accepting.send(());
+    let orderly = async {
+        // Open streams end now with an error event, and the engines get
+        // their grace period; then the connections have a moment to close.
+        manager.shutdown_within(Duration::ZERO).await;
+        let _ = tokio::time::timeout(CONNECTION_GRACE, &mut server).await;
+    };
+    tokio::select! {
+        () = orderly => {}
+        () = signals.next() => {
+            // Engines die with us: their parent-death signal (and, for
+            // engines with processes of their own, the group's watcher).
+            eprintln!("model-runtime: second signal, exiting now");
+            std::process::exit(130);
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    served
+}
+
+/// Ctrl-C and SIGTERM, as they arrive.
+struct Signals {
+    received: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl Signals {
+    fn listen() -> Result<Self, Error> {
+        let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())
+                .map_err(|err| Error::io("error listening for SIGTERM", err))?;
+            let mut interrupt = signal(SignalKind::interrupt())
+                .map_err(|err| Error::io("error listening for SIGINT", err))?;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                    if sender.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if sender.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { received })
+    }
+
+    /// Waits for the next signal.
+    async fn next(&mut self) {
+        if self.received.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -1,13 +1,21 @@
 //! How a runtime is started: [`RuntimeConfig`].
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::options::{self, BackendOptions};
-use crate::{Error, ModelFormat, Result};
+use crate::{ApiKey, Error, ModelFormat, Result};
+
+/// The longest [`RuntimeConfig::startup_timeout`] accepted: a day.
+pub const MAX_STARTUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The longest [`RuntimeConfig::shutdown_grace`] accepted: an hour.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+/// The most requests served at once ([`RuntimeConfig::parallel`]) accepted.
+pub const MAX_PARALLEL: u32 = 1024;
 
 /// Everything a backend needs to start its engine and load a model.
 ///
@@ -59,9 +67,20 @@ pub struct RuntimeConfig {
     /// before SIGKILL.
     #[serde(with = "duration_secs")]
     pub shutdown_grace: Duration,
+    /// How long a server engine may leave its health probe unanswered while
+    /// requests wait on it before they fail with
+    /// [`Error::EngineUnresponsive`] (default 15 s). A slow engine (a long
+    /// prefill sends no bytes) still answers the probe and is left alone; a
+    /// hung or stopped one does not.
+    #[serde(with = "duration_secs")]
+    pub hang_timeout: Duration,
+    /// The backstop: how long a response may send no bytes at all (not even a
+    /// keep-alive) before it fails (default 300 s).
+    #[serde(with = "duration_secs")]
+    pub idle_timeout: Duration,
     /// The API key clients must send. Server backends generate a random one per
     /// instance when this is `None`, so other local users cannot use the engine.
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
     /// Extra command-line arguments appended to the engine's command line.
     pub extra_args: Vec<String>,
     /// Extra environment variables for the engine process.
@@ -90,6 +109,8 @@ impl Default for RuntimeConfig {
             served_model_name: None,
             startup_timeout: None,
             shutdown_grace: Duration::from_secs(5),
+            hang_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(300),
             api_key: None,
             extra_args: Vec::new(),
             env: BTreeMap::new(),
@@ -140,6 +161,10 @@ impl RuntimeConfig {
         with_startup_timeout => startup_timeout: Duration = Some;
         /// Sets [`shutdown_grace`](Self::shutdown_grace).
         with_shutdown_grace => shutdown_grace: Duration = |v| v;
+        /// Sets [`hang_timeout`](Self::hang_timeout).
+        with_hang_timeout => hang_timeout: Duration = |v| v;
+        /// Sets [`idle_timeout`](Self::idle_timeout).
+        with_idle_timeout => idle_timeout: Duration = |v| v;
     }
 
     /// Sets [`host`](Self::host).
@@ -159,7 +184,7 @@ impl RuntimeConfig {
     /// Sets [`api_key`](Self::api_key).
     #[must_use]
     pub fn with_api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
+        self.api_key = Some(ApiKey::new(key));
         self
     }
 
@@ -273,13 +298,38 @@ impl RuntimeConfig {
                 ));
             }
         }
-        if self.startup_timeout == Some(Duration::ZERO) {
+        if let Some(parallel) = self.parallel
+            && parallel > MAX_PARALLEL
+        {
             return Err(Error::invalid_config(
-                "startup_timeout",
-                "must be longer than zero",
+                "parallel",
+                format!("is {parallel}; at most {MAX_PARALLEL} requests can be served at once"),
             ));
         }
-        if self.api_key.as_deref().is_some_and(str::is_empty) {
+        const SHORTEST: Duration = Duration::from_millis(100);
+        if let Some(timeout) = self.startup_timeout {
+            within("startup_timeout", timeout, SHORTEST..=MAX_STARTUP_TIMEOUT)?;
+        }
+        within(
+            "shutdown_grace",
+            self.shutdown_grace,
+            Duration::ZERO..=MAX_SHUTDOWN_GRACE,
+        )?;
+        within(
+            "hang_timeout",
+            self.hang_timeout,
+            SHORTEST..=MAX_STARTUP_TIMEOUT,
+        )?;
+        within(
+            "idle_timeout",
+            self.idle_timeout,
+            SHORTEST..=MAX_STARTUP_TIMEOUT,
+        )?;
+        if self
+            .api_key
+            .as_ref()
+            .is_some_and(|key| key.expose().is_empty())
+        {
             return Err(Error::invalid_config(
                 "api_key",
                 "is empty; leave it unset to get a random key",
@@ -287,6 +337,23 @@ impl RuntimeConfig {
         }
         Ok(())
     }
+}
+
+/// `value` of `field` must lie in `range`.
+fn within(field: &'static str, value: Duration, range: RangeInclusive<Duration>) -> Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let secs = |d: &Duration| format!("{} s", d.as_secs_f64());
+    Err(Error::invalid_config(
+        field,
+        format!(
+            "is {}; it must be between {} and {}",
+            secs(&value),
+            secs(range.start()),
+            secs(range.end())
+        ),
+    ))
 }
 
 mod duration_secs {
@@ -348,6 +415,36 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(matches!(err, Error::InvalidConfig { field, .. } if field == "context_size"));
+    }
+
+    #[test]
+    fn durations_and_sizes_past_their_limits_are_typed_errors() {
+        let near_max = RuntimeConfig::new("m.gguf").with_startup_timeout(Duration::MAX);
+        let err = near_max.validate().unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig { field, .. } if field == "startup_timeout"),
+            "{err}"
+        );
+        for config in [
+            RuntimeConfig::new("m.gguf").with_startup_timeout(Duration::ZERO),
+            RuntimeConfig::new("m.gguf").with_shutdown_grace(Duration::from_secs(u64::MAX)),
+            RuntimeConfig::new("m.gguf").with_hang_timeout(Duration::ZERO),
+            RuntimeConfig::new("m.gguf").with_idle_timeout(Duration::MAX),
+            RuntimeConfig::new("m.gguf").with_parallel(u32::MAX),
+        ] {
+            assert!(
+                matches!(config.validate(), Err(Error::InvalidConfig { .. })),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_api_key() {
+        let config = RuntimeConfig::new("m.gguf").with_api_key("s3cret-key");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret-key"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub enum Error {
     /// An [`InferenceRequest`](crate::InferenceRequest) field is out of range or missing.
     #[error("invalid request: `{field}` {reason}")]
     InvalidRequest {
-        /// The offending field.
-        field: &'static str,
+        /// The offending field (`messages`, `temperature`, `n`).
+        field: Cow<'static, str>,
         /// What is wrong with it and what would be accepted.
         reason: String,
     },
@@ -107,6 +107,18 @@ pub enum Error {
         log_tail: Vec<String>,
     },
 
+    /// The engine stopped answering: its health probe went unanswered for
+    /// longer than [`hang_timeout`](crate::RuntimeConfig::hang_timeout) while
+    /// the request waited (the process is alive but hung, stopped or
+    /// overwhelmed).
+    #[error("{engine} has not answered a health probe for {:.1}s", silent_for.as_secs_f64())]
+    EngineUnresponsive {
+        /// The engine's name.
+        engine: String,
+        /// How long it has not answered.
+        silent_for: Duration,
+    },
+
     /// A method that needs a running engine was called before
     /// [`initialize`](crate::ModelRuntime::initialize) or after
     /// [`shutdown`](crate::ModelRuntime::shutdown).
@@ -125,6 +137,15 @@ pub enum Error {
         prompt_tokens: u64,
         /// The effective context size.
         context_size: u64,
+    },
+
+    /// The request names a model that is not served here.
+    #[error("model `{requested}` is not served here; available: {}", available.join(", "))]
+    ModelNotServed {
+        /// The name the request asked for.
+        requested: String,
+        /// The names that are served.
+        available: Vec<String>,
     },
 
     /// The runtime was shut down while this request was in flight.
@@ -185,9 +206,9 @@ impl Error {
     }
 
     /// Builds [`Error::InvalidRequest`].
-    pub fn invalid_request(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid_request(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Self::InvalidRequest {
-            field,
+            field: field.into(),
             reason: reason.into(),
         }
     }

@@ -57,12 +57,16 @@ mod options;
 mod request;
 mod response;
 mod runtime;
+mod secret;
 
 pub use async_trait::async_trait;
-pub use config::RuntimeConfig;
+pub use config::{MAX_PARALLEL, MAX_SHUTDOWN_GRACE, MAX_STARTUP_TIMEOUT, RuntimeConfig};
 pub use error::{BoxError, Error, Result};
 pub use format::ModelFormat;
 pub use options::{BackendOptions, option_keys};
 pub use request::{ChatMessage, InferenceRequest, Role};
 pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
-pub use runtime::{EventStream, ModelRuntime, TextStream, text_deltas};
+pub use runtime::{
+    EventStream, ModelRuntime, TextStream, collect_events, ensure_finished, text_deltas,
+};
+pub use secret::ApiKey;

@@ -200,9 +200,9 @@ impl InferenceRequest {
 mod tests {
     use super::*;
 
-    fn field_of(err: Error) -> &'static str {
+    fn field_of(err: Error) -> String {
         match err {
-            Error::InvalidRequest { field, .. } => field,
+            Error::InvalidRequest { field, .. } => field.into_owned(),
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
     }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures_core::Stream;
 
 use crate::{
-    InferenceRequest, InferenceResponse, ModelFormat, Result, RuntimeConfig, RuntimeMetadata,
-    StreamEvent,
+    Error, InferenceRequest, InferenceResponse, ModelFormat, Result, RuntimeConfig,
+    RuntimeMetadata, StreamEvent,
 };
 
 /// A stream of generated text deltas, as returned by
@@ -70,7 +70,7 @@ pub trait ModelRuntime: Send + Sync {
 
     /// The API key an HTTP client must send to [`base_url`](Self::base_url)
     /// (`Authorization: Bearer …`), if the engine requires one.
-    fn api_key(&self) -> Option<String> {
+    fn api_key(&self) -> Option<crate::ApiKey> {
         None
     }
 
@@ -122,9 +122,12 @@ pub trait ModelRuntime: Send + Sync {
 /// The text deltas of an event stream: what
 /// [`ModelRuntime::generate_stream`] returns for backends that implement
 /// [`ModelRuntime::generate_events`] natively. Errors pass through; the
-/// `Finished` event is dropped.
+/// `Finished` event is dropped. An event stream that ends without `Finished`
+/// ends the deltas with an error ([`ensure_finished`]).
 pub fn text_deltas(events: EventStream) -> TextStream {
-    Box::new(EventsToDeltas { events })
+    Box::new(EventsToDeltas {
+        events: ensure_finished(events),
+    })
 }
 
 struct EventsToDeltas {
@@ -136,15 +139,94 @@ impl Stream for EventsToDeltas {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            match Pin::new(&mut self.events).poll_next(cx) {
-                Poll::Ready(Some(Ok(StreamEvent::Delta(delta)))) => {
-                    return Poll::Ready(Some(Ok(delta)));
-                }
+            return match Pin::new(&mut self.events).poll_next(cx) {
+                Poll::Ready(Some(Ok(StreamEvent::Delta(delta)))) => Poll::Ready(Some(Ok(delta))),
                 Poll::Ready(Some(Ok(_))) => continue,
-                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+}
+
+/// The same events, ending at the first error, and with
+/// [`Error::StreamProtocol`] in place of a silent end when the stream stops
+/// before its `Finished` event (its producer died): a cut-off answer is never
+/// mistaken for a whole one.
+pub fn ensure_finished(events: EventStream) -> EventStream {
+    Box::new(EnsureFinished {
+        events,
+        state: Progress::Open,
+    })
+}
+
+struct EnsureFinished {
+    events: EventStream,
+    state: Progress,
+}
+
+#[derive(PartialEq)]
+enum Progress {
+    Open,
+    Finished,
+    Ended,
+}
+
+impl Stream for EnsureFinished {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.state == Progress::Ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.events).poll_next(cx) {
+            Poll::Ready(Some(Ok(event))) => {
+                if matches!(event, StreamEvent::Finished { .. }) {
+                    self.state = Progress::Finished;
+                }
+                Poll::Ready(Some(Ok(event)))
             }
+            Poll::Ready(Some(Err(err))) => {
+                self.state = Progress::Ended;
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                let finished = self.state == Progress::Finished;
+                self.state = Progress::Ended;
+                Poll::Ready((!finished).then(|| Err(unfinished())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn unfinished() -> Error {
+    Error::StreamProtocol("the generation ended without finishing".to_owned())
+}
+
+/// Reads an event stream to its end into one response: the deltas joined,
+/// the finish reason, usage and timings of its `Finished` event. The first
+/// error is returned, and so is [`Error::StreamProtocol`] if the stream ends
+/// without `Finished`.
+pub async fn collect_events(mut events: EventStream) -> Result<InferenceResponse> {
+    let mut response = InferenceResponse::default();
+    loop {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await;
+        match next {
+            Some(Ok(StreamEvent::Delta(text))) => response.content.push_str(&text),
+            Some(Ok(StreamEvent::Finished {
+                finish_reason,
+                usage,
+                timings,
+            })) => {
+                response.finish_reason = finish_reason;
+                response.usage = usage;
+                response.timings = timings;
+                return Ok(response);
+            }
+            Some(Err(err)) => return Err(err),
+            None => return Err(unfinished()),
         }
     }
 }
@@ -174,5 +256,59 @@ impl Stream for DeltasToEvents {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn events(items: Vec<Result<StreamEvent>>) -> EventStream {
+        Box::new(futures::stream::iter(items))
+    }
+
+    fn finished() -> StreamEvent {
+        StreamEvent::Finished {
+            finish_reason: None,
+            usage: None,
+            timings: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_without_finished_is_an_error_not_a_short_answer() {
+        let cut = || events(vec![Ok(StreamEvent::Delta("Par".into()))]);
+        let deltas: Vec<_> = text_deltas(cut()).collect().await;
+        assert_eq!(deltas.len(), 2);
+        assert!(matches!(&deltas[1], Err(Error::StreamProtocol(_))));
+        assert!(matches!(
+            collect_events(cut()).await,
+            Err(Error::StreamProtocol(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_finished_stream_collects_into_the_whole_answer() {
+        let whole = events(vec![
+            Ok(StreamEvent::Delta("Pa".into())),
+            Ok(StreamEvent::Delta("ris".into())),
+            Ok(finished()),
+        ]);
+        assert_eq!(collect_events(whole).await.unwrap().content, "Paris");
+        let whole = events(vec![Ok(StreamEvent::Delta("Paris".into())), Ok(finished())]);
+        let deltas: Vec<String> = text_deltas(whole).map(|d| d.unwrap()).collect().await;
+        assert_eq!(deltas, ["Paris"]);
+    }
+
+    #[tokio::test]
+    async fn errors_end_the_deltas() {
+        let failed = events(vec![
+            Err(Error::ShutDown),
+            Ok(StreamEvent::Delta("x".into())),
+        ]);
+        let deltas: Vec<_> = text_deltas(failed).collect().await;
+        assert_eq!(deltas.len(), 1);
     }
 }

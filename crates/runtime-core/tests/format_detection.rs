@@ -120,3 +120,45 @@ fn formats_without_magic_are_taken_by_extension() {
     let legacy = write(dir.path(), "old.bin", b"tjgg\x01\x00\x00\x00");
     assert_eq!(ModelFormat::detect(legacy).unwrap(), ModelFormat::Ggml);
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn detecting_arbitrary_bytes_never_panics(
+            head in prop_oneof![
+                Just(b"GGUF".to_vec()),
+                Just(b"lmgg".to_vec()),
+                Just(Vec::new()),
+                prop::collection::vec(any::<u8>(), 8..9),
+            ],
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            ext in prop_oneof![Just("gguf"), Just("safetensors"), Just("bin"), Just("onnx"), Just("")],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let name = if ext.is_empty() { "model".to_owned() } else { format!("model.{ext}") };
+            let mut bytes = head;
+            bytes.extend(body);
+            let path = write(dir.path(), &name, &bytes);
+            let _ = ModelFormat::detect(&path);
+        }
+
+        #[test]
+        fn a_safetensors_header_length_cannot_make_detection_allocate_beyond_the_file(
+            claimed in any::<u64>(),
+            body in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = claimed.to_le_bytes().to_vec();
+            bytes.push(b'{');
+            bytes.extend(body);
+            let path = write(dir.path(), "model.safetensors", &bytes);
+            // A claimed length past the file is not credible: refused, not read.
+            let _ = ModelFormat::detect(&path);
+        }
+    }
+}

@@ -33,6 +33,7 @@
 
 mod backends;
 mod manager;
+mod served;
 
 pub use backends::{Backend, BackendChoice, BackendReport, choose, factory, survey};
-pub use manager::{RuntimeFactory, RuntimeManager};
+pub use manager::{DEFAULT_DRAIN_TIMEOUT, RuntimeFactory, RuntimeManager};

@@ -4,17 +4,18 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody};
+use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ErrorBody};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use runtime_core::{
-    Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result, StreamEvent,
-    Timings, Usage,
+    ApiKey, Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result,
+    StreamEvent, Timings, Usage, collect_events,
 };
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::heartbeat::{Heartbeat, Pulse};
 use crate::sse::{SseDecoder, SseEvent};
 
 /// Chunks buffered between the task reading a response body and its reader.
@@ -23,14 +24,26 @@ const PUMP_BUFFER: usize = 64;
 /// Timeouts of an [`OpenAiClient`].
 ///
 /// There is deliberately no whole-request timeout: a long generation must not
-/// be cut. Instead connecting is bounded, and a stream that goes quiet for
-/// longer than `idle` (no bytes at all, not even a keep-alive ping) fails.
+/// be cut. Connecting is bounded; a response that sends no bytes at all (not
+/// even a keep-alive) for `idle` fails, as a backstop; and with a
+/// [`Heartbeat`] a hung engine fails its requests within its hang timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientTimeouts {
     /// Bound on establishing the TCP connection.
     pub connect: Duration,
-    /// Bound on the silence between two chunks of a streamed body.
+    /// Bound on the silence between two chunks of a response (default 300 s).
     pub idle: Duration,
+}
+
+impl ClientTimeouts {
+    /// Timeouts with the given idle bound and a 5 s connect bound.
+    pub fn with_idle(idle: Duration) -> Self {
+        Self {
+            idle,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for ClientTimeouts {
@@ -44,17 +57,20 @@ impl Default for ClientTimeouts {
 
 /// A client for one engine's OpenAI-compatible API.
 ///
-/// Cheap to clone. Every request opens a connection of its own (see
-/// [`OpenAiClient::new`]).
+/// Cheap to clone; clones share their heartbeat and
+/// [`close_streams`](Self::close_streams). Every request opens a connection of
+/// its own (see [`OpenAiClient::new`]).
 #[derive(Debug, Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
     base_url: String,
-    api_key: Option<String>,
+    api_key: Option<ApiKey>,
     model: Option<String>,
     timeouts: ClientTimeouts,
-    /// Set by [`OpenAiClient::close_streams`]; every open stream watches it.
+    /// Set by [`OpenAiClient::close_streams`]; every request watches it.
     closing: Arc<watch::Sender<bool>>,
+    /// The engine's liveness, when a heartbeat runs.
+    pulse: Option<Arc<Pulse>>,
 }
 
 impl OpenAiClient {
@@ -65,7 +81,7 @@ impl OpenAiClient {
     /// engine may close an idle connection just as a request is written to it.
     pub fn new(
         base_url: impl Into<String>,
-        api_key: Option<String>,
+        api_key: Option<ApiKey>,
         model: Option<String>,
         timeouts: ClientTimeouts,
     ) -> Result<Self> {
@@ -89,13 +105,46 @@ impl OpenAiClient {
             model,
             timeouts,
             closing: Arc::new(watch::channel(false).0),
+            pulse: None,
+        })
+    }
+
+    /// Starts a heartbeat: from now on the engine is probed in the background,
+    /// and when it has answered no probe for the heartbeat's hang timeout,
+    /// every request waiting on it (for its headers or for the next chunk)
+    /// fails with [`Error::EngineUnresponsive`], as do new requests until it
+    /// answers again. A slow engine still answers its probes and is left
+    /// alone. Must be called within a tokio runtime; the heartbeat stops when
+    /// the last clone of this client is dropped.
+    #[must_use]
+    pub fn with_heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        let probe = self.clone();
+        self.pulse = Some(Arc::new(Pulse::start(heartbeat, probe)));
+        self
+    }
+
+    /// Whether the engine answers its heartbeat (always true without one).
+    pub fn is_responsive(&self) -> bool {
+        self.pulse
+            .as_ref()
+            .is_none_or(|pulse| pulse.silent_for().is_none())
+    }
+
+    /// [`Error::EngineUnresponsive`] if the heartbeat says the engine hangs.
+    pub fn unresponsive_error(&self) -> Option<Error> {
+        let pulse = self.pulse.as_ref()?;
+        let silent_for = pulse.silent_for()?;
+        Some(Error::EngineUnresponsive {
+            engine: pulse.engine.clone(),
+            silent_for,
         })
     }
 
     /// Ends every open stream of this client and its clones with
     /// [`Error::ShutDown`] and closes their connections at once, whether or not
-    /// anyone is reading them. Engines such as llama-server wait for open
-    /// connections before they exit.
+    /// anyone is reading them; requests still waiting for their response end
+    /// the same way. Engines such as llama-server wait for open connections
+    /// before they exit.
     pub fn close_streams(&self) {
         self.closing.send_replace(true);
     }
@@ -109,12 +158,26 @@ impl OpenAiClient {
     ///
     /// `timeout` bounds the whole exchange: meant for probes and small documents.
     pub async fn get(&self, path: &str, timeout: Duration) -> Result<(u16, Bytes)> {
-        let response = self
-            .authorized(self.http.get(self.url(path)))
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(transport)?;
+        self.get_with(path, timeout, true).await
+    }
+
+    /// `GET {base_url}{path}` without the API key, for endpoints that need
+    /// none (`/health`): a probe must not hand the key to whatever answers.
+    pub async fn get_anonymous(&self, path: &str, timeout: Duration) -> Result<(u16, Bytes)> {
+        self.get_with(path, timeout, false).await
+    }
+
+    async fn get_with(
+        &self,
+        path: &str,
+        timeout: Duration,
+        authorized: bool,
+    ) -> Result<(u16, Bytes)> {
+        let mut builder = self.http.get(self.url(path)).timeout(timeout);
+        if authorized {
+            builder = self.authorized(builder);
+        }
+        let response = builder.send().await.map_err(transport)?;
         let status = response.status().as_u16();
         let body = response.bytes().await.map_err(transport)?;
         Ok((status, body))
@@ -137,20 +200,20 @@ impl OpenAiClient {
         })
     }
 
-    /// Whether `GET /health` answers 200 within `timeout`.
+    /// Whether `GET /health` (sent without the key) answers 200 within `timeout`.
     pub async fn is_healthy(&self, timeout: Duration) -> bool {
-        matches!(self.get("/health", timeout).await, Ok((200, _)))
+        matches!(self.get_anonymous("/health", timeout).await, Ok((200, _)))
     }
 
-    /// A non-streamed chat completion.
+    /// A chat completion, whole.
+    ///
+    /// Run over the streamed API and collected, so that it has the same
+    /// protection as a stream: the idle backstop, the heartbeat, and
+    /// cancellation in the engine the moment the future is dropped (a
+    /// non-streamed request is noticed by llama-server only at its next 1 s
+    /// check).
     pub async fn chat(&self, request: &InferenceRequest) -> Result<InferenceResponse> {
-        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), false);
-        let response = self.post_chat(&body).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
-        let wire: ChatCompletionResponse = serde_json::from_slice(&bytes).map_err(|err| {
-            Error::StreamProtocol(format!("the chat completion is not valid JSON: {err}"))
-        })?;
-        Ok(wire.into_inference())
+        collect_events(self.chat_stream(request).await?).await
     }
 
     /// A streamed chat completion, as events ending in [`StreamEvent::Finished`].
@@ -163,14 +226,21 @@ impl OpenAiClient {
     pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
         let started = Instant::now();
-        let response = self.post_chat(&body).await?;
-        let bytes = pump(response, self.closing.subscribe());
+        let mut interrupts = self.interrupts();
+        let response = tokio::select! {
+            response = self.post_chat(&body) => response?,
+            err = interrupts.fired() => return Err(err),
+        };
+        let bytes = pump(response, interrupts);
         Ok(Box::new(
             chunk_events(bytes, self.timeouts.idle, started).boxed(),
         ))
     }
 
     async fn post_chat(&self, body: &ChatCompletionRequest) -> Result<reqwest::Response> {
+        if let Some(err) = self.unresponsive_error() {
+            return Err(err);
+        }
         let response = self
             .authorized(self.http.post(self.url("/v1/chat/completions")))
             .json(body)
@@ -185,15 +255,62 @@ impl OpenAiClient {
         Err(ErrorBody::to_error(status.as_u16(), &body))
     }
 
+    fn interrupts(&self) -> Interrupts {
+        Interrupts {
+            closing: self.closing.subscribe(),
+            pulse: self
+                .pulse
+                .as_ref()
+                .map(|pulse| (pulse.engine.clone(), pulse.state.subscribe())),
+        }
+    }
+
     fn authorized(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.api_key {
-            Some(key) => builder.bearer_auth(key),
+            Some(key) => builder.bearer_auth(key.expose()),
             None => builder,
         }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
+    }
+}
+
+/// What ends a request early: the client closing its streams, or the engine
+/// hanging.
+struct Interrupts {
+    closing: watch::Receiver<bool>,
+    pulse: Option<(String, watch::Receiver<Option<Duration>>)>,
+}
+
+impl Interrupts {
+    /// Resolves with the error to end the request with, once one of them fires.
+    async fn fired(&mut self) -> Error {
+        let closing = async {
+            // Only an explicit close counts, not the client being dropped.
+            if self.closing.wait_for(|closing| *closing).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            Error::ShutDown
+        };
+        let hung = async {
+            let Some((engine, state)) = &mut self.pulse else {
+                return std::future::pending().await;
+            };
+            let silent = state.wait_for(Option::is_some).await.map(|silent| *silent);
+            match silent {
+                Ok(silent) => Error::EngineUnresponsive {
+                    engine: engine.clone(),
+                    silent_for: silent.unwrap_or_default(),
+                },
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            err = closing => err,
+            err = hung => err,
+        }
     }
 }
 
@@ -221,11 +338,12 @@ fn transport(err: reqwest::Error) -> Error {
 }
 
 /// Reads `response`'s body on a task of its own, so the connection closes the
-/// moment the reader drops the stream or the client closes its streams, not
-/// when the next chunk happens to arrive or the reader next polls.
+/// moment the reader drops the stream, the client closes its streams or the
+/// engine is found hung, not when the next chunk happens to arrive or the
+/// reader next polls.
 fn pump(
     response: reqwest::Response,
-    mut closing: watch::Receiver<bool>,
+    mut interrupts: Interrupts,
 ) -> impl Stream<Item = Result<Bytes>> + Send + Unpin {
     let (sender, receiver) = mpsc::channel(PUMP_BUFFER);
     let mut body = response.bytes_stream();
@@ -233,14 +351,8 @@ fn pump(
         loop {
             tokio::select! {
                 () = sender.closed() => return,
-                // Only an explicit close counts, not the client being dropped;
-                // and the watch guard must not live across the send below.
-                () = async {
-                    if closing.wait_for(|closing| *closing).await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                } => {
-                    let _ = sender.send(Err(Error::ShutDown)).await;
+                err = interrupts.fired() => {
+                    let _ = sender.send(Err(err)).await;
                     return;
                 }
                 chunk = body.next() => {

@@ -1,11 +1,11 @@
 //! Per-instance API keys.
 
-use runtime_core::{Error, Result};
+use runtime_core::{ApiKey, Error, Result};
 
 /// 128 random bits from the operating system, hex-encoded: the key a runtime
 /// requires when the configuration names none, so other local users cannot use
 /// its engine.
-pub fn random_api_key() -> Result<String> {
+pub fn random_api_key() -> Result<ApiKey> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|err| {
         Error::io(
@@ -13,7 +13,9 @@ pub fn random_api_key() -> Result<String> {
             std::io::Error::other(err.to_string()),
         )
     })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(ApiKey::new(
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    ))
 }
 
 #[cfg(test)]
@@ -24,8 +26,8 @@ mod tests {
     fn api_keys_are_random_hex_of_128_bits() {
         let a = random_api_key().unwrap();
         let b = random_api_key().unwrap();
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.expose().len(), 32);
+        assert!(a.expose().chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
     }
 }

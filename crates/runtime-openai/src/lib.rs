@@ -8,10 +8,15 @@
 //!   across network chunks);
 //! - [`OpenAiClient`]: chat completions (plain and streamed), health and
 //!   arbitrary JSON endpoints of an engine, with connect and idle timeouts,
-//!   never a whole-request timeout that would cut a long generation;
+//!   never a whole-request timeout that would cut a long generation, and a
+//!   [`Heartbeat`] that fails requests to a hung engine while leaving a slow
+//!   one alone;
 //! - with the `server` feature, [`router`]: an axum router serving any
 //!   [`ModelRuntime`](runtime_core::ModelRuntime) (or any [`ChatService`]) over
-//!   the same API, used by the in-process candle backend and by the gateway.
+//!   the same API, hardened for a local server (key, `Host` and content-type
+//!   checks, generic 5xx bodies), and [`serve`], which runs it with a
+//!   header-read timeout, a connection cap and a graceful drain; used by the
+//!   in-process candle backend and by the gateway.
 //!
 //! It does not start processes (`runtime-process`), manage an engine's
 //! lifecycle (`runtime-server`) or know any particular engine. The router is
@@ -21,15 +26,24 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
+mod heartbeat;
 mod key;
+#[cfg(feature = "server")]
+mod serve;
 #[cfg(feature = "server")]
 mod server;
 mod sse;
 pub mod wire;
 
 pub use client::{ClientTimeouts, OpenAiClient, http_base_url};
+pub use heartbeat::Heartbeat;
 pub use key::random_api_key;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
-pub use server::{ApiError, ChatService, ServeOptions, router};
+pub use serve::{ServeLimits, serve};
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
+pub use server::{
+    ApiError, ChatService, HostPolicy, ModelCard, ServeOptions, check_exposure, router,
+};
 pub use sse::{SseDecoder, SseEvent};

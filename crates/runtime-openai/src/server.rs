@@ -2,22 +2,29 @@
 //!
 //! Routes: `POST /v1/chat/completions` (plain, and streamed as SSE with a usage
 //! chunk when `stream_options.include_usage` is set), `GET /v1/models`,
-//! `GET /health`. Errors use the OpenAI error shape with 4xx codes for the
-//! caller's mistakes. An API key, when configured, is required on every route
-//! but `/health`.
+//! `GET /metrics` (when the service has metrics), `GET /health`.
+//!
+//! What a local server must refuse, it refuses here, once:
+//! - without the API key (when one is set), every route but `/health` is 401;
+//! - a chat request that is not `Content-Type: application/json` is 415, so a
+//!   web page cannot drive the model with a form or a `text/plain` POST (which
+//!   browsers send cross-site without asking);
+//! - when served on loopback, a request whose `Host` (or `Origin`) is not a
+//!   loopback name is 403, so a page on another site cannot reach it through
+//!   DNS rebinding;
+//! - a request field the server does not implement is 400 naming it;
+//! - a failure of the engine is answered with a short generic message and an
+//!   error code; what the engine said (its log lines) goes to our log, not to
+//!   the client.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::wire::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
-    ErrorBody, Extra,
-};
 use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,20 +32,52 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use runtime_core::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result, StreamEvent,
+    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result,
+    StreamEvent,
 };
+use serde::Serialize;
 use serde_json::json;
 
+use crate::wire::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
+    ErrorBody, ErrorField, Extra,
+};
+
 /// What the router needs from whatever serves the chat API: a runtime, a
-/// runtime manager that can swap engines, or an in-process engine.
+/// gateway over many runtimes, or an in-process engine.
+///
+/// `model` is the request's `model` field: a service fronting one model may
+/// ignore it; one fronting several routes by it.
 #[async_trait]
 pub trait ChatService: Send + Sync + 'static {
     /// Whether requests can be served now.
     async fn is_ready(&self) -> bool;
+
     /// A complete answer.
-    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse>;
+    async fn generate(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse>;
+
     /// An answer as events ending in [`StreamEvent::Finished`].
-    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream>;
+    async fn generate_events(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream>;
+
+    /// The models listed at `/v1/models`; empty means the one in
+    /// [`ServeOptions::model_name`].
+    async fn models(&self) -> Vec<ModelCard> {
+        Vec::new()
+    }
+
+    /// Metrics in the Prometheus text format for `/metrics`, if the service
+    /// keeps any.
+    async fn metrics(&self) -> Option<String> {
+        None
+    }
 }
 
 #[async_trait]
@@ -47,12 +86,82 @@ impl<R: ModelRuntime + ?Sized + 'static> ChatService for R {
         ModelRuntime::is_ready(self).await
     }
 
-    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
+    async fn generate(
+        &self,
+        _model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
         ModelRuntime::generate(self, request).await
     }
 
-    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
+    async fn generate_events(
+        &self,
+        _model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
         ModelRuntime::generate_events(self, request).await
+    }
+}
+
+/// One entry of `/v1/models`, in OpenAI's shape plus the fields a gateway adds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ModelCard {
+    /// What clients send as `model`.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix time the entry was created.
+    pub created: u64,
+    /// Who serves it.
+    pub owned_by: &'static str,
+    /// Extra fields (a gateway's `state`, `backend`, `aliases`), flattened.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ModelCard {
+    /// An entry for `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            object: "model",
+            created: unix_time(),
+            owned_by: "model-runtime",
+            extra: Extra::new(),
+        }
+    }
+
+    /// Adds an extra field.
+    #[must_use]
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// Which `Host` (and `Origin`) names the router accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostPolicy {
+    /// Only loopback names (`localhost`, `127.0.0.1`, `[::1]`): right for a
+    /// server bound to loopback, and the default.
+    #[default]
+    Loopback,
+    /// Any name: for a server reachable from other hosts (which then needs an
+    /// API key).
+    Any,
+}
+
+impl HostPolicy {
+    /// The policy for a server bound to `address`: loopback names for a
+    /// loopback address, any name otherwise.
+    pub fn for_address(address: &std::net::SocketAddr) -> Self {
+        if address.ip().is_loopback() {
+            Self::Loopback
+        } else {
+            Self::Any
+        }
     }
 }
 
@@ -60,30 +169,62 @@ impl<R: ModelRuntime + ?Sized + 'static> ChatService for R {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServeOptions {
-    /// The model name listed at `/v1/models` and echoed in responses.
+    /// The model name listed at `/v1/models` and echoed in responses (when
+    /// the service does not list its own).
     pub model_name: String,
     /// The bearer token clients must send, if any.
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
     /// The largest request body accepted, in bytes (default 4 MiB).
     pub body_limit: usize,
+    /// Which `Host` names are accepted (default: loopback only).
+    pub hosts: HostPolicy,
 }
 
 impl ServeOptions {
-    /// Options serving `model_name` without a key and with a 4 MiB body limit.
+    /// Options serving `model_name` without a key, with a 4 MiB body limit,
+    /// to loopback clients.
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             model_name: model_name.into(),
             api_key: None,
             body_limit: 4 * 1024 * 1024,
+            hosts: HostPolicy::Loopback,
         }
     }
 
     /// Requires `api_key` as a bearer token.
     #[must_use]
-    pub fn with_api_key(mut self, api_key: Option<String>) -> Self {
+    pub fn with_api_key(mut self, api_key: Option<ApiKey>) -> Self {
         self.api_key = api_key;
         self
     }
+
+    /// Sets [`hosts`](Self::hosts).
+    #[must_use]
+    pub fn with_hosts(mut self, hosts: HostPolicy) -> Self {
+        self.hosts = hosts;
+        self
+    }
+}
+
+/// Refuses to expose a server without an API key on a non-loopback address,
+/// unless `allow_without_key` says the caller knows what it does.
+pub fn check_exposure(
+    address: &std::net::SocketAddr,
+    api_key: Option<&ApiKey>,
+    allow_without_key: bool,
+) -> Result<()> {
+    if address.ip().is_loopback() || api_key.is_some() || allow_without_key {
+        return Ok(());
+    }
+    Err(Error::invalid_config(
+        "api_key",
+        format!(
+            "is required to listen on {address}, which other hosts can reach: set one \
+             (MODEL_RUNTIME_API_KEY), listen on 127.0.0.1, or allow unauthenticated \
+             access explicitly"
+        ),
+    ))
 }
 
 #[derive(Clone)]
@@ -102,10 +243,12 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -115,14 +258,17 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
 pub struct ApiError(pub Error);
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    /// The HTTP status for the error.
+    pub fn status(&self) -> StatusCode {
         match &self.0 {
             Error::InvalidRequest { .. } | Error::ContextExceeded { .. } => StatusCode::BAD_REQUEST,
+            Error::ModelNotServed { .. } => StatusCode::NOT_FOUND,
             Error::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::NotInitialized | Error::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
-            Error::EngineExited { .. } | Error::Transport(_) | Error::StreamProtocol(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Error::EngineExited { .. }
+            | Error::EngineUnresponsive { .. }
+            | Error::Transport(_)
+            | Error::StreamProtocol(_) => StatusCode::BAD_GATEWAY,
             Error::Api { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -130,31 +276,97 @@ impl ApiError {
         }
     }
 
+    /// The OpenAI error type.
     fn kind(&self) -> &str {
         match &self.0 {
             Error::InvalidRequest { .. } => "invalid_request_error",
             Error::ContextExceeded { .. } => "exceed_context_size_error",
+            Error::ModelNotServed { .. } => "invalid_request_error",
             Error::Busy(_) => "rate_limit_error",
             Error::NotInitialized | Error::ShutDown => "unavailable_error",
             Error::Api {
-                kind: Some(kind), ..
-            } => kind,
+                kind: Some(kind),
+                status,
+                ..
+            } if *status < 500 => kind,
             _ => "server_error",
         }
+    }
+
+    /// A short code a client can act on, for errors whose message is generic.
+    fn code(&self) -> &'static str {
+        match &self.0 {
+            Error::ModelNotServed { .. } => "model_not_found",
+            Error::EngineExited { .. } => "engine_exited",
+            Error::EngineUnresponsive { .. } => "engine_unresponsive",
+            Error::Transport(_) | Error::StreamProtocol(_) | Error::Api { .. } => "engine_error",
+            Error::ShutDown => "shutting_down",
+            Error::NotInitialized => "not_ready",
+            Error::Busy(_) => "busy",
+            _ => "internal_error",
+        }
+    }
+
+    /// The body: the error's own message for the caller's mistakes, a generic
+    /// one for failures of the server or the engine, whose details (log lines,
+    /// paths) stay in our log.
+    fn body(&self) -> ErrorBody {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %chain(&self.0), "request failed");
+            let message = match &self.0 {
+                Error::EngineExited { .. } => "the model's engine stopped; the server log says why",
+                Error::EngineUnresponsive { .. } => "the model's engine stopped answering",
+                Error::ShutDown => "the server is shutting down",
+                Error::NotInitialized => "the model is not loaded",
+                _ => "the model's engine failed; the server log says why",
+            };
+            let mut body = ErrorBody::new(message, self.kind(), status.as_u16());
+            if let ErrorField::Detail(detail) = &mut body.error {
+                detail.code = Some(self.code().into());
+            }
+            return body;
+        }
+        let mut body = ErrorBody::new(self.0.to_string(), self.kind(), status.as_u16());
+        if let ErrorField::Detail(detail) = &mut body.error {
+            match &self.0 {
+                Error::InvalidRequest { field, .. } => detail.param = Some(field.to_string()),
+                Error::ModelNotServed { .. } => {
+                    detail.param = Some("model".to_owned());
+                    detail.code = Some(self.code().into());
+                }
+                _ => {}
+            }
+        }
+        body
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let mut body = ErrorBody::new(self.0.to_string(), self.kind(), status.as_u16());
-        if let (Error::InvalidRequest { field, .. }, crate::wire::ErrorField::Detail(detail)) =
-            (&self.0, &mut body.error)
-        {
-            detail.param = Some((*field).to_owned());
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Error::Busy(_) = self.0 {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        (status, Json(body)).into_response()
+        response
     }
+}
+
+/// An error and its sources on one line.
+fn chain(err: &Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+fn refusal(status: StatusCode, message: &str, kind: &str) -> Response {
+    (status, Json(ErrorBody::new(message, kind, status.as_u16()))).into_response()
 }
 
 /// Every route but `/health` requires the API key, when one is configured.
@@ -162,8 +374,11 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
     if authorized(&state.options, request.headers()) {
         next.run(request).await
     } else {
-        let body = ErrorBody::new("invalid or missing API key", "authentication_error", 401);
-        (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+        refusal(
+            StatusCode::UNAUTHORIZED,
+            "invalid or missing API key",
+            "authentication_error",
+        )
     }
 }
 
@@ -175,12 +390,59 @@ fn authorized(options: &ServeOptions, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
+        .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.expose().as_bytes()))
 }
 
 /// Compares without an early exit, so timing does not reveal the key's prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// On loopback, `Host` and `Origin` must name loopback: a page elsewhere that
+/// rebinds its name to 127.0.0.1 still sends its own name.
+async fn check_host(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.options.hosts == HostPolicy::Loopback {
+        let headers = request.headers();
+        let host_ok = headers
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|host| is_loopback_name(authority_host(host)));
+        let origin_ok = headers
+            .get(header::ORIGIN)
+            .and_then(|value| value.to_str().ok())
+            .is_none_or(|origin| {
+                origin
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| is_loopback_name(authority_host(rest)))
+            });
+        if !(host_ok && origin_ok) {
+            return refusal(
+                StatusCode::FORBIDDEN,
+                "this server only answers requests addressed to localhost",
+                "permission_error",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+/// The host part of `host[:port]` or `[v6]:port`.
+fn authority_host(authority: &str) -> &str {
+    let authority = authority.split('/').next().unwrap_or(authority);
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -192,19 +454,51 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 async fn models(State(state): State<AppState>) -> Response {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.options.model_name,
-            "object": "model",
-            "created": unix_time(),
-            "owned_by": "model-runtime",
-        }],
-    }))
-    .into_response()
+    let mut cards = state.service.models().await;
+    if cards.is_empty() {
+        cards.push(ModelCard::new(state.options.model_name.clone()));
+    }
+    Json(json!({"object": "list", "data": cards})).into_response()
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+async fn metrics(State(state): State<AppState>) -> Response {
+    match state.service.metrics().await {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        None => refusal(
+            StatusCode::NOT_FOUND,
+            "this server keeps no metrics",
+            "invalid_request_error",
+        ),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_json(&headers) {
+        return refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the request as JSON with Content-Type: application/json",
+            "invalid_request_error",
+        );
+    }
     // Parsed here rather than by axum's Json extractor so malformed JSON gets
     // the OpenAI error shape too.
     let wire: ChatCompletionRequest = match serde_json::from_slice(&body) {
@@ -218,14 +512,18 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
         }
     };
     let include_usage = wire.wants_usage();
+    let requested = wire.model.clone();
     let request = match wire.into_inference() {
         Ok(request) => request,
         Err(err) => return ApiError(err).into_response(),
     };
     let id = completion_id();
-    let model = state.options.model_name.clone();
+    let model = requested
+        .clone()
+        .unwrap_or_else(|| state.options.model_name.clone());
+    let service = &state.service;
     if request.stream {
-        match state.service.generate_events(request).await {
+        match service.generate_events(requested.as_deref(), request).await {
             Ok(events) => {
                 let chunks = sse_chunks(events, id, model, include_usage);
                 Sse::new(chunks)
@@ -235,7 +533,7 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
             Err(err) => ApiError(err).into_response(),
         }
     } else {
-        match state.service.generate(request).await {
+        match service.generate(requested.as_deref(), request).await {
             Ok(response) => Json(ChatCompletionResponse::from_inference(
                 &response,
                 &id,
@@ -249,8 +547,9 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
 }
 
 /// The SSE body: a role chunk, content chunks, the finish chunk, an optional
-/// usage chunk, `[DONE]`. An error mid-stream is sent as an `error` event
-/// object, as OpenAI-compatible engines do, and ends the stream.
+/// usage chunk, `[DONE]`. An error mid-stream (or an end without a finish) is
+/// sent as an `error` event object, as OpenAI-compatible engines do, and ends
+/// the stream.
 fn sse_chunks(
     events: EventStream,
     id: String,
@@ -280,7 +579,7 @@ fn sse_chunks(
         None,
     );
     let head = futures::stream::once(async move { data_event(&first) });
-    let body = events.flat_map(move |event| {
+    let body = runtime_core::ensure_finished(events).flat_map(move |event| {
         let out: Vec<Event> = match event {
             Ok(StreamEvent::Delta(text)) => vec![data_event(&chunk(
                 Delta {
@@ -305,11 +604,7 @@ fn sse_chunks(
                 out
             }
             Ok(_) => Vec::new(),
-            Err(err) => {
-                let api = ApiError(err);
-                let body = ErrorBody::new(api.0.to_string(), api.kind(), api.status().as_u16());
-                vec![data_event(&body)]
-            }
+            Err(err) => vec![data_event(&ApiError(err).body())],
         };
         futures::stream::iter(out.into_iter().map(Ok))
     });
@@ -379,5 +674,38 @@ mod tests {
             status(Error::engine("boom", std::io::Error::other("x"))),
             500
         );
+    }
+
+    #[test]
+    fn engine_failures_reach_the_client_without_the_engines_words() {
+        let err = Error::EngineExited {
+            engine: "llama-server".into(),
+            status: "signal: 9".into(),
+            log_tail: vec!["loading /home/alice/secret-model.gguf".into()],
+        };
+        let body = serde_json::to_string(&ApiError(err).body()).unwrap();
+        assert!(!body.contains("alice"), "{body}");
+        assert!(body.contains("engine_exited"), "{body}");
+    }
+
+    #[test]
+    fn loopback_names_are_recognised_in_host_headers() {
+        for host in [
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "LOCALHOST",
+            "127.0.0.2",
+        ] {
+            assert!(is_loopback_name(authority_host(host)), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:80",
+            "localhost.evil.example",
+        ] {
+            assert!(!is_loopback_name(authority_host(host)), "{host}");
+        }
     }
 }

@@ -69,6 +69,12 @@ impl SseDecoder {
         Ok(())
     }
 
+    /// How many bytes of unfinished lines and events are buffered; never more
+    /// than the per-event bound plus one chunk.
+    pub fn buffered_bytes(&self) -> usize {
+        self.line.len() + self.data.len()
+    }
+
     /// Whether bytes of an unfinished event are buffered.
     pub fn has_partial_event(&self) -> bool {
         self.has_data || !self.line.is_empty()

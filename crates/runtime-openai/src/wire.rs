@@ -29,9 +29,13 @@ pub struct ChatCompletionRequest {
     /// The conversation.
     #[serde(default)]
     pub messages: Vec<WireMessage>,
-    /// The most tokens to generate.
+    /// The most tokens to generate (the older name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<i64>,
+    /// The most tokens to generate (the name OpenAI's API uses now); when both
+    /// are sent the smaller wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<i64>,
     /// Sampling temperature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
@@ -146,6 +150,7 @@ impl ChatCompletionRequest {
             model: model.map(str::to_owned),
             messages: request.messages.iter().map(WireMessage::from).collect(),
             max_tokens: request.max_tokens.map(i64::from),
+            max_completion_tokens: None,
             temperature: request.temperature,
             top_p: request.top_p,
             seed: request.seed,
@@ -178,6 +183,17 @@ impl ChatCompletionRequest {
                         ));
                     }
                 };
+                if let Some(MessageContent::Parts(parts)) = &message.content
+                    && let Some(part) = parts.iter().find(|part| part.kind != "text")
+                {
+                    return Err(Error::invalid_request(
+                        "messages",
+                        format!(
+                            "has a `{}` content part; this server takes text only",
+                            part.kind
+                        ),
+                    ));
+                }
                 let content = message
                     .content
                     .as_ref()
@@ -186,14 +202,13 @@ impl ChatCompletionRequest {
                 Ok(ChatMessage::new(role, content))
             })
             .collect::<Result<Vec<_>>>()?;
-        let max_tokens = match self.max_tokens {
-            None | Some(-1) => None,
-            Some(n) => Some(u32::try_from(n).map_err(|_| {
-                Error::invalid_request(
-                    "max_tokens",
-                    format!("must be between 1 and {}, got {n}", u32::MAX),
-                )
-            })?),
+        refuse_unsupported(&self.extra)?;
+        let max_tokens = match (
+            token_limit("max_tokens", self.max_tokens)?,
+            token_limit("max_completion_tokens", self.max_completion_tokens)?,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let mut request = InferenceRequest::new(messages);
         request.max_tokens = max_tokens;
@@ -212,6 +227,59 @@ impl ChatCompletionRequest {
             .as_ref()
             .is_some_and(|options| options.include_usage)
     }
+}
+
+/// `max_tokens` or `max_completion_tokens`: unset or -1 (llama.cpp's "no
+/// limit") is no limit; otherwise it must fit a `u32`.
+fn token_limit(field: &'static str, value: Option<i64>) -> Result<Option<u32>> {
+    match value {
+        None | Some(-1) => Ok(None),
+        Some(n) => u32::try_from(n).map(Some).map_err(|_| {
+            Error::invalid_request(
+                field,
+                format!("must be between 1 and {}, got {n}", u32::MAX),
+            )
+        }),
+    }
+}
+
+/// Request fields that only describe the caller and change nothing about the
+/// answer: accepted and ignored.
+const METADATA_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
+
+/// Fields of the chat API this crate does not implement, with the values that
+/// mean "not used" (so a client that always sends the defaults still works).
+/// Anything else the request carries is refused rather than silently dropped:
+/// a client that asks for two choices or JSON output must not get one plain
+/// answer and a 200.
+fn neutral(field: &str, value: &Value) -> bool {
+    match field {
+        "n" => value.as_u64() == Some(1),
+        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
+        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" | "function_call" => value.as_str() == Some("none"),
+        "parallel_tool_calls" => true,
+        "logprobs" => value.as_bool() == Some(false),
+        "top_logprobs" => value.as_u64() == Some(0),
+        "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
+        "logit_bias" => value.as_object().is_some_and(Map::is_empty),
+        _ => false,
+    }
+}
+
+fn refuse_unsupported(extra: &Extra) -> Result<()> {
+    for (field, value) in extra {
+        if value.is_null() || METADATA_FIELDS.contains(&field.as_str()) || neutral(field, value) {
+            continue;
+        }
+        return Err(Error::invalid_request(
+            field.clone(),
+            format!(
+                "is {value}, which this server does not implement; leave it out or send its default"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /v1/chat/completions` response body (non-streamed).

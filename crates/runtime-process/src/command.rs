@@ -4,17 +4,24 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 
-/// What the kernel sends the engine when the process that spawned it dies
-/// (Linux only; elsewhere there is no such signal).
+/// What happens to the engine when the process that spawned it dies
+/// (Linux only; elsewhere there is no parent-death signal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ParentDeath {
-    /// SIGKILL: nothing can survive it. Right for single-process engines.
+    /// SIGKILL to the engine: nothing can survive it. Right for single-process
+    /// engines (llama-server).
     #[default]
     Kill,
-    /// SIGTERM: lets an engine that spawned processes of its own (vLLM's
-    /// `EngineCore` and workers) shut them down; only the engine's leader
-    /// receives the signal, so a SIGKILL would orphan them.
-    Terminate,
+    /// SIGTERM to the whole process group, then SIGKILL to it after `grace`:
+    /// for engines that start processes of their own (vLLM's `EngineCore` and
+    /// workers). The leader gets SIGTERM from the kernel, so it can shut its
+    /// children down in order; a watcher process inside the group signals the
+    /// rest, and escalates if the leader stalls.
+    TerminateGroup {
+        /// How long the group has between SIGTERM and SIGKILL.
+        grace: std::time::Duration,
+    },
 }
 
 /// An engine's command line and environment.

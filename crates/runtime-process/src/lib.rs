@@ -11,6 +11,14 @@
 //!   fails at once if the child exits, and times out only when the log stalls;
 //! - [`ServerProcess::stop`] sends SIGTERM to the group, waits a grace period,
 //!   sends SIGKILL, and waits until the group is empty; dropping kills the group.
+//!   The leader's zombie is kept until then, so the group id cannot be reused
+//!   while we may still signal it;
+//! - for engines that start processes of their own, a watcher inside the
+//!   group terminates all of them if our process dies
+//!   ([`ParentDeath::TerminateGroup`]);
+//! - [`ServerProcess::listens_on`] tells whether a port's listening socket
+//!   belongs to the engine's group, so a process squatting on the port cannot
+//!   pass for the engine.
 //!
 //! It also finds engine binaries ([`BinarySearch`]) and free ports ([`free_port`]).
 //!

@@ -3,8 +3,16 @@
 //! Best effort: Windows has no process groups in the Unix sense, so the tree is
 //! terminated with `taskkill /T`; other platforms only stop the process itself.
 
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
 /// Nothing to configure: no process groups or parent-death signal here.
-pub(crate) fn configure(_command: &mut std::process::Command, _parent_death: crate::ParentDeath) {}
+pub(crate) fn configure(_command: &mut Command, _parent_death: crate::ParentDeath) {}
+
+/// No watcher: there is no parent-death signal to act on.
+pub(crate) fn spawn_group_watcher(_pgid: u32, _grace: Duration) -> std::io::Result<()> {
+    Ok(())
+}
 
 /// Asks the process tree to stop.
 pub(crate) fn terminate_group(pid: u32) {
@@ -17,12 +25,25 @@ pub(crate) fn kill_group(pid: u32) {
 }
 
 /// Without groups the leader's exit is all that can be observed.
-pub(crate) fn group_exists(_pid: u32) -> bool {
+pub(crate) fn group_has_members(_pid: u32) -> bool {
     false
 }
 
+/// Waits for and reaps the child: there is no zombie to keep here.
+pub(crate) fn wait_exit(child: &mut std::process::Child) -> std::io::Result<ExitStatus> {
+    child.wait()
+}
+
+/// Nothing left to reap.
+pub(crate) fn reap(_child: &mut std::process::Child) {}
+
+/// Socket ownership cannot be read here.
+pub(crate) fn group_listens_on(_pgid: u32, _port: u16) -> Option<bool> {
+    None
+}
+
 fn taskkill(pid: u32, force: bool) {
-    let mut command = std::process::Command::new("taskkill");
+    let mut command = Command::new("taskkill");
     command.args(["/T", "/PID", &pid.to_string()]);
     if force {
         command.arg("/F");

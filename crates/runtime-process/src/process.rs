@@ -5,13 +5,14 @@ use std::future::Future;
 use std::io::Read;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use runtime_core::{Error, Result};
 use tokio::sync::watch;
 
 use crate::log::{LogTail, drain};
-use crate::{ServerCommand, platform};
+use crate::{ParentDeath, ServerCommand, platform};
 
 /// How an engine process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +76,11 @@ const KILL_WAIT: Duration = Duration::from_secs(3);
 ///   waited for on a dedicated thread that lives exactly as long as the child;
 /// - with stdout and stderr drained continuously into a [`LogTail`] and `tracing`.
 ///
+/// When the leader exits, its zombie is kept (Linux: `waitid` with `WNOWAIT`)
+/// until the rest of its group is swept: while it exists, no unrelated process
+/// can be given its pid or process group id, so the group is never signalled
+/// by a number that has been reused.
+///
 /// Dropping it without [`stop`](Self::stop) kills the whole group.
 pub struct ServerProcess {
     engine: String,
@@ -83,6 +89,8 @@ pub struct ServerProcess {
     exit: watch::Receiver<Option<Exited>>,
     /// Set once the group was swept after the leader exited.
     swept: Mutex<bool>,
+    /// Dropped to let the supervisor reap the leader's zombie.
+    reap: Mutex<Option<Sender<()>>>,
 }
 
 impl fmt::Debug for ServerProcess {
@@ -104,6 +112,8 @@ impl ServerProcess {
         let log = LogTail::new(command.log_lines);
         let (exit_tx, exit_rx) = watch::channel(None);
         let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        let (reap_tx, reap_rx) = std::sync::mpsc::channel();
+        let parent_death = command.parent_death;
 
         let mut std_command = std::process::Command::new(&command.program);
         std_command
@@ -122,9 +132,11 @@ impl ServerProcess {
                 supervise(
                     std_command,
                     &supervisor_engine,
+                    parent_death,
                     supervisor_log,
                     spawned_tx,
                     exit_tx,
+                    reap_rx,
                 );
             })
             .map_err(|source| Error::Spawn {
@@ -154,6 +166,7 @@ impl ServerProcess {
             log,
             exit: exit_rx,
             swept: Mutex::new(false),
+            reap: Mutex::new(Some(reap_tx)),
         })
     }
 
@@ -180,6 +193,14 @@ impl ServerProcess {
     /// Whether the process is still running. Cheap.
     pub fn is_running(&self) -> bool {
         self.exit.borrow().is_none()
+    }
+
+    /// Whether a TCP socket listening on `port` belongs to this engine's
+    /// process group: evidence that the engine, and not some other process
+    /// that took the port, is what answers there. `None` where the platform
+    /// cannot tell.
+    pub fn listens_on(&self, port: u16) -> Option<bool> {
+        platform::group_listens_on(self.pid, port)
     }
 
     /// Waits up to `timeout` for the process to exit.
@@ -317,8 +338,8 @@ impl ServerProcess {
         exited
     }
 
-    /// Kills whatever is left in the group once the leader is gone and waits
-    /// until the group is empty.
+    /// Kills whatever is left in the group once the leader is gone, waits
+    /// until the group is empty, then lets the leader's zombie be reaped.
     async fn sweep_group(&self) {
         {
             let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
@@ -327,14 +348,20 @@ impl ServerProcess {
             }
             *swept = true;
         }
-        if !platform::group_exists(self.pid) {
-            return;
+        if platform::group_has_members(self.pid) {
+            // The leader's zombie still holds the group id: this reaches our
+            // group and nobody else's.
+            platform::kill_group(self.pid);
+            let deadline = Instant::now() + KILL_WAIT;
+            while platform::group_has_members(self.pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
-        platform::kill_group(self.pid);
-        let deadline = Instant::now() + KILL_WAIT;
-        while platform::group_exists(self.pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.release_zombie();
+    }
+
+    fn release_zombie(&self) {
+        self.reap.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -347,18 +374,25 @@ impl Drop for ServerProcess {
                 pid = self.pid,
                 "killing engine on drop"
             );
+            // Safe whether the leader runs or is a zombie: either way it holds
+            // the group id.
             platform::kill_group(self.pid);
         }
+        self.release_zombie();
     }
 }
 
-/// The body of the supervisor thread: spawn, report, drain, wait, report.
+/// The body of the supervisor thread: spawn, report, drain, wait for the exit
+/// (leaving the zombie), report, and reap once the owner has swept the group.
+#[allow(clippy::too_many_arguments)]
 fn supervise(
     mut command: std::process::Command,
     engine: &str,
+    parent_death: ParentDeath,
     log: LogTail,
     spawned: std::sync::mpsc::Sender<std::io::Result<u32>>,
     exit: watch::Sender<Option<Exited>>,
+    reap: Receiver<()>,
 ) {
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -390,14 +424,19 @@ fn supervise(
             }
         }
     }
+    if let ParentDeath::TerminateGroup { grace } = parent_death
+        && let Err(err) = platform::spawn_group_watcher(child.id(), grace)
+    {
+        platform::kill_group(child.id());
+        let _ = child.wait();
+        let _ = spawned.send(Err(err));
+        return;
+    }
     let _ = spawned.send(Ok(child.id()));
 
-    let exited = loop {
-        match child.wait() {
-            Ok(status) => break Exited::from_status(status),
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => break Exited::unknown(format!("exit status unknown: {err}")),
-        }
+    let exited = match platform::wait_exit(&mut child) {
+        Ok(status) => Exited::from_status(status),
+        Err(err) => Exited::unknown(format!("exit status unknown: {err}")),
     };
     // Let the drains reach end of file so the tail holds the engine's last words
     // before anyone is told it exited; a grandchild holding the pipe open must
@@ -410,6 +449,10 @@ fn supervise(
     }
     tracing::debug!(engine, %exited, "engine exited");
     let _ = exit.send(Some(exited));
+    // Blocks until the owner has swept the group (or is gone): the zombie
+    // keeps the group id ours until then.
+    let _ = reap.recv();
+    platform::reap(&mut child);
 }
 
 fn spawn_drain(

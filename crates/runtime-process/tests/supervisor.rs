@@ -260,3 +260,64 @@ fn sigkill(pid: u32) {
         .status()
         .unwrap();
 }
+
+/// The leader's pid (and so its group id) stays taken until the group is
+/// swept: a number that could be reused is never signalled.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_exited_leader_stays_a_zombie_until_its_group_is_swept() {
+    let process = ServerProcess::spawn(&sh("sleep 30 & exit 0")).unwrap();
+    let pid = process.pid() as i32;
+    process
+        .wait_for_exit(Duration::from_secs(5))
+        .await
+        .expect("the leader exits");
+    let straggler: Vec<i32> = group_members(process.pid())
+        .into_iter()
+        .filter(|p| *p != pid)
+        .collect();
+    assert_eq!(
+        straggler.len(),
+        1,
+        "the background sleep is left in the group"
+    );
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_ok() && !alive(pid),
+        "the leader is kept as a zombie"
+    );
+    process.stop(StopPolicy::new(Duration::from_secs(1))).await;
+    assert!(
+        group_members(process.pid()).is_empty(),
+        "the straggler was killed"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the zombie is reaped after the sweep"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The listening socket of a port is attributed to the engine's group, and a
+/// port held by anyone else is not.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_port_counts_as_the_engines_only_if_its_group_listens_on_it() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let process = ServerProcess::spawn(&sh("exec python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\",0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(30)'")).unwrap();
+    let log = process.log().clone();
+    process
+        .wait_until_ready(Duration::from_secs(10), || {
+            let log = log.clone();
+            async move { !log.lines().is_empty() }
+        })
+        .await
+        .unwrap();
+    let own: u16 = process.log().lines()[0].trim().parse().unwrap();
+    assert_eq!(process.listens_on(own), Some(true));
+    assert_eq!(process.listens_on(taken), Some(false));
+    process.stop(StopPolicy::new(Duration::from_secs(1))).await;
+}

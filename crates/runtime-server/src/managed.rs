@@ -7,10 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use runtime_core::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
-    RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
+    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
+    Result, RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
-use runtime_openai::{ClientTimeouts, OpenAiClient, http_base_url, random_api_key};
+use runtime_openai::{ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key};
 use runtime_process::{ServerProcess, StopPolicy, free_port};
 
 use crate::engine::PROBE_TIMEOUT;
@@ -27,7 +27,7 @@ const PORT_ATTEMPTS: usize = 3;
 struct Running {
     process: Arc<ServerProcess>,
     client: OpenAiClient,
-    api_key: String,
+    api_key: ApiKey,
     format: ModelFormat,
     version: String,
     context_size: Option<u32>,
@@ -118,17 +118,31 @@ impl<E: ServerEngine> ManagedServer<E> {
                 0 => free_port(&config.host)?,
                 port => port,
             };
-            let launch = LaunchSpec::new(&binary, config, &options, port, &api_key, &model_name);
+            let launch = LaunchSpec::new(
+                &binary,
+                config,
+                &options,
+                port,
+                api_key.expose(),
+                &model_name,
+            );
             let command = self.engine.command(&launch)?;
             let process = ServerProcess::spawn(&command)?;
             let client = OpenAiClient::new(
                 http_base_url(&config.host, port),
                 Some(api_key.clone()),
                 Some(model_name.clone()),
-                ClientTimeouts::default(),
+                ClientTimeouts::with_idle(config.idle_timeout),
             )?;
+            // Ready means: the engine's own process group holds the listening
+            // socket, and the engine answers its probe (sent without the key).
+            // A process squatting on the port may answer the probe, but the
+            // socket is not ours: our engine then dies on "address in use".
             let ready = process
-                .wait_until_ready(stall_timeout, || self.engine.probe_ready(&client))
+                .wait_until_ready(stall_timeout, || async {
+                    process.listens_on(port) != Some(false)
+                        && self.engine.probe_ready(&client).await
+                })
                 .await;
             match ready {
                 Ok(()) => break (process, client),
@@ -161,6 +175,10 @@ impl<E: ServerEngine> ManagedServer<E> {
             },
         };
         let context_size = self.engine.context_size(&client).await;
+        let client = client.with_heartbeat(Heartbeat::new(
+            self.engine.engine_name(),
+            config.hang_timeout,
+        ));
         tracing::info!(
             engine = self.engine.engine_name(),
             base_url = client.base_url(),
@@ -196,7 +214,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     async fn is_ready(&self) -> bool {
         self.running
             .as_ref()
-            .is_some_and(|running| running.process.is_running())
+            .is_some_and(|running| running.process.is_running() && running.client.is_responsive())
     }
 
     async fn health_check(&self) -> Result<String> {
@@ -204,7 +222,14 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         if let Some(exited) = running.process.exit_status() {
             return Err(running.process.exited_error(&exited));
         }
-        match running.client.get("/health", PROBE_TIMEOUT * 5).await {
+        if let Some(err) = running.client.unresponsive_error() {
+            return Err(err);
+        }
+        match running
+            .client
+            .get_anonymous("/health", PROBE_TIMEOUT * 5)
+            .await
+        {
             Ok((200, body)) => {
                 let text = String::from_utf8_lossy(&body).trim().to_owned();
                 Ok(if text.is_empty() {
@@ -225,7 +250,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             .unwrap_or_default()
     }
 
-    fn api_key(&self) -> Option<String> {
+    fn api_key(&self) -> Option<ApiKey> {
         self.running.as_ref().map(|running| running.api_key.clone())
     }
 

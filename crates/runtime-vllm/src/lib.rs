@@ -260,8 +260,12 @@ impl ServerEngine for VllmServer {
         }
         command.args(&config.extra_args);
         // If we die, the API server must take EngineCore and its workers with
-        // it: SIGTERM lets it, SIGKILL would orphan them.
-        command.parent_death(ParentDeath::Terminate);
+        // it: SIGTERM lets it; SIGKILL to the leader would orphan them, and a
+        // leader that stalls would too, so the whole group is terminated and
+        // then killed after the grace period.
+        command.parent_death(ParentDeath::TerminateGroup {
+            grace: config.shutdown_grace,
+        });
         command.env("PYTHONUNBUFFERED", "1");
         let kv_cache = options
             .cpu_kvcache_space_gib

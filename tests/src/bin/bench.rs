@@ -76,7 +76,10 @@ async fn gateway(backend: &Backend, runs: Runs) {
         .hot_swap(backend.config.clone())
         .await
         .expect("start the engine");
-    let engine = manager.current().await.unwrap();
+    let (engine_url, engine_key) = manager
+        .with_current(async |runtime| (runtime.completions_url(), conformance::bearer(runtime)))
+        .await
+        .unwrap();
     let router = runtime_openai::router(
         manager.clone() as Arc<dyn ChatService>,
         ServeOptions::new("bench"),
@@ -92,7 +95,7 @@ async fn gateway(backend: &Backend, runs: Runs) {
     let pairs = Pairs::measure(
         runs.stream,
         || direct_http(&http, &gateway_url, None, &request),
-        || direct_to(&http, engine.as_ref(), &request),
+        || direct_http(&http, &engine_url, Some(&engine_key), &request),
     )
     .await;
     println!(
@@ -103,7 +106,6 @@ async fn gateway(backend: &Backend, runs: Runs) {
         pairs.median(|via, straight| ms(via.total) / ms(straight.total)),
         pairs.note()
     );
-    drop(engine);
     server.abort();
     manager.shutdown().await.unwrap();
 }
@@ -316,8 +318,8 @@ async fn direct_to(
     runtime: &dyn ModelRuntime,
     request: &InferenceRequest,
 ) -> Timed {
-    let key = runtime.api_key();
-    direct_http(http, &runtime.completions_url(), key.as_deref(), request).await
+    let key = conformance::bearer(runtime);
+    direct_http(http, &runtime.completions_url(), Some(&key), request).await
 }
 
 /// A plain streaming POST with reqwest, reading `data:` lines as they come.
