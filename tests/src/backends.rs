@@ -9,7 +9,7 @@ use runtime_process::ServerCommand;
 use runtime_server::{LaunchSpec, ServerEngine};
 use runtime_vllm::{VllmOptions, VllmRuntime, VllmServer};
 
-use crate::{Backend, EngineProcess, MODEL_ENV, VersionSource, required_env};
+use crate::{Activity, Backend, EngineProcess, MODEL_ENV, VersionSource, required_env};
 
 /// The context size the suite configures, small enough that an over-long prompt is cheap.
 pub const CONTEXT_SIZE: u32 = 1024;
@@ -29,7 +29,6 @@ pub fn llamacpp() -> Backend {
         config,
         server: Some(EngineProcess {
             binary,
-            has_slots_endpoint: true,
             version_source: VersionSource::VersionFlag,
             process_markers: &[],
             command: |config, port| engine_command(&LlamaServer, config, port),
@@ -37,6 +36,7 @@ pub fn llamacpp() -> Backend {
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
         misspelled_option: ("flash_atention", "flash_attention"),
+        activity: Activity::Slots,
         hold_runtime: None,
     }
 }
@@ -56,6 +56,7 @@ pub fn candle() -> Backend {
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
         misspelled_option: ("requantise", "requantize"),
+        activity: Activity::CandleMetrics,
         hold_runtime: None,
     }
 }
@@ -81,15 +82,17 @@ pub fn vllm() -> Backend {
         config,
         server: Some(EngineProcess {
             binary: python,
-            has_slots_endpoint: false,
             version_source: VersionSource::HttpVersion,
             process_markers: &["VLLM::", "vllm.entrypoints"],
             command: |config, port| engine_command(&VllmServer, config, port),
         }),
         start_budget: Duration::from_secs(300),
-        // The API server shuts EngineCore and its workers down: about 2 s here.
-        exit_budget: Duration::from_secs(10),
+        // The API server shuts EngineCore and its workers down in about 2 s
+        // here; a stalled one is killed by the group's watcher after the
+        // shutdown grace (10 s).
+        exit_budget: Duration::from_secs(15),
         misspelled_option: ("tensor_paralel_size", "tensor_parallel_size"),
+        activity: Activity::VllmMetrics,
         hold_runtime: None,
     }
 }

@@ -9,7 +9,8 @@ use runtime_core::{
 };
 use tokio::io::AsyncBufReadExt;
 
-use crate::{Backend, procs};
+use crate::wire::{self, SseAnswer};
+use crate::{Activity, Backend, not_applicable, procs};
 
 const QUESTION: &str = "What is the capital of France?";
 
@@ -56,22 +57,119 @@ fn greedy(prompt: &str, max_tokens: u32) -> InferenceRequest {
         .with_temperature(0.0)
 }
 
+/// How long any one stream in the suite may take before the check fails
+/// rather than blocking the run.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
 async fn collect_stream(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Vec<String> {
-    let mut stream = runtime
-        .generate_stream(request)
+    let collected = async {
+        let mut stream = runtime
+            .generate_stream(request)
+            .await
+            .expect("stream starts");
+        let mut deltas = Vec::new();
+        while let Some(delta) = stream.next().await {
+            deltas.push(delta.unwrap_or_else(|err| panic!("stream failed: {}", chain(&err))));
+        }
+        deltas
+    };
+    tokio::time::timeout(STREAM_TIMEOUT, collected)
         .await
-        .expect("stream starts");
-    let mut deltas = Vec::new();
-    while let Some(delta) = stream.next().await {
-        deltas.push(delta.unwrap_or_else(|err| panic!("stream failed: {}", chain(&err))));
-    }
-    deltas
+        .unwrap_or_else(|_| panic!("a stream took longer than {STREAM_TIMEOUT:?}"))
 }
 
-/// The engine processes of a running server backend (empty for in-process ones).
+/// The first error a stream ends with, or `None` if it ends cleanly; fails
+/// the check if the stream does not end within `within`.
+async fn stream_outcome(stream: &mut runtime_core::TextStream, within: Duration) -> Option<Error> {
+    let outcome = async {
+        while let Some(item) = stream.next().await {
+            if let Err(err) = item {
+                return Some(err);
+            }
+        }
+        None
+    };
+    tokio::time::timeout(within, outcome)
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end within {within:?}"))
+}
+
+/// How many generations the engine is running, asked of the engine itself.
+pub async fn engine_activity(backend: &Backend, runtime: &dyn ModelRuntime) -> usize {
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("{}{path}", runtime.base_url()))
+            .bearer_auth(crate::bearer(runtime))
+            .timeout(Duration::from_secs(5))
+            .send()
+    };
+    match backend.activity {
+        Activity::Slots => {
+            let slots: serde_json::Value = get("/slots")
+                .await
+                .expect("GET /slots")
+                .json()
+                .await
+                .expect("slots JSON");
+            slots
+                .as_array()
+                .expect("a list of slots")
+                .iter()
+                .filter(|slot| slot["is_processing"].as_bool().unwrap_or(true))
+                .count()
+        }
+        Activity::VllmMetrics | Activity::CandleMetrics => {
+            let gauge = match backend.activity {
+                Activity::VllmMetrics => "vllm:num_requests_running",
+                _ => "candle_generations_active",
+            };
+            let text = get("/metrics")
+                .await
+                .expect("GET /metrics")
+                .text()
+                .await
+                .expect("metrics text");
+            let values: Vec<f64> = text
+                .lines()
+                .filter(|line| line.starts_with(gauge))
+                .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+                .collect();
+            assert!(!values.is_empty(), "{gauge} is in /metrics:\n{text}");
+            values.iter().sum::<f64>() as usize
+        }
+    }
+}
+
+/// Waits up to `within` for the engine to run no generation; returns how long it took.
+async fn wait_engine_idle(
+    backend: &Backend,
+    runtime: &dyn ModelRuntime,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if engine_activity(backend, runtime).await == 0 {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// The engine processes of a running server backend (empty for in-process
+/// ones); for a server backend, finding none fails the check.
 fn engine_processes(backend: &Backend, runtime: &dyn ModelRuntime) -> Vec<procs::Proc> {
     match backend.server {
-        Some(_) => procs::engine_on_port(procs::port_of(&runtime.base_url())),
+        Some(_) => {
+            let found = procs::engine_on_port(procs::port_of(&runtime.base_url()));
+            assert!(
+                !found.is_empty(),
+                "found {}'s engine by its port ({})",
+                backend.name,
+                runtime.base_url()
+            );
+            found
+        }
         None => Vec::new(),
     }
 }
@@ -330,13 +428,31 @@ pub async fn generation(backend: &Backend) {
     );
     assert_eq!(stopped.finish_reason, Some(FinishReason::Stop));
 
-    let sampled = InferenceRequest::from_prompt("Write a short poem about the sea.")
-        .with_max_tokens(24)
-        .with_temperature(0.8)
-        .with_seed(42);
-    let a = runtime.generate(sampled.clone()).await.expect("seeded");
-    let b = runtime.generate(sampled).await.expect("seeded again");
+    let sampled = |seed| {
+        InferenceRequest::from_prompt("Write a short poem about the sea.")
+            .with_max_tokens(24)
+            .with_temperature(0.8)
+            .with_seed(seed)
+    };
+    let a = runtime.generate(sampled(42)).await.expect("seeded");
+    let b = runtime.generate(sampled(42)).await.expect("seeded again");
     assert_eq!(a.content, b.content, "a seed at temperature 0.8 repeats");
+    // An engine that ignored temperature or seed would answer these alike.
+    let mut others = std::collections::BTreeSet::new();
+    for seed in [1, 2, 3] {
+        others.insert(
+            runtime
+                .generate(sampled(seed))
+                .await
+                .expect("seeded")
+                .content,
+        );
+    }
+    others.insert(a.content);
+    assert!(
+        others.len() >= 3,
+        "four seeds at temperature 0.8 give at least three different answers: {others:?}"
+    );
 }
 
 /// Non-ASCII output arrives as valid UTF-8 deltas with no replacement characters.
@@ -366,7 +482,8 @@ pub async fn streaming_utf8(backend: &Backend) {
     );
 }
 
-/// Four requests at once all succeed.
+/// Four requests at once all succeed, each with the answer the same request
+/// gets alone.
 pub async fn concurrency(backend: &Backend) {
     let runtime = start(backend).await;
     let prompts = [
@@ -375,15 +492,27 @@ pub async fn concurrency(backend: &Backend) {
         "What is 2 + 2?",
         "Say hello in Spanish.",
     ];
-    let answers = futures::future::join_all(
+    let mut alone = Vec::new();
+    for prompt in prompts {
+        let answer = runtime.generate(greedy(prompt, 16)).await;
+        alone.push(
+            answer
+                .unwrap_or_else(|err| panic!("{prompt}: {}", chain(&err)))
+                .content,
+        );
+    }
+    let together = futures::future::join_all(
         prompts
             .iter()
             .map(|prompt| runtime.generate(greedy(prompt, 16))),
     )
     .await;
-    for (prompt, answer) in prompts.iter().zip(answers) {
+    for ((prompt, answer), expected) in prompts.iter().zip(together).zip(&alone) {
         let answer = answer.unwrap_or_else(|err| panic!("{prompt}: {}", chain(&err)));
-        assert!(!answer.content.is_empty(), "{prompt}");
+        assert_eq!(
+            &answer.content, expected,
+            "{prompt}: concurrent and sequential answers"
+        );
     }
     let streams = futures::future::join_all(
         prompts
@@ -391,7 +520,9 @@ pub async fn concurrency(backend: &Backend) {
             .map(|prompt| collect_stream(runtime.as_ref(), greedy(prompt, 16))),
     )
     .await;
-    assert!(streams.iter().all(|deltas| !deltas.is_empty()));
+    for ((prompt, deltas), expected) in prompts.iter().zip(streams).zip(&alone) {
+        assert_eq!(&deltas.concat(), expected, "{prompt}: concurrent streams");
+    }
 }
 
 /// Dropping a stream after a few deltas cancels the generation in the engine.
@@ -402,21 +533,20 @@ pub async fn cancellation(backend: &Backend) {
     for _ in 0..3 {
         stream.next().await.expect("a delta").expect("a delta");
     }
+    assert_eq!(
+        engine_activity(backend, runtime.as_ref()).await,
+        1,
+        "the engine reports the generation running"
+    );
     let dropped = Instant::now();
     drop(stream);
 
-    if backend
-        .server
-        .as_ref()
-        .is_some_and(|s| s.has_slots_endpoint)
-    {
-        let idle_after = wait_for_idle_slots(runtime.as_ref(), Duration::from_secs(2)).await;
-        assert!(
-            idle_after.is_some(),
-            "the engine kept generating after the stream was dropped"
-        );
-        tracing::info!(idle_after = ?idle_after.unwrap(), "engine idle after the stream was dropped");
-    }
+    let idle_after = wait_engine_idle(backend, runtime.as_ref(), Duration::from_secs(3)).await;
+    assert!(
+        idle_after.is_some(),
+        "the engine kept generating after the stream was dropped"
+    );
+    tracing::info!(idle_after = ?idle_after.unwrap(), "engine idle after the stream was dropped");
     // Either way the engine is free for the next request at once.
     let next = runtime
         .generate(greedy(QUESTION, 8))
@@ -445,13 +575,7 @@ pub async fn shutdown_in_flight(backend: &Backend) {
         took < backend.exit_budget,
         "shutdown took {took:?} with a stream in flight"
     );
-    let mut ended_with = None;
-    while let Some(item) = stream.next().await {
-        if let Err(err) = item {
-            ended_with = Some(err);
-            break;
-        }
-    }
+    let ended_with = stream_outcome(&mut stream, Duration::from_secs(5)).await;
     assert!(
         matches!(ended_with, Some(Error::ShutDown)),
         "the stream ends with ShutDown, got {ended_with:?}"
@@ -461,27 +585,6 @@ pub async fn shutdown_in_flight(backend: &Backend) {
             .await
             .is_empty()
     );
-}
-
-async fn wait_for_idle_slots(runtime: &dyn ModelRuntime, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let http = reqwest::Client::new();
-    while started.elapsed() < within {
-        let mut request = http.get(format!("{}/slots", runtime.base_url()));
-        if let Some(key) = runtime.api_key() {
-            request = request.bearer_auth(key.expose());
-        }
-        let slots: serde_json::Value = request.send().await.ok()?.json().await.ok()?;
-        let busy = slots
-            .as_array()?
-            .iter()
-            .any(|slot| slot["is_processing"].as_bool().unwrap_or(true));
-        if !busy {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
 }
 
 /// Empty messages, max_tokens 0 and a prompt over the context are typed errors,
@@ -624,7 +727,11 @@ pub async fn fault_bad_options(backend: &Backend) {
 /// A missing engine binary is a typed error naming what to do.
 pub async fn fault_missing_binary(backend: &Backend) {
     if backend.server.is_none() {
-        tracing::info!("{}: in-process, no binary to miss", backend.name);
+        not_applicable(
+            backend,
+            "fault_missing_binary",
+            "in process, no binary to miss",
+        );
         return;
     }
     let mut config = backend.config.clone();
@@ -664,33 +771,22 @@ pub async fn fault_port_taken(backend: &Backend) {
 /// the log tail within a second, and is_ready turns false.
 pub async fn fault_engine_killed(backend: &Backend) {
     if backend.server.is_none() {
-        tracing::info!("{}: in-process, no engine process to kill", backend.name);
+        not_applicable(
+            backend,
+            "fault_engine_killed",
+            "in process, no engine process to kill",
+        );
         return;
     }
     let mut runtime = start(backend).await;
     let engine = engine_processes(backend, runtime.as_ref());
-    assert!(!engine.is_empty(), "found the engine by its port");
     let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     stream.next().await.expect("a delta").expect("a delta");
 
     let killed = Instant::now();
-    for process in &engine {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(process.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let outcome = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(item) = stream.next().await {
-            if let Err(err) = item {
-                return Some(err);
-            }
-        }
-        None
-    })
-    .await
-    .expect("the stream ends within 1 s of the kill");
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGKILL);
+    let outcome = stream_outcome(&mut stream, Duration::from_secs(1)).await;
     match outcome {
         Some(Error::EngineExited {
             log_tail, status, ..
@@ -763,8 +859,21 @@ pub async fn fault_owner_killed(backend: &Backend) {
         Some(_) => procs::engine_on_port(port),
         None => Vec::new(),
     };
-    if backend.server.is_some() {
+    if let Some(server) = &backend.server {
         assert!(!engine.is_empty(), "found the engine of hold-runtime");
+        // A leader that cannot act on its parent-death signal: the engine's
+        // other processes must still go (the group's watcher, or SIGKILL).
+        let leaders: Vec<procs::Proc> = engine
+            .iter()
+            .filter(|p| {
+                p.args
+                    .first()
+                    .is_some_and(|a| std::path::Path::new(a) == server.binary)
+            })
+            .cloned()
+            .collect();
+        assert!(!leaders.is_empty(), "found the engine's leader");
+        procs::signal_all(&leaders, nix::sys::signal::Signal::SIGSTOP);
     }
 
     child.start_kill().expect("SIGKILL hold-runtime");
@@ -772,4 +881,429 @@ pub async fn fault_owner_killed(backend: &Backend) {
     let left = procs::wait_gone(&pids(&engine), backend.exit_budget).await;
     assert!(left.is_empty(), "the engine dies with its owner: {left:?}");
     wait_port_closed(port, Duration::from_secs(1)).await;
+}
+
+/// A process squatting on the configured port and answering every request
+/// with 200 cannot pass for the engine: initialize fails (the engine cannot
+/// bind), and the squatter never receives the API key.
+pub async fn fault_port_squatted(backend: &Backend) {
+    if backend.server.is_none() {
+        not_applicable(
+            backend,
+            "fault_port_squatted",
+            "binds its own listener before loading: a taken port fails at once",
+        );
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (saw, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let squatter = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let saw = saw.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 8192];
+                let read = socket.read(&mut buffer).await.unwrap_or(0);
+                let _ = saw.send(String::from_utf8_lossy(&buffer[..read]).into_owned());
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}")
+                    .await;
+            });
+        }
+    });
+    let key = "squatter-must-never-see-this-key";
+    let config = backend.config.clone().with_port(port).with_api_key(key);
+    let err = init_err(backend, config).await;
+    squatter.abort();
+    assert!(
+        matches!(
+            err,
+            Error::EngineExited { .. } | Error::StartupTimeout { .. }
+        ),
+        "the engine could not bind, so it is not ready: {}",
+        chain(&err)
+    );
+    let mut requests = Vec::new();
+    while let Ok(request) = seen.try_recv() {
+        requests.push(request);
+    }
+    assert!(
+        requests.iter().all(|r| !r.contains(key)),
+        "the squatter received the key: {requests:?}"
+    );
+}
+
+/// The engine stops (SIGSTOP: its socket still accepts connections, nothing
+/// answers): an open stream, a plain request and a new stream all end with
+/// `EngineUnresponsive` within the hang timeout and a probe's margin;
+/// `is_ready` and `health_check` say so; when it resumes, it serves again.
+/// Before that, a slow but live engine (a long prefill, no bytes for a
+/// while) is left alone.
+pub async fn fault_engine_hung(backend: &Backend) {
+    if backend.server.is_none() {
+        not_applicable(
+            backend,
+            "fault_engine_hung",
+            "in process: no engine process to stop",
+        );
+        return;
+    }
+    // Shorter than the long prompt's prefill (about 1.5 s for llama.cpp here),
+    // which must not count as a hang. One slot, so the prompt fits.
+    const HANG: Duration = Duration::from_secs(1);
+    let config = backend
+        .config
+        .clone()
+        .with_parallel(1)
+        .with_hang_timeout(HANG);
+    let mut runtime = start_with(backend, config).await;
+    let engine = engine_processes(backend, runtime.as_ref());
+
+    // Slow but alive: a prompt that takes longer to prefill than the hang timeout.
+    let slow = InferenceRequest::from_prompt("Tell me about the sea. ".repeat(120))
+        .with_max_tokens(4)
+        .with_temperature(0.0);
+    let prefill_started = Instant::now();
+    let prefilled = runtime.generate(slow).await;
+    assert!(
+        prefilled.is_ok(),
+        "a long prefill is not taken for a hang: {:?}",
+        prefilled.map_err(|e| chain(&e))
+    );
+    tracing::info!(took = ?prefill_started.elapsed(), hang = ?HANG, "a long prefill was left alone");
+
+    let mut open = runtime
+        .generate_stream(long_request())
+        .await
+        .expect("stream");
+    open.next().await.expect("a delta").expect("a delta");
+    let stopped = Instant::now();
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGSTOP);
+    let limit = HANG * 5;
+    let (plain, new_stream, open_end) = tokio::join!(
+        tokio::time::timeout(limit, runtime.generate(greedy(QUESTION, 8))),
+        tokio::time::timeout(limit, async {
+            match runtime.generate_stream(greedy(QUESTION, 8)).await {
+                Ok(mut stream) => stream_outcome(&mut stream, limit).await,
+                Err(err) => Some(err),
+            }
+        }),
+        stream_outcome(&mut open, limit),
+    );
+    let waited = stopped.elapsed();
+    let unresponsive = |err: &Option<Error>| matches!(err, Some(Error::EngineUnresponsive { .. }));
+    let plain = plain.expect("the plain request ends").err();
+    let new_stream = new_stream.expect("the new stream ends");
+    let verdicts = (
+        unresponsive(&plain),
+        unresponsive(&new_stream),
+        unresponsive(&open_end),
+    );
+    assert_eq!(
+        verdicts,
+        (true, true, true),
+        "every request ends with EngineUnresponsive: {plain:?} / {new_stream:?} / {open_end:?}"
+    );
+    assert!(waited < HANG * 5, "they ended within {waited:?}");
+    assert!(!runtime.is_ready().await, "a hung engine is not ready");
+    assert!(matches!(
+        runtime.health_check().await,
+        Err(Error::EngineUnresponsive { .. })
+    ));
+
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGCONT);
+    let deadline = Instant::now() + HANG * 5;
+    while !runtime.is_ready().await {
+        assert!(
+            Instant::now() < deadline,
+            "ready again once the engine answers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = runtime.generate(greedy(QUESTION, 4)).await;
+    assert!(
+        again.is_ok(),
+        "serving again: {:?}",
+        again.map_err(|e| chain(&e))
+    );
+    runtime.shutdown().await.expect("shutdown");
+}
+
+/// Three clients that never read their streamed answers hold only their own
+/// requests: a fourth, ordinary request is answered, and shutdown finishes
+/// within its budget.
+pub async fn slow_readers(backend: &Backend) {
+    let mut runtime = start(backend).await;
+    let address: std::net::SocketAddr = runtime
+        .base_url()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("a socket address");
+    let key = crate::bearer(runtime.as_ref());
+    let long = wire::chat_body("Write a very long story about a dragon.", 800, true);
+    let mut sleepers = Vec::new();
+    for _ in 0..3 {
+        sleepers.push(wire::never_reading_client(address, &key, &long).await);
+    }
+    // Let them fill what the network buffers hold.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime.generate(greedy(QUESTION, 8)),
+    )
+    .await
+    .expect("a fourth request is answered while three clients never read");
+    assert!(answered.is_ok(), "{:?}", answered.map_err(|e| chain(&e)));
+
+    let started = Instant::now();
+    runtime.shutdown().await.expect("shutdown");
+    let budget = backend.config.shutdown_grace + backend.exit_budget;
+    assert!(
+        started.elapsed() < budget,
+        "shutdown with clients that never read took {:?} (budget {budget:?})",
+        started.elapsed()
+    );
+    drop(sleepers);
+}
+
+/// The API key never shows: not on any engine process's command line (which
+/// every local user can read), not in what the engine or we log, not in
+/// `Debug` output.
+pub async fn secrets(backend: &Backend) {
+    let key = format!("sentinel-{}", std::process::id());
+    let config = backend.config.clone().with_api_key(&key);
+    let shown = format!("{config:?}");
+    assert!(!shown.contains(&key), "Debug shows the key: {shown}");
+    crate::log_capture::start();
+    let mut runtime = start_with(backend, config).await;
+    for process in engine_processes(backend, runtime.as_ref()) {
+        assert!(
+            !process.cmdline.contains(&key),
+            "the key is on the command line of {}: {}",
+            process.pid,
+            process.cmdline
+        );
+    }
+    let answer = runtime.generate(greedy(QUESTION, 4)).await;
+    assert!(
+        answer.is_ok(),
+        "the engine takes the key: {:?}",
+        answer.map_err(|e| chain(&e))
+    );
+    runtime.shutdown().await.expect("shutdown");
+    let logged = crate::log_capture::take();
+    assert!(!logged.is_empty(), "the log was captured");
+    assert!(!logged.contains(&key), "the key is in the log");
+}
+
+/// The runtime's own HTTP server (candle serves one; server backends expose
+/// the engine's, which is not ours): a cross-site `text/plain` POST, a foreign
+/// `Host` or `Origin`, and fields we do not implement are refused;
+/// `max_completion_tokens` is honoured.
+pub async fn http_surface(backend: &Backend) {
+    if backend.server.is_some() {
+        not_applicable(
+            backend,
+            "http_surface",
+            "base_url is the engine's own server; the gateway's is checked in the cli suite",
+        );
+        return;
+    }
+    let runtime = start(backend).await;
+    check_http_surface(&runtime.completions_url(), &crate::bearer(runtime.as_ref())).await;
+}
+
+/// What every HTTP server of ours must refuse and honour (used for candle's
+/// and the gateway's).
+pub async fn check_http_surface(completions_url: &str, key: &str) {
+    let http = reqwest::Client::new();
+    let body = wire::chat_body(QUESTION, 3, false);
+    let post = |body: &serde_json::Value| {
+        http.post(completions_url)
+            .bearer_auth(key)
+            .json(body)
+            .send()
+    };
+
+    let plain = http
+        .post(completions_url)
+        .bearer_auth(key)
+        .header("Content-Type", "text/plain")
+        .header("Origin", "http://evil.example")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        plain.status() == 415 || plain.status() == 403,
+        "a cross-site text/plain POST is refused: {}",
+        plain.status()
+    );
+    let no_type = http
+        .post(completions_url)
+        .bearer_auth(key)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        no_type.status(),
+        415,
+        "a body without Content-Type is refused"
+    );
+    let rebound = http
+        .post(completions_url)
+        .bearer_auth(key)
+        .header("Host", "evil.example")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403, "a foreign Host name is refused");
+    let foreign_origin = http
+        .post(completions_url)
+        .bearer_auth(key)
+        .header("Origin", "http://evil.example")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign_origin.status(), 403, "a foreign Origin is refused");
+
+    for (field, value) in [
+        ("n", serde_json::json!(2)),
+        (
+            "response_format",
+            serde_json::json!({"type": "json_object"}),
+        ),
+        (
+            "tools",
+            serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ),
+    ] {
+        let mut asking = body.clone();
+        asking[field] = value;
+        let response = post(&asking).await.unwrap();
+        assert_eq!(response.status(), 400, "{field} is refused");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+
+    let mut limited = body.clone();
+    limited["max_tokens"] = serde_json::Value::Null;
+    limited["max_completion_tokens"] = serde_json::json!(3);
+    limited["messages"][0]["content"] = "Write a long story about the sea.".into();
+    let answer: serde_json::Value = post(&limited).await.unwrap().json().await.unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+}
+
+/// Through the gateway (the router over a RuntimeManager, as
+/// `model-runtime serve` runs it): 200 streamed requests, 16 at a time, 50
+/// of them abandoned mid-stream: no error, every completed answer whole, the
+/// engine idle and healthy afterwards, nothing left in flight. Then the same
+/// with the engine SIGKILLed midway: every request ends.
+pub async fn gateway_load(backend: &Backend) {
+    let (manager, url, server) = crate::gateway::start(backend, backend.config.clone()).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let outcomes = load(&http, &url, 200, 16, |i| i % 4 == 3).await;
+    let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(outcomes.len(), 200);
+    assert_eq!(manager.in_flight(), 0, "nothing left in flight");
+    let idle = manager
+        .with_runtime(None, async |runtime| {
+            wait_engine_idle(backend, runtime, Duration::from_secs(5)).await
+        })
+        .await
+        .unwrap();
+    assert!(idle.is_some(), "the engine runs no generation afterwards");
+    let healthy = manager
+        .with_runtime(None, async |runtime| runtime.health_check().await)
+        .await
+        .unwrap();
+    assert!(healthy.is_ok(), "healthy afterwards: {healthy:?}");
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+
+    if backend.server.is_none() {
+        return;
+    }
+    let (manager, url, server) = crate::gateway::start(backend, backend.config.clone()).await;
+    let engine = manager
+        .with_runtime(None, async |runtime| engine_processes(backend, runtime))
+        .await
+        .unwrap();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        procs::signal_all(&engine, nix::sys::signal::Signal::SIGKILL);
+    });
+    let outcomes = load(&http, &url, 200, 16, |_| false).await;
+    killer.await.unwrap();
+    let hung: Vec<&String> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().err())
+        .filter(|e| e.starts_with("no answer"))
+        .collect();
+    assert!(
+        hung.is_empty(),
+        "requests hung after the engine was killed: {hung:?}"
+    );
+    assert!(
+        outcomes.iter().any(Result::is_err),
+        "the kill was noticed by some request"
+    );
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+}
+
+/// Sends `count` streamed requests, `concurrency` at a time; those for which
+/// `abandon` holds are dropped after their first delta. Each outcome is `Ok`
+/// for a whole answer (or a clean abandon) and `Err` with what went wrong.
+async fn load(
+    http: &reqwest::Client,
+    url: &str,
+    count: usize,
+    concurrency: usize,
+    abandon: impl Fn(usize) -> bool,
+) -> Vec<Result<(), String>> {
+    let prompts = [
+        "Name a color.",
+        "What is 2 + 2?",
+        "Say hello.",
+        "Name a fruit.",
+    ];
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let body = wire::chat_body(prompts[i % prompts.len()], 16, true);
+            let abandoned = abandon(i);
+            async move {
+                let timeout = Duration::from_secs(90);
+                if abandoned {
+                    wire::stream_then_hang_up(http, url, "", &body, timeout).await
+                } else {
+                    let answer: SseAnswer =
+                        wire::stream_chat(http, url, "", &body, timeout).await?;
+                    if answer.is_well_formed() {
+                        Ok(())
+                    } else {
+                        Err(format!("malformed answer: {answer:?}"))
+                    }
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
 }

@@ -13,8 +13,11 @@
 
 pub mod backends;
 pub mod checks;
+pub mod gateway;
 pub mod identity;
+pub mod log_capture;
 pub mod procs;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,6 +44,8 @@ pub struct Backend {
     pub exit_budget: Duration,
     /// A misspelled option of this backend and the key it should have been.
     pub misspelled_option: (&'static str, &'static str),
+    /// How to ask the engine how many generations it is running.
+    pub activity: Activity,
     /// The `hold-runtime` helper binary; [`suite!`] fills it in.
     pub hold_runtime: Option<&'static str>,
 }
@@ -50,8 +55,6 @@ pub struct Backend {
 pub struct EngineProcess {
     /// The engine binary: any process running it is this suite's.
     pub binary: PathBuf,
-    /// The engine reports busy slots at `GET /slots` (llama-server).
-    pub has_slots_endpoint: bool,
     /// Where the engine's version can be read independently of the runtime.
     pub version_source: VersionSource,
     /// Command-line fragments of the engine's helper processes, which may
@@ -60,6 +63,18 @@ pub struct EngineProcess {
     /// The command line the runtime would launch for `config` on `port`,
     /// for benchmarks that start the engine without the runtime.
     pub command: fn(&RuntimeConfig, u16) -> runtime_process::ServerCommand,
+}
+
+/// Where an engine says how many generations it is running, so checks can
+/// verify inside the engine that a generation really stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// llama-server's `GET /slots`: slots with `is_processing`.
+    Slots,
+    /// vLLM's `GET /metrics`: the `vllm:num_requests_running` gauge.
+    VllmMetrics,
+    /// candle's `GET /metrics`: the `candle_generations_active` gauge.
+    CandleMetrics,
 }
 
 /// An independent source of an engine's version, to check `metadata().version`.
@@ -90,6 +105,35 @@ pub fn required_env(var: &str) -> PathBuf {
     }
 }
 
+/// The longest any one check may run.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The variable naming the file where checks record that they do not apply
+/// to the backend under test; `cargo xtask test-backends` sets it and shows
+/// those checks as `n/a`.
+pub const NOT_APPLICABLE_ENV: &str = "CONFORMANCE_NOT_APPLICABLE";
+
+/// Records that `check` does not apply to `backend` (and why), so the table
+/// says `n/a` rather than `ok`.
+pub fn not_applicable(backend: &Backend, check: &str, why: &str) {
+    tracing::info!(backend = backend.name, check, why, "not applicable");
+    let Some(path) = std::env::var_os(NOT_APPLICABLE_ENV) else {
+        return;
+    };
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| writeln!(file, "{check}"));
+    if let Err(err) = written {
+        panic!(
+            "recording that {check} is n/a in {}: {err}",
+            path.to_string_lossy()
+        );
+    }
+}
+
 /// Generates one `#[tokio::test]` per check group for the backend that `$backend()` returns.
 #[macro_export]
 macro_rules! suite {
@@ -106,9 +150,15 @@ macro_rules! suite {
             fault_bad_options,
             fault_missing_binary,
             fault_port_taken,
+            fault_port_squatted,
             fault_engine_killed,
+            fault_engine_hung,
             fault_dropped_runtime,
             fault_owner_killed,
+            slow_readers,
+            secrets,
+            http_surface,
+            gateway_load,
         );
     };
     (@checks $backend:path; $($check:ident,)*) => {
@@ -118,17 +168,31 @@ macro_rules! suite {
                 $crate::init_tracing();
                 let mut backend = $backend();
                 backend.hold_runtime = Some(env!("CARGO_BIN_EXE_hold-runtime"));
-                $crate::checks::$check(&backend).await;
+                // A hang fails the check instead of blocking the run.
+                let bound = $crate::CHECK_TIMEOUT;
+                if tokio::time::timeout(bound, $crate::checks::$check(&backend)).await.is_err() {
+                    $crate::checks::assert_no_engine_left(&backend).await;
+                    panic!("{} did not finish within {bound:?}", stringify!($check));
+                }
                 $crate::checks::assert_no_engine_left(&backend).await;
             }
         )*
     };
 }
 
-/// Engine logs at debug level with `RUST_LOG=runtime_process=debug`.
+/// Logs to the test's output as `RUST_LOG` says (engine logs with
+/// `RUST_LOG=runtime_process::engine=debug`), and everything at debug level
+/// to [`log_capture`].
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter};
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(EnvFilter::from_default_env()),
+        )
+        .with(log_capture::CaptureLayer.with_filter(LevelFilter::DEBUG))
         .try_init();
 }

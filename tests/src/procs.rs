@@ -12,6 +12,8 @@ pub struct Proc {
     pub pgid: i32,
     /// The command line, arguments joined by spaces.
     pub cmdline: String,
+    /// The arguments, the program first.
+    pub args: Vec<String>,
 }
 
 /// Every live process on the machine.
@@ -35,13 +37,17 @@ fn read(pid: i32) -> Option<Proc> {
     }
     let pgid = fields.get(2)?.parse().ok()?;
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmdline = raw
+    let args: Vec<String> = raw
         .split(|&b| b == 0)
         .filter(|arg| !arg.is_empty())
         .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    Some(Proc { pid, pgid, cmdline })
+        .collect();
+    Some(Proc {
+        pid,
+        pgid,
+        cmdline: args.join(" "),
+        args,
+    })
 }
 
 /// Processes running `binary`.
@@ -53,20 +59,28 @@ pub fn running(binary: &Path) -> Vec<Proc> {
         .collect()
 }
 
-/// The engine listening on `port` (found by its `--port` argument) and every
-/// process in its group.
+/// The engine listening on `port` (found by its `--port` argument, matched
+/// exactly) and every process in its group.
 pub fn engine_on_port(port: u16) -> Vec<Proc> {
     let procs = all();
-    let needle = format!("--port {port}");
     let leaders: Vec<i32> = procs
         .iter()
-        .filter(|p| p.cmdline.contains(&needle) && !p.cmdline.contains("cargo"))
+        .filter(|p| has_port_argument(p, port))
         .map(|p| p.pgid)
         .collect();
     procs
         .into_iter()
         .filter(|p| leaders.contains(&p.pgid))
         .collect()
+}
+
+/// Whether `process` was started with `--port PORT`, exactly that port.
+fn has_port_argument(process: &Proc, port: u16) -> bool {
+    let port = port.to_string();
+    process
+        .args
+        .windows(2)
+        .any(|pair| pair[0] == "--port" && pair[1] == port)
 }
 
 /// Whether `pid` is alive (and not a zombie).
@@ -86,6 +100,13 @@ pub async fn wait_gone(pids: &[i32], timeout: Duration) -> Vec<i32> {
     }
 }
 
+/// Sends `signal` to every process in `procs`.
+pub fn signal_all(procs: &[Proc], signal: nix::sys::signal::Signal) {
+    for process in procs {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(process.pid), signal);
+    }
+}
+
 /// The port of a `http://host:port` URL.
 pub fn port_of(base_url: &str) -> u16 {
     base_url
@@ -93,4 +114,24 @@ pub fn port_of(base_url: &str) -> u16 {
         .next()
         .and_then(|port| port.trim_end_matches('/').parse().ok())
         .unwrap_or_else(|| panic!("{base_url:?} has no port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_matches_only_the_same_number() {
+        let proc = |args: &[&str]| Proc {
+            pid: 1,
+            pgid: 1,
+            cmdline: args.join(" "),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        let engine = proc(&["llama-server", "--port", "8080"]);
+        assert!(has_port_argument(&engine, 8080));
+        assert!(!has_port_argument(&engine, 80));
+        assert!(!has_port_argument(&proc(&["x", "--port", "80800"]), 8080));
+        assert!(!has_port_argument(&proc(&["x", "--port=8080"]), 8080));
+    }
 }

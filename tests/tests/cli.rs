@@ -2,6 +2,8 @@
 //! against the real engines.
 
 use std::process::Stdio;
+
+use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use conformance::backends::{candle, llamacpp};
 use conformance::{MODEL_ENV, procs, required_env};
 use runtime_core::{Error, InferenceRequest, RuntimeConfig};
-use runtime_gateway::{Backend, RuntimeManager};
+use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
 use runtime_openai::ChatService;
 
 fn cli() -> tokio::process::Command {
@@ -122,41 +124,94 @@ async fn a_bad_model_path_is_a_readable_error() {
     assert!(stderr.lines().count() <= 4, "one short paragraph: {stderr}");
 }
 
+/// The key the gateway tests require; passed in the environment, as the
+/// README says, so it is not on the command line.
+const GATEWAY_KEY: &str = "gateway-key";
+
+/// A running `model-runtime serve` on llama.cpp.
+struct Serve {
+    child: tokio::process::Child,
+    base: String,
+    engine: Vec<i32>,
+}
+
+impl Serve {
+    /// Starts `serve` with `extra` arguments and waits until it is healthy.
+    async fn start(extra: &[&str]) -> Self {
+        let binary = required_env(runtime_llamacpp::BINARY_ENV);
+        let port = runtime_process::free_port("127.0.0.1").unwrap();
+        let child = cli()
+            .args([
+                "serve",
+                &model(),
+                "--backend",
+                "llamacpp",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(extra)
+            .env("MODEL_RUNTIME_API_KEY", GATEWAY_KEY)
+            .env(runtime_llamacpp::BINARY_ENV, &binary)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("model-runtime serve starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !matches!(http.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200)
+        {
+            assert!(Instant::now() < deadline, "serve became healthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let engine = pids_of(&binary);
+        assert!(!engine.is_empty(), "the gateway runs llama-server");
+        Self {
+            child,
+            base,
+            engine,
+        }
+    }
+
+    fn completions(&self) -> String {
+        format!("{}/v1/chat/completions", self.base)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32),
+            signal,
+        )
+        .unwrap();
+    }
+
+    /// Waits for `serve` to exit; fails the test after `within`.
+    async fn exit_within(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("serve exits within {within:?}"))
+            .unwrap()
+    }
+
+    async fn assert_engine_gone(&self, within: Duration) {
+        let left = procs::wait_gone(&self.engine, within).await;
+        assert!(left.is_empty(), "no engine left: {left:?}");
+    }
+}
+
 #[tokio::test]
 async fn serve_answers_chat_completions_and_stops_on_sigterm() {
-    let binary = required_env(runtime_llamacpp::BINARY_ENV);
-    let port = runtime_process::free_port("127.0.0.1").unwrap();
-    let mut server = cli()
-        .args([
-            "serve",
-            &model(),
-            "--backend",
-            "llamacpp",
-            "--port",
-            &port.to_string(),
-        ])
-        .args(["--api-key", "gateway-key"])
-        .env(runtime_llamacpp::BINARY_ENV, &binary)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("model-runtime serve starts");
-    let base = format!("http://127.0.0.1:{port}");
+    let mut serve = Serve::start(&[]).await;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(http.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
-        assert!(Instant::now() < deadline, "serve became healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let body = serde_json::json!({
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 12, "temperature": 0
     });
-    let completions = format!("{base}/v1/chat/completions");
+    let completions = serve.completions();
     let unauthorized = http.post(&completions).json(&body).send().await.unwrap();
     assert_eq!(unauthorized.status(), 401);
     let authorized = |body: &serde_json::Value| {
         http.post(&completions)
-            .bearer_auth("gateway-key")
+            .bearer_auth(GATEWAY_KEY)
             .json(body)
             .send()
     };
@@ -176,44 +231,295 @@ async fn serve_answers_chat_completions_and_stops_on_sigterm() {
         .text()
         .await
         .unwrap();
-    let mut text = String::new();
-    let mut saw_usage = false;
-    for line in streamed.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        if line == "[DONE]" {
-            continue;
-        }
-        let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
-        text.push_str(
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .unwrap_or(""),
-        );
-        saw_usage |= chunk["usage"]["completion_tokens"].as_u64().is_some();
-    }
-    assert!(streamed.trim_end().ends_with("data: [DONE]"), "{streamed}");
+    let answer = conformance::wire::SseAnswer::parse(&streamed);
+    assert!(answer.is_well_formed(), "{streamed}");
     assert_eq!(
-        text, content,
+        answer.text, content,
         "streamed and plain answers agree at temperature 0"
     );
-    assert!(saw_usage, "a usage chunk when include_usage is set");
+    assert!(
+        streamed.contains("\"completion_tokens\""),
+        "a usage chunk when include_usage is set"
+    );
 
-    let engine = pids_of(&binary);
-    assert!(!engine.is_empty(), "the gateway runs llama-server");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", serve.child.id().unwrap())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(GATEWAY_KEY),
+        "the key is not on serve's command line"
+    );
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = serve.exit_within(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
+/// On the first signal, open streams end with an error event (they are not
+/// waited for), the engine is stopped, and serve exits.
+#[tokio::test]
+async fn the_first_signal_ends_open_streams_and_stops_the_engine() {
+    let mut serve = Serve::start(&[]).await;
+    let http = reqwest::Client::new();
+    let long = conformance::wire::chat_body("Write a very long story about a dragon.", 800, true);
+    let response = http
+        .post(serve.completions())
+        .bearer_auth(GATEWAY_KEY)
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("\"content\":\"") {
+        seen.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    let signalled = Instant::now();
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => seen.extend_from_slice(&chunk),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "the open stream ended");
+    let text = String::from_utf8_lossy(&seen);
+    let answer = conformance::wire::SseAnswer::parse(&text);
+    assert!(
+        answer.errors.iter().any(|e| e["code"] == "shutting_down"),
+        "the client was told: {:?}",
+        answer.errors
+    );
+    let status = serve.exit_within(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "serve did not wait for the generation to finish ({:?})",
+        signalled.elapsed()
+    );
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
+/// A second signal exits at once, and the engine still goes.
+#[tokio::test]
+async fn a_second_signal_exits_at_once_and_the_engine_still_goes() {
+    let mut serve = Serve::start(&[]).await;
+    // A stopped engine ignores SIGTERM: the orderly stop has to wait for its
+    // grace period before SIGKILL, which the second signal cuts short.
+    let engine: Vec<procs::Proc> = procs::all()
+        .into_iter()
+        .filter(|p| serve.engine.contains(&p.pid))
+        .collect();
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGSTOP);
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let signalled = Instant::now();
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = serve.exit_within(Duration::from_secs(2)).await;
+    assert!(
+        signalled.elapsed() < Duration::from_secs(1),
+        "the second signal exits at once ({:?})",
+        signalled.elapsed()
+    );
+    assert!(!status.success(), "an interrupted stop is not a clean exit");
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
+/// With the engine stopped (SIGSTOP), requests through the gateway fail
+/// with a 502 `engine_unresponsive` within the hang timeout, and the
+/// gateway's `/health` says it is unhealthy.
+#[tokio::test]
+async fn requests_to_a_hung_engine_fail_and_health_says_so() {
+    let mut serve = Serve::start(&["--hang-timeout", "2"]).await;
+    let http = reqwest::Client::new();
+    let engine: Vec<procs::Proc> = procs::all()
+        .into_iter()
+        .filter(|p| serve.engine.contains(&p.pid))
+        .collect();
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGSTOP);
+    let started = Instant::now();
+    let body = conformance::wire::chat_body("Hi", 8, false);
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        http.post(serve.completions())
+            .bearer_auth(GATEWAY_KEY)
+            .json(&body)
+            .send(),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .unwrap();
+    assert_eq!(response.status(), 502);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "engine_unresponsive", "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let health = http
+        .get(format!("{}/health", serve.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503, "a hung engine is unhealthy");
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGCONT);
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
+/// The gateway refuses what a hostile web page or an over-ambitious client
+/// sends, and honours `max_completion_tokens`.
+#[tokio::test]
+async fn the_gateway_refuses_cross_site_and_unimplemented_requests() {
+    let mut serve = Serve::start(&[]).await;
+    conformance::checks::check_http_surface(&serve.completions(), GATEWAY_KEY).await;
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
+/// A non-loopback address without a key is refused before anything starts.
+#[tokio::test]
+async fn serve_refuses_a_public_address_without_a_key() {
+    let output = cli()
+        .args([
+            "serve",
+            &model(),
+            "--backend",
+            "candle",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ])
+        .env_remove("MODEL_RUNTIME_API_KEY")
+        .output()
+        .await
+        .expect("model-runtime runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("api_key") && stderr.contains("0.0.0.0"),
+        "{stderr}"
+    );
+}
+
+/// When the engine dies, clients learn that it did, not what it logged.
+#[tokio::test]
+async fn an_engine_crash_reaches_clients_without_its_log_lines() {
+    let mut serve = Serve::start(&[]).await;
+    let engine: Vec<procs::Proc> = procs::all()
+        .into_iter()
+        .filter(|p| serve.engine.contains(&p.pid))
+        .collect();
+    // At once: the gateway restarts a crashed engine within a second or two.
+    procs::signal_all(&engine, nix::sys::signal::Signal::SIGKILL);
+    let response = reqwest::Client::new()
+        .post(serve.completions())
+        .bearer_auth(GATEWAY_KEY)
+        .json(&conformance::wire::chat_body("Hi", 8, false))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_server_error());
+    let text = response.text().await.unwrap();
+    assert!(text.contains("engine_exited"), "{text}");
+    for leak in ["llama", ".gguf", "/", "signal"] {
+        assert!(!text.contains(leak), "the body holds {leak:?}: {text}");
+    }
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+}
+
+/// `serve --config` fronts every model of the file, by name; SIGHUP re-reads
+/// the file, adding and removing models.
+#[tokio::test]
+async fn serve_with_a_config_file_routes_by_model_and_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.toml");
+    let port = runtime_process::free_port("127.0.0.1").unwrap();
+    let write = |second: &str| {
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\n\n\
+             [[models]]\nname = \"llama\"\npath = {model:?}\nbackend = \"llamacpp\"\n\
+             runtime_binary = {binary:?}\ncontext_size = 512\n\n\
+             [[models]]\nname = \"{second}\"\npath = {model:?}\nbackend = \"candle\"\ncontext_size = 512\n",
+            model = model(),
+            binary = required_env(runtime_llamacpp::BINARY_ENV)
+                .display()
+                .to_string(),
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("candle");
+    let mut child = cli()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("MODEL_RUNTIME_API_KEY", GATEWAY_KEY)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("model-runtime serve starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let chat = |model: &str| {
+        let mut body = conformance::wire::chat_body("Name a color.", 4, false);
+        body["model"] = model.into();
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(GATEWAY_KEY)
+            .json(&body)
+            .send()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "serve became healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(chat("llama").await.unwrap().status(), 200);
+    assert_eq!(chat("candle").await.unwrap().status(), 200);
+
+    write("candle-2");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while chat("candle-2").await.unwrap().status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new model appears after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        chat("candle").await.unwrap().status(),
+        404,
+        "the removed model is gone"
+    );
+    assert_eq!(
+        chat("llama").await.unwrap().status(),
+        200,
+        "the unchanged one still answers"
+    );
+
+    let engine = pids_of(&required_env(runtime_llamacpp::BINARY_ENV));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
-        .expect("serve exits within 10 s of SIGTERM")
+        .expect("serve exits")
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         procs::wait_gone(&engine, Duration::from_secs(2))
             .await
-            .is_empty(),
-        "no engine left"
+            .is_empty()
     );
 }
 
@@ -245,22 +551,41 @@ fn trickle(
     })
 }
 
+/// The one model of the hot-swap tests.
+const SWAPPED: &str = "swapped";
+
+/// `config` as the swapped model, on `backend`.
+fn spec(config: &RuntimeConfig, backend: BackendChoice) -> ModelSpec {
+    ModelSpec::from_runtime_config(SWAPPED, config).with_backend(backend)
+}
+
+/// A gateway serving `spec` alone, loaded.
+async fn manager_serving(spec: ModelSpec, drain: Duration) -> Arc<RuntimeManager> {
+    let mut config = GatewayConfig::single(spec);
+    config.drain_timeout = drain;
+    let manager = RuntimeManager::new(config).expect("a valid configuration");
+    manager
+        .load(SWAPPED)
+        .await
+        .expect("the first runtime starts");
+    manager
+}
+
+async fn serving_engine(manager: &RuntimeManager) -> String {
+    manager
+        .with_runtime(Some(SWAPPED), async |runtime| {
+            runtime.metadata().runtime_name
+        })
+        .await
+        .expect("a runtime serves")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_under_a_trickle_of_requests_fails_none() {
-    // The configuration says which engine: a runtime binary means llama.cpp.
-    let manager = Arc::new(RuntimeManager::new(Box::new(|config: &RuntimeConfig| {
-        Ok(if config.runtime_binary.is_some() {
-            Backend::LlamaCpp.runtime()?
-        } else {
-            Backend::Candle.runtime()?
-        })
-    })));
-    let on_candle = candle().config;
-    let on_llama = llamacpp().config;
-    manager
-        .hot_swap(on_candle.clone())
-        .await
-        .expect("first runtime");
+    let binary = required_env(runtime_llamacpp::BINARY_ENV);
+    let on_candle = spec(&candle().config, BackendChoice::Candle);
+    let on_llama = spec(&llamacpp().config, BackendChoice::LlamaCpp);
+    let manager = manager_serving(on_candle.clone(), Duration::from_secs(30)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -269,24 +594,40 @@ async fn hot_swap_under_a_trickle_of_requests_fails_none() {
         .collect();
 
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(serving_engine(&manager).await, "candle");
     manager
         .hot_swap(on_llama.clone())
         .await
         .expect("swap to llama.cpp");
+    assert_eq!(
+        serving_engine(&manager).await,
+        "llama.cpp",
+        "the swap happened"
+    );
+    let llama_pids = pids_of(&binary);
+    assert_eq!(llama_pids.len(), 1, "one llama-server runs the new runtime");
     let served_before = ok.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A swap that cannot start keeps the current runtime serving.
     let mut broken = on_candle.clone();
-    broken.model_path = "/nonexistent/model.gguf".into();
+    broken.path = "/nonexistent/model.gguf".into();
     let err = manager.hot_swap(broken).await.unwrap_err();
-    assert!(matches!(err, Error::ModelNotFound { .. }));
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
     assert!(manager.is_ready().await);
+    assert_eq!(serving_engine(&manager).await, "llama.cpp");
 
     manager
         .hot_swap(on_candle)
         .await
         .expect("swap back to candle");
+    assert_eq!(serving_engine(&manager).await, "candle", "swapped back");
+    assert!(
+        procs::wait_gone(&llama_pids, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "the swapped-out llama-server was shut down"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
     let mut errors = Vec::new();
@@ -303,12 +644,46 @@ async fn hot_swap_under_a_trickle_of_requests_fails_none() {
         "requests kept flowing after the swaps"
     );
 
+    manager.shutdown().await.unwrap();
+}
+
+/// A stream left open past the drain deadline does not keep the old engine
+/// alive: it ends with `ShutDown`, and the old engine is stopped properly
+/// (within its grace), not merely dropped whenever the stream goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_ends_streams_left_open_at_the_drain_deadline() {
+    let drain = Duration::from_secs(1);
     let binary = required_env(runtime_llamacpp::BINARY_ENV);
+    let on_llama = llamacpp().config;
+    let manager = manager_serving(spec(&on_llama, BackendChoice::LlamaCpp), drain).await;
+    let llama_pids = pids_of(&binary);
+    assert!(!llama_pids.is_empty(), "llama-server runs");
+    let mut open = manager
+        .generate_events(None, conformance::checks::long_request())
+        .await
+        .expect("a stream on the old runtime");
+    open.next().await.expect("an event").expect("an event");
+
+    manager
+        .hot_swap(spec(&candle().config, BackendChoice::Candle))
+        .await
+        .expect("swap to candle");
+    assert_eq!(serving_engine(&manager).await, "candle");
+    let bound = drain + on_llama.shutdown_grace + Duration::from_secs(2);
     assert!(
-        procs::wait_gone(&pids_of(&binary), Duration::from_secs(2))
-            .await
-            .is_empty(),
-        "the swapped-out llama-server was shut down"
+        procs::wait_gone(&llama_pids, bound).await.is_empty(),
+        "the old engine is gone within the drain and its grace, although its stream is still held"
     );
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = open.next().await {
+            if let Err(err) = event {
+                return Some(err);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the old stream ends");
+    assert!(matches!(ended, Some(Error::ShutDown)), "{ended:?}");
     manager.shutdown().await.unwrap();
 }

@@ -62,7 +62,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, EngineOptions};
 use crate::model::LoadedModel;
 pub use crate::model::Requantize;
-pub use crate::options::CandleOptions;
+pub use crate::options::{CandleOptions, MAX_QUEUE};
 pub use crate::tokenizer::TextTokenizer;
 
 /// The candle version this crate is built against (pinned exactly in Cargo.toml).
@@ -301,6 +301,10 @@ impl ModelRuntime for CandleRuntime {
             running.stop(grace).await;
         }
         Ok(())
+    }
+
+    fn resident_memory(&self) -> Option<u64> {
+        Some(self.running.as_ref()?.engine.model().weight_bytes)
     }
 
     fn metadata(&self) -> RuntimeMetadata {

@@ -35,6 +35,8 @@ pub(crate) struct LoadedModel {
     pub(crate) template: Option<ChatTemplate>,
     /// The most positions the model may use (prompt plus generation).
     pub(crate) context_limit: usize,
+    /// The bytes the weights take in memory.
+    pub(crate) weight_bytes: u64,
 }
 
 /// Re-quantization applied on load, trading a little accuracy for SIMD kernels.
@@ -131,11 +133,14 @@ fn load_gguf(
     })?;
 
     let template = compile_template(template_source, &tokenizer)?;
+    // The tensors are read into memory as stored: the file, less its metadata.
+    let weight_bytes = std::fs::metadata(path).map_or(0, |meta| meta.len());
     Ok(LoadedModel {
         weights: Weights::Quantized(Box::new(weights)),
         tokenizer,
         template,
         context_limit,
+        weight_bytes,
     })
 }
 
@@ -217,6 +222,10 @@ fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel
         tensors.extend(loaded);
     }
     // F32 on CPU: candle's bf16 matmuls are much slower there.
+    let weight_bytes = tensors
+        .values()
+        .map(|tensor| tensor.elem_count() as u64 * DType::F32.size_in_bytes() as u64)
+        .sum();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model = llama::Llama::load(vb, &config).map_err(|err| Error::InvalidModel {
         path: dir.to_owned(),
@@ -232,6 +241,7 @@ fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel
         tokenizer,
         template,
         context_limit,
+        weight_bytes,
     })
 }
 

@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Requantize;
 
+/// The most requests [`CandleOptions::queue`] lets wait.
+pub const MAX_QUEUE: u32 = 4096;
+
 /// The candle engine's own settings, beyond the fields of
 /// [`RuntimeConfig`](runtime_core::RuntimeConfig) (`threads` sizes the compute
 /// pool, `parallel` the number of requests generated at once).
@@ -59,13 +62,17 @@ impl BackendOptions for CandleOptions {
     const BACKEND: &'static str = "candle";
 
     fn validate(&self) -> Result<()> {
-        if self.queue == Some(0) {
-            return Err(Error::invalid_config(
+        match self.queue {
+            Some(0) => Err(Error::invalid_config(
                 "extra_config.queue",
                 "must be at least 1 (leave it unset for the default)",
-            ));
+            )),
+            Some(waiting) if waiting > MAX_QUEUE => Err(Error::invalid_config(
+                "extra_config.queue",
+                format!("is {waiting}; at most {MAX_QUEUE} requests may wait"),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -84,6 +91,13 @@ mod tests {
         );
         let bad = RuntimeConfig::new("m.gguf").with_extra_config("requantize", "q2_k");
         assert!(bad.options::<CandleOptions>().is_err());
+    }
+
+    #[test]
+    fn a_queue_past_its_limit_is_refused() {
+        let config = RuntimeConfig::new("m.gguf").with_extra_config("queue", u64::from(u32::MAX));
+        let err = config.options::<CandleOptions>().unwrap_err();
+        assert!(err.to_string().contains("4096"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod progress;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use runtime_core::{ApiKey, ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
-use runtime_gateway::{BackendChoice, RuntimeManager, choose, factory, survey};
+use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager, choose, survey};
 use runtime_openai::{ChatService, HostPolicy, ServeLimits, ServeOptions, check_exposure};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -40,6 +40,13 @@ struct Cli {
 struct ModelArgs {
     /// The model: a GGUF file or a Hugging Face safetensors directory.
     model: PathBuf,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// How the engine for a model given on the command line runs.
+#[derive(clap::Args)]
+struct EngineArgs {
     /// Which engine runs it: auto, llamacpp, vllm or candle.
     #[arg(long, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
@@ -49,6 +56,10 @@ struct ModelArgs {
     /// CPU threads for generation (default: the engine's).
     #[arg(long)]
     threads: Option<u32>,
+    /// Seconds an engine may leave its health probe unanswered before its
+    /// requests fail (default 15; a slow engine still answers it).
+    #[arg(long, value_name = "SECONDS")]
+    hang_timeout: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -83,16 +94,23 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
-    /// Serve an OpenAI-compatible API in front of the model.
+    /// Serve an OpenAI-compatible API in front of one model, or of the models
+    /// of a configuration file (SIGHUP re-reads it).
     Serve {
+        /// The model to serve (a GGUF file or a Hugging Face directory).
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        model: Option<PathBuf>,
+        /// A models.toml to serve instead (see runtime-gateway's GatewayConfig).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(flatten)]
-        model: ModelArgs,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Port to listen on.
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
+        engine: EngineArgs,
+        /// Address to listen on (default 127.0.0.1, or the file's `listen`).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port to listen on (default 8080, or the file's `listen`).
+        #[arg(long)]
+        port: Option<u16>,
         /// Require this bearer token from clients. Prefer the environment
         /// variable: other local users can read a command line.
         #[arg(long, env = "MODEL_RUNTIME_API_KEY", hide_env_values = true)]
@@ -154,16 +172,25 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
         Command::Chat { model, sampling } => chat(model, sampling, latest).await,
         Command::Serve {
             model,
+            config,
+            engine,
             host,
             port,
             api_key,
             allow_unauthenticated,
         } => {
+            let what = match (model, config) {
+                (Some(model), _) => Served::Model(ModelArgs { model, engine }),
+                (None, Some(file)) => Served::File(file),
+                (None, None) => unreachable!("clap requires a model or --config"),
+            };
             let access = Access {
+                host,
+                port,
                 api_key: api_key.map(ApiKey::new),
                 allow_unauthenticated,
             };
-            serve(model, host, port, access, latest).await
+            serve(what, access, latest).await
         }
         Command::Backends => {
             backends().await;
@@ -172,17 +199,27 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
     }
 }
 
-fn config_of(args: &ModelArgs) -> RuntimeConfig {
+fn config_of(args: &ModelArgs) -> Result<RuntimeConfig, Error> {
     let mut config = RuntimeConfig::new(&args.model);
-    config.context_size = args.context_size;
-    config.threads = args.threads;
-    config
+    let engine = &args.engine;
+    config.context_size = engine.context_size;
+    config.threads = engine.threads;
+    if let Some(secs) = engine.hang_timeout {
+        config.hang_timeout = Duration::try_from_secs_f64(secs).map_err(|_| {
+            Error::invalid_config(
+                "hang_timeout",
+                format!("is {secs}; give a number of seconds"),
+            )
+        })?;
+    }
+    config.validate()?;
+    Ok(config)
 }
 
 /// Chooses, says which, starts with a spinner.
 async fn start(args: &ModelArgs, latest: LatestLine) -> Result<Box<dyn ModelRuntime>, Error> {
-    let config = config_of(args);
-    let (backend, why) = choose(args.backend, &config)?;
+    let config = config_of(args)?;
+    let (backend, why) = choose(args.engine.backend, &config)?;
     eprintln!("model-runtime: using {backend} ({why})");
     let mut runtime = backend.runtime()?;
     let spinner = Spinner::start(format!("starting {backend}"), latest);
@@ -280,8 +317,18 @@ async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Re
     outcome.and(stopped)
 }
 
-/// Who may use `serve`'s API.
+/// What `serve` fronts.
+enum Served {
+    /// One model from the command line.
+    Model(ModelArgs),
+    /// The models of a configuration file, re-read on SIGHUP.
+    File(PathBuf),
+}
+
+/// Where `serve` listens and who may use it; flags override the file.
 struct Access {
+    host: Option<String>,
+    port: Option<u16>,
     api_key: Option<ApiKey>,
     allow_unauthenticated: bool,
 }
@@ -289,16 +336,30 @@ struct Access {
 /// How long open connections get to finish once the engines are stopped.
 const CONNECTION_GRACE: Duration = Duration::from_secs(5);
 
-async fn serve(
-    args: ModelArgs,
-    host: String,
-    port: u16,
-    access: Access,
-    latest: LatestLine,
-) -> Result<(), Error> {
-    let config = config_of(&args);
-    let (backend, why) = choose(args.backend, &config)?;
-    eprintln!("model-runtime: using {backend} ({why})");
+/// The gateway configuration `serve` runs.
+fn gateway_config(what: &Served) -> Result<GatewayConfig, Error> {
+    match what {
+        Served::File(path) => GatewayConfig::from_file(path),
+        Served::Model(args) => {
+            let runtime = config_of(args)?;
+            let (backend, why) = choose(args.engine.backend, &runtime)?;
+            eprintln!("model-runtime: using {backend} ({why})");
+            let spec = ModelSpec::from_runtime_config(runtime.model_name(), &runtime)
+                .with_backend(args.engine.backend);
+            Ok(GatewayConfig::single(spec))
+        }
+    }
+}
+
+async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), Error> {
+    let mut config = gateway_config(&what)?;
+    let host = access
+        .host
+        .clone()
+        .unwrap_or_else(|| config.listen.ip().to_string());
+    let port = access.port.unwrap_or(config.listen.port());
+    config.api_keys.extend(access.api_key.clone());
+    config.allow_unauthenticated |= access.allow_unauthenticated;
     // Bind first: a taken port is reported before an engine is started.
     let listener = tokio::net::TcpListener::bind((host.as_str(), port))
         .await
@@ -308,33 +369,54 @@ async fn serve(
         .map_err(|err| Error::io("error reading the bound address", err))?;
     check_exposure(
         &address,
-        access.api_key.as_ref(),
-        access.allow_unauthenticated,
+        config.api_keys.first(),
+        config.allow_unauthenticated,
     )?;
     let mut signals = Signals::listen()?;
-    let manager = Arc::new(RuntimeManager::new(factory(args.backend)));
-    let spinner = Spinner::start(format!("starting {backend}"), latest);
-    let started = tokio::select! {
-        started = manager.hot_swap(config.clone()) => started,
-        // Dropping the start stops the engine it was starting.
-        () = signals.next() => Err(Error::ShutDown),
+    let manager = RuntimeManager::new(config.clone())?;
+
+    // Preloaded models are ready before we say we serve.
+    let preloaded: Vec<String> = config
+        .models
+        .iter()
+        .filter(|m| m.preload)
+        .map(|m| m.name.clone())
+        .collect();
+    let spinner = Spinner::start(format!("starting {}", preloaded.join(", ")), latest);
+    let loads = futures::future::join_all(preloaded.iter().map(|name| manager.load(name)));
+    let loaded = tokio::select! {
+        loaded = loads => Some(loaded),
+        Signal::Stop = signals.next() => None,
     };
     spinner.finish();
-    if let Err(Error::ShutDown) = started {
-        eprintln!("model-runtime: stopped before the engine was ready");
+    let Some(loaded) = loaded else {
+        eprintln!("model-runtime: stopped before the engines were ready");
+        manager.shutdown_within(Duration::ZERO).await;
         return Ok(());
+    };
+    for (name, outcome) in preloaded.iter().zip(loaded) {
+        if let Err(err) = outcome {
+            if let Served::Model(_) = what {
+                manager.shutdown_within(Duration::ZERO).await;
+                return Err(err);
+            }
+            eprintln!(
+                "model-runtime: {name} did not start: {}",
+                render_error(&err)
+            );
+        }
     }
-    started?;
 
     let router = runtime_openai::router(
         manager.clone() as Arc<dyn ChatService>,
-        ServeOptions::new(config.model_name())
-            .with_api_key(access.api_key)
+        ServeOptions::new(config.default_model.clone().unwrap_or_default())
+            .with_api_keys(config.api_keys.clone())
             .with_hosts(HostPolicy::for_address(&address)),
     );
+    let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
     eprintln!(
         "model-runtime: serving {} at http://{address}/v1/chat/completions",
-        config.model_name()
+        names.join(", ")
     );
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(runtime_openai::serve(
@@ -345,12 +427,17 @@ async fn serve(
             let _ = stopped.await;
         },
     ));
-    let served = tokio::select! {
-        () = signals.next() => Ok(()),
-        ended = &mut server => match ended {
-            Ok(result) => result.map_err(|err| Error::io("the HTTP server failed", err)),
-            Err(err) => Err(Error::io("the HTTP server failed", std::io::Error::other(err))),
-        },
+    let served = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => break Ok(()),
+                Signal::Reload => reload(&what, &access, &manager).await,
+            },
+            ended = &mut server => break match ended {
+                Ok(result) => result.map_err(|err| Error::io("the HTTP server failed", err)),
+                Err(err) => Err(Error::io("the HTTP server failed", std::io::Error::other(err))),
+            },
+        }
     };
     eprintln!("model-runtime: shutting down (a second Ctrl-C exits at once)");
     let _ = stop_accepting.send(());
@@ -362,7 +449,7 @@ async fn serve(
     };
     tokio::select! {
         () = orderly => {}
-        () = signals.next() => {
+        Signal::Stop = signals.next() => {
             // Engines die with us: their parent-death signal (and, for
             // engines with processes of their own, the group's watcher).
             eprintln!("model-runtime: second signal, exiting now");
@@ -372,9 +459,41 @@ async fn serve(
     served
 }
 
-/// Ctrl-C and SIGTERM, as they arrive.
+/// Re-reads the configuration file on SIGHUP and applies it.
+async fn reload(what: &Served, access: &Access, manager: &RuntimeManager) {
+    let Served::File(path) = what else {
+        eprintln!("model-runtime: SIGHUP ignored: there is no configuration file to re-read");
+        return;
+    };
+    let config = GatewayConfig::from_file(path).map(|mut config| {
+        config.api_keys.extend(access.api_key.clone());
+        config
+    });
+    match config {
+        Ok(config) => match manager.reload(config).await {
+            Ok(()) => eprintln!("model-runtime: reloaded {}", path.display()),
+            Err(err) => eprintln!("model-runtime: reload: {}", render_error(&err)),
+        },
+        Err(err) => eprintln!(
+            "model-runtime: {} not reloaded: {}",
+            path.display(),
+            render_error(&err)
+        ),
+    }
+}
+
+/// What a signal asks of `serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// Ctrl-C or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP, as they arrive.
 struct Signals {
-    received: tokio::sync::mpsc::UnboundedReceiver<()>,
+    received: tokio::sync::mpsc::UnboundedReceiver<Signal>,
 }
 
 impl Signals {
@@ -387,13 +506,16 @@ impl Signals {
                 .map_err(|err| Error::io("error listening for SIGTERM", err))?;
             let mut interrupt = signal(SignalKind::interrupt())
                 .map_err(|err| Error::io("error listening for SIGINT", err))?;
+            let mut hangup = signal(SignalKind::hangup())
+                .map_err(|err| Error::io("error listening for SIGHUP", err))?;
             tokio::spawn(async move {
                 loop {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = interrupt.recv() => {}
-                    }
-                    if sender.send(()).is_err() {
+                    let received = tokio::select! {
+                        _ = term.recv() => Signal::Stop,
+                        _ = interrupt.recv() => Signal::Stop,
+                        _ = hangup.recv() => Signal::Reload,
+                    };
+                    if sender.send(received).is_err() {
                         return;
                     }
                 }
@@ -402,7 +524,7 @@ impl Signals {
         #[cfg(not(unix))]
         tokio::spawn(async move {
             while tokio::signal::ctrl_c().await.is_ok() {
-                if sender.send(()).is_err() {
+                if sender.send(Signal::Stop).is_err() {
                     return;
                 }
             }
@@ -411,9 +533,10 @@ impl Signals {
     }
 
     /// Waits for the next signal.
-    async fn next(&mut self) {
-        if self.received.recv().await.is_none() {
-            std::future::pending::<()>().await;
+    async fn next(&mut self) -> Signal {
+        match self.received.recv().await {
+            Some(signal) => signal,
+            None => std::future::pending().await,
         }
     }
 }

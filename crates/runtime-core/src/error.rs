@@ -148,6 +148,19 @@ pub enum Error {
         available: Vec<String>,
     },
 
+    /// The model is served here but cannot answer now: its engine failed to
+    /// start, crashed and waits to be restarted, or there is no room to load
+    /// it. `reason` is meant for the client (no engine log text).
+    #[error("model `{model}` is unavailable: {reason}")]
+    ModelUnavailable {
+        /// The model's name.
+        model: String,
+        /// Why, in a sentence a client may see.
+        reason: String,
+        /// When trying again makes sense, if known.
+        retry_after: Option<Duration>,
+    },
+
     /// The runtime was shut down while this request was in flight.
     #[error("runtime was shut down while the request was in flight")]
     ShutDown,

@@ -64,7 +64,7 @@ pub use config::{MAX_PARALLEL, MAX_SHUTDOWN_GRACE, MAX_STARTUP_TIMEOUT, RuntimeC
 pub use error::{BoxError, Error, Result};
 pub use format::ModelFormat;
 pub use options::{BackendOptions, option_keys};
-pub use request::{ChatMessage, InferenceRequest, Role};
+pub use request::{ChatMessage, InferenceRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, Role};
 pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
 pub use runtime::{
     EventStream, ModelRuntime, TextStream, collect_events, ensure_finished, text_deltas,

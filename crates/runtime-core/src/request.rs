@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The most stop strings a request may carry.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string accepted, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// Who wrote a chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -192,6 +197,24 @@ impl InferenceRequest {
                 "contains an empty string, which would stop at once",
             ));
         }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::invalid_request(
+                "stop",
+                format!(
+                    "has {} strings; at most {MAX_STOP_STRINGS} are accepted",
+                    self.stop.len()
+                ),
+            ));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(Error::invalid_request(
+                "stop",
+                format!(
+                    "has a string of {} bytes; at most {MAX_STOP_BYTES} are accepted",
+                    long.len()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -251,6 +274,15 @@ mod tests {
     fn empty_stop_string_is_rejected() {
         let request = valid().with_stop("");
         assert_eq!(field_of(request.validate().unwrap_err()), "stop");
+    }
+
+    #[test]
+    fn thousands_of_stop_strings_or_a_huge_one_are_rejected() {
+        let mut many = valid();
+        many.stop = (0..5000).map(|i| i.to_string()).collect();
+        assert_eq!(field_of(many.validate().unwrap_err()), "stop");
+        let huge = valid().with_stop("x".repeat(MAX_STOP_BYTES + 1));
+        assert_eq!(field_of(huge.validate().unwrap_err()), "stop");
     }
 
     #[test]

@@ -50,12 +50,14 @@ pub trait ModelRuntime: Send + Sync {
 
     /// Whether the engine is running and ready. Cheap (no network round trip where
     /// the backend can avoid one); `false` before `initialize`, after `shutdown`,
-    /// and as soon as the engine process has died.
+    /// as soon as the engine process has died, and while it does not answer
+    /// its health probe ([`RuntimeConfig::hang_timeout`](crate::RuntimeConfig::hang_timeout)).
     async fn is_ready(&self) -> bool;
 
     /// Probes the engine and returns its status text, or the reason it is not
     /// healthy ([`Error::NotInitialized`](crate::Error::NotInitialized),
-    /// [`Error::EngineExited`](crate::Error::EngineExited) with the log tail, a
+    /// [`Error::EngineExited`](crate::Error::EngineExited) with the log tail,
+    /// [`Error::EngineUnresponsive`](crate::Error::EngineUnresponsive), a
     /// transport error).
     async fn health_check(&self) -> Result<String>;
 
@@ -89,7 +91,9 @@ pub trait ModelRuntime: Send + Sync {
     /// Every delta is valid UTF-8, even when a character was split across tokens
     /// or network chunks. Dropping the stream cancels the generation in the engine.
     /// If the engine dies mid-stream, the stream yields
-    /// [`Error::EngineExited`](crate::Error::EngineExited) and ends.
+    /// [`Error::EngineExited`](crate::Error::EngineExited) and ends; if it
+    /// hangs, [`Error::EngineUnresponsive`](crate::Error::EngineUnresponsive).
+    /// A stream never ends silently before the answer is complete.
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream>;
 
     /// Like [`generate_stream`](Self::generate_stream), but the stream ends with a
@@ -117,6 +121,20 @@ pub trait ModelRuntime: Send + Sync {
     /// What this runtime is. `version` is read from the engine and may be empty
     /// before `initialize`.
     fn metadata(&self) -> RuntimeMetadata;
+
+    /// The memory the engine holds now, in bytes, where the backend can tell:
+    /// the resident memory of a server engine's whole process group, or what an
+    /// in-process engine allocated for the model. `None` when not running or
+    /// unknown.
+    fn resident_memory(&self) -> Option<u64> {
+        None
+    }
+
+    /// The engine's most recent log lines, oldest first (empty for engines
+    /// that do not log, or before `initialize`).
+    fn log_tail(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The text deltas of an event stream: what

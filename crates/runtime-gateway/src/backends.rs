@@ -7,8 +7,6 @@ use std::str::FromStr;
 use runtime_core::{Error, ModelFormat, ModelRuntime, Result, RuntimeConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::manager::RuntimeFactory;
-
 /// A backend of model-runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -72,6 +70,25 @@ impl Backend {
                      `{other}` feature of runtime-gateway"
                 ),
             )),
+        }
+    }
+}
+
+impl Backend {
+    /// Reads `config`'s backend options as this backend would at `initialize`,
+    /// so a bad key is refused before anything starts.
+    pub fn check_options(self, config: &RuntimeConfig) -> Result<()> {
+        match self {
+            #[cfg(feature = "llamacpp")]
+            Self::LlamaCpp => config
+                .options::<runtime_llamacpp::LlamaCppOptions>()
+                .map(drop),
+            #[cfg(feature = "vllm")]
+            Self::Vllm => config.options::<runtime_vllm::VllmOptions>().map(drop),
+            #[cfg(feature = "candle")]
+            Self::Candle => config.options::<runtime_candle::CandleOptions>().map(drop),
+            #[allow(unreachable_patterns)]
+            _ => self.runtime().map(drop),
         }
     }
 }
@@ -184,15 +201,6 @@ fn find_engine(backend: Backend, config: &RuntimeConfig) -> Option<Result<PathBu
         )),
         _ => None,
     }
-}
-
-/// A factory that builds the backend `choice` picks for each configuration.
-pub fn factory(choice: BackendChoice) -> RuntimeFactory {
-    Box::new(move |config| {
-        let (backend, why) = choose(choice, config)?;
-        tracing::info!(%backend, why, "backend chosen");
-        backend.runtime()
-    })
 }
 
 /// One backend as found on this machine, for `model-runtime backends`.

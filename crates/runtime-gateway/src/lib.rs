@@ -1,30 +1,43 @@
-//! A gateway over model runtimes: [`RuntimeManager`] owns the runtime that
-//! serves requests and swaps it for another while requests keep flowing; the
-//! backend for a model is chosen by [`choose`].
+//! Many models behind one OpenAI endpoint: [`RuntimeManager`] owns the
+//! runtimes of a gateway, as configured by a [`GatewayConfig`] (a
+//! `models.toml`).
 //!
-//! This crate owns running runtimes on behalf of an application: which backend
-//! takes a model ([`Backend`], [`BackendChoice`]), what is usable on this
-//! machine ([`survey`]), and the runtime's life behind a server (hot swap,
-//! draining). It serves HTTP through `runtime-openai`'s router ([`RuntimeManager`]
-//! is a [`ChatService`](runtime_openai::ChatService)), and does not parse
-//! command lines: that is the `model-runtime` binary in `runtime-cli`.
+//! This crate owns running runtimes on behalf of an application:
+//! - routing a request to its model by the name (or alias) it sends, with a
+//!   404 listing what exists for an unknown one;
+//! - starting a model's engine on its first request (one start however many
+//!   requests wait for it), unloading it after its `ttl` without requests,
+//!   and evicting the least recently used idle model when a start would pass
+//!   `max_loaded` or the memory budget (measured resident memory of each
+//!   engine);
+//! - per model, at most `parallel` requests in the engine and `queue` waiting
+//!   (past that, 429 with `Retry-After`);
+//! - restarting an engine that crashed or hangs, with backoff (at once for
+//!   `preload` models), and counting it;
+//! - swapping a model's runtime while requests keep flowing
+//!   ([`RuntimeManager::reload`], [`RuntimeManager::hot_swap`]);
+//! - metrics in the Prometheus format, a status report, the engines' recent
+//!   log lines;
+//! - which backend takes a model ([`Backend`], [`BackendChoice`], [`choose`])
+//!   and what is usable on this machine ([`survey`]).
 //!
-//! Each backend is a cargo feature (`llamacpp`, `vllm`, `candle`; all on by
-//! default), so an application that fronts only server engines compiles no
-//! candle.
+//! It serves HTTP through `runtime-openai`'s router ([`RuntimeManager`] is a
+//! [`ChatService`](runtime_openai::ChatService)) and parses no command line:
+//! that is the `model-runtime` binary in `runtime-cli`. Each backend is a
+//! cargo feature (`llamacpp`, `vllm`, `candle`; all on by default), so an
+//! application that fronts only server engines compiles no candle.
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use runtime_core::RuntimeConfig;
-//! use runtime_gateway::{BackendChoice, RuntimeManager, factory};
-//! use runtime_openai::{ChatService, ServeOptions, router};
+//! use runtime_gateway::{GatewayConfig, RuntimeManager};
+//! use runtime_openai::{ChatService, ServeLimits, ServeOptions, router, serve};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let manager = Arc::new(RuntimeManager::new(factory(BackendChoice::Auto)));
-//! manager.hot_swap(RuntimeConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf")).await?;
-//! let app = router(manager.clone() as Arc<dyn ChatService>, ServeOptions::new("smollm2"));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! axum::serve(listener, app).await?;
+//! let config = GatewayConfig::from_file("models.toml".as_ref())?;
+//! let manager = RuntimeManager::new(config.clone())?;
+//! let app = router(manager.clone() as Arc<dyn ChatService>, ServeOptions::new("gateway"));
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! serve(listener, app, ServeLimits::default(), std::future::pending()).await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -32,8 +45,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backends;
+mod config;
 mod manager;
+mod metrics;
 mod served;
 
-pub use backends::{Backend, BackendChoice, BackendReport, choose, factory, survey};
-pub use manager::{DEFAULT_DRAIN_TIMEOUT, RuntimeFactory, RuntimeManager};
+pub use backends::{Backend, BackendChoice, BackendReport, choose, survey};
+pub use config::{DEFAULT_PARALLEL, DEFAULT_QUEUE, GatewayConfig, MAX_QUEUE, ModelSpec};
+pub use manager::{ModelStatus, RuntimeFactory, RuntimeManager};

@@ -8,9 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use runtime_core::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result, StreamEvent,
-};
+use runtime_core::{Error, EventStream, InferenceRequest, ModelRuntime, Result, StreamEvent};
 use tokio::sync::{Notify, RwLock, watch};
 
 /// A runtime serving requests on behalf of a gateway.
@@ -52,6 +50,26 @@ impl ServedRuntime {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// The memory the runtime's engine holds, if it can tell.
+    pub(crate) async fn resident_memory(&self) -> Option<u64> {
+        self.runtime.read().await.as_ref()?.resident_memory()
+    }
+
+    /// The engine's recent log lines.
+    pub(crate) async fn log_tail(&self) -> Vec<String> {
+        self.runtime
+            .read()
+            .await
+            .as_ref()
+            .map(|runtime| runtime.log_tail())
+            .unwrap_or_default()
+    }
+
+    /// Whether the runtime is being (or has been) retired.
+    pub(crate) fn is_retiring(&self) -> bool {
+        *self.retiring.borrow()
+    }
+
     /// Whether the runtime is ready (false once retired).
     pub(crate) async fn is_ready(&self) -> bool {
         match self.runtime.read().await.as_ref() {
@@ -68,42 +86,6 @@ impl ServedRuntime {
         let guard = self.runtime.read().await;
         let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
         Ok(f(runtime).await)
-    }
-
-    /// A complete answer; ends with [`Error::ShutDown`] if the runtime is
-    /// retired first.
-    pub(crate) async fn generate(
-        self: &Arc<Self>,
-        request: InferenceRequest,
-    ) -> Result<InferenceResponse> {
-        let _lease = self.lease()?;
-        let mut retiring = self.retiring.subscribe();
-        let guard = self.runtime.read().await;
-        let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
-        tokio::select! {
-            answer = runtime.generate(request) => answer,
-            _ = retiring.wait_for(|retiring| *retiring) => Err(Error::ShutDown),
-        }
-    }
-
-    /// An answer as events; the stream holds a lease until it is dropped, and
-    /// ends with [`Error::ShutDown`] if the runtime is retired first.
-    pub(crate) async fn generate_events(
-        self: &Arc<Self>,
-        request: InferenceRequest,
-    ) -> Result<EventStream> {
-        let lease = self.lease()?;
-        let events = {
-            let guard = self.runtime.read().await;
-            let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
-            runtime.generate_events(request).await?
-        };
-        let retiring = Box::pin(wait_retiring(self.retiring.subscribe()));
-        Ok(Box::new(LeasedStream {
-            events: Some(events),
-            lease: Some(lease),
-            retiring,
-        }))
     }
 
     /// Counts a request in flight until the lease is dropped.
@@ -154,6 +136,32 @@ impl ServedRuntime {
 #[derive(Debug)]
 pub(crate) struct Lease {
     served: Arc<ServedRuntime>,
+}
+
+impl Lease {
+    /// Runs `f` on the runtime this lease holds.
+    pub(crate) async fn with_runtime<T>(
+        &self,
+        f: impl AsyncFnOnce(&dyn ModelRuntime) -> T,
+    ) -> Result<T> {
+        self.served.with_runtime(f).await
+    }
+
+    /// An answer as events; the stream keeps the lease until it is dropped,
+    /// and ends with [`Error::ShutDown`] if the runtime is retired first.
+    pub(crate) async fn generate_events(self, request: InferenceRequest) -> Result<EventStream> {
+        let events = {
+            let guard = self.served.runtime.read().await;
+            let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
+            runtime.generate_events(request).await?
+        };
+        let retiring = Box::pin(wait_retiring(self.served.retiring.subscribe()));
+        Ok(Box::new(LeasedStream {
+            events: Some(events),
+            lease: Some(self),
+            retiring,
+        }))
+    }
 }
 
 impl Drop for Lease {

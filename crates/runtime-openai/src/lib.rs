@@ -44,6 +44,6 @@ pub use serve::{ServeLimits, serve};
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub use server::{
-    ApiError, ChatService, HostPolicy, ModelCard, ServeOptions, check_exposure, router,
+    ApiError, ChatService, HostPolicy, ModelCard, ServeOptions, check_exposure, router, status_of,
 };
 pub use sse::{SseDecoder, SseEvent};

@@ -78,6 +78,12 @@ pub trait ChatService: Send + Sync + 'static {
     async fn metrics(&self) -> Option<String> {
         None
     }
+
+    /// A JSON report of what the service is doing for `/status`, if it keeps
+    /// one.
+    async fn status(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 #[async_trait]
@@ -172,8 +178,8 @@ pub struct ServeOptions {
     /// The model name listed at `/v1/models` and echoed in responses (when
     /// the service does not list its own).
     pub model_name: String,
-    /// The bearer token clients must send, if any.
-    pub api_key: Option<ApiKey>,
+    /// The bearer tokens clients may send; none means no key is required.
+    pub api_keys: Vec<ApiKey>,
     /// The largest request body accepted, in bytes (default 4 MiB).
     pub body_limit: usize,
     /// Which `Host` names are accepted (default: loopback only).
@@ -186,16 +192,23 @@ impl ServeOptions {
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             model_name: model_name.into(),
-            api_key: None,
+            api_keys: Vec::new(),
             body_limit: 4 * 1024 * 1024,
             hosts: HostPolicy::Loopback,
         }
     }
 
-    /// Requires `api_key` as a bearer token.
+    /// Requires `api_key` as a bearer token (no key: none required).
     #[must_use]
     pub fn with_api_key(mut self, api_key: Option<ApiKey>) -> Self {
-        self.api_key = api_key;
+        self.api_keys = api_key.into_iter().collect();
+        self
+    }
+
+    /// Accepts any of `api_keys` as a bearer token (none: no key required).
+    #[must_use]
+    pub fn with_api_keys(mut self, api_keys: Vec<ApiKey>) -> Self {
+        self.api_keys = api_keys;
         self
     }
 
@@ -244,6 +257,7 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
@@ -257,23 +271,29 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
 #[derive(Debug)]
 pub struct ApiError(pub Error);
 
+/// The HTTP status an error is answered with: 4xx for the caller's
+/// mistakes, 429 when busy, 503 when the model cannot serve now, 502 when its
+/// engine failed.
+pub fn status_of(err: &Error) -> u16 {
+    match err {
+        Error::InvalidRequest { .. } | Error::ContextExceeded { .. } => 400,
+        Error::ModelNotServed { .. } => 404,
+        Error::Busy(_) => 429,
+        Error::NotInitialized | Error::ShutDown | Error::ModelUnavailable { .. } => 503,
+        Error::EngineExited { .. }
+        | Error::EngineUnresponsive { .. }
+        | Error::Transport(_)
+        | Error::StreamProtocol(_) => 502,
+        Error::Api { status, .. } if (400..600).contains(status) => *status,
+        Error::Api { .. } => 502,
+        _ => 500,
+    }
+}
+
 impl ApiError {
-    /// The HTTP status for the error.
+    /// The HTTP status for the error ([`status_of`]).
     pub fn status(&self) -> StatusCode {
-        match &self.0 {
-            Error::InvalidRequest { .. } | Error::ContextExceeded { .. } => StatusCode::BAD_REQUEST,
-            Error::ModelNotServed { .. } => StatusCode::NOT_FOUND,
-            Error::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::NotInitialized | Error::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
-            Error::EngineExited { .. }
-            | Error::EngineUnresponsive { .. }
-            | Error::Transport(_)
-            | Error::StreamProtocol(_) => StatusCode::BAD_GATEWAY,
-            Error::Api { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        StatusCode::from_u16(status_of(&self.0)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     /// The OpenAI error type.
@@ -283,7 +303,9 @@ impl ApiError {
             Error::ContextExceeded { .. } => "exceed_context_size_error",
             Error::ModelNotServed { .. } => "invalid_request_error",
             Error::Busy(_) => "rate_limit_error",
-            Error::NotInitialized | Error::ShutDown => "unavailable_error",
+            Error::NotInitialized | Error::ShutDown | Error::ModelUnavailable { .. } => {
+                "unavailable_error"
+            }
             Error::Api {
                 kind: Some(kind),
                 status,
@@ -302,6 +324,7 @@ impl ApiError {
             Error::Transport(_) | Error::StreamProtocol(_) | Error::Api { .. } => "engine_error",
             Error::ShutDown => "shutting_down",
             Error::NotInitialized => "not_ready",
+            Error::ModelUnavailable { .. } => "model_unavailable",
             Error::Busy(_) => "busy",
             _ => "internal_error",
         }
@@ -315,11 +338,17 @@ impl ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %chain(&self.0), "request failed");
             let message = match &self.0 {
-                Error::EngineExited { .. } => "the model's engine stopped; the server log says why",
-                Error::EngineUnresponsive { .. } => "the model's engine stopped answering",
-                Error::ShutDown => "the server is shutting down",
-                Error::NotInitialized => "the model is not loaded",
-                _ => "the model's engine failed; the server log says why",
+                // Its reason is written for clients.
+                Error::ModelUnavailable { .. } => self.0.to_string(),
+                Error::EngineExited { .. } => {
+                    "the model's engine stopped; the server log says why".to_owned()
+                }
+                Error::EngineUnresponsive { .. } => {
+                    "the model's engine stopped answering".to_owned()
+                }
+                Error::ShutDown => "the server is shutting down".to_owned(),
+                Error::NotInitialized => "the model is not loaded".to_owned(),
+                _ => "the model's engine failed; the server log says why".to_owned(),
             };
             let mut body = ErrorBody::new(message, self.kind(), status.as_u16());
             if let ErrorField::Detail(detail) = &mut body.error {
@@ -345,10 +374,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let Error::Busy(_) = self.0 {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let retry_after = match &self.0 {
+            Error::Busy(_) => Some(1),
+            Error::ModelUnavailable { retry_after, .. } => {
+                Some(retry_after.map_or(1, |after| after.as_secs_f64().ceil().max(1.0) as u64))
+            }
+            _ => None,
+        };
+        if let Some(seconds) = retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
     }
@@ -383,14 +419,20 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
 }
 
 fn authorized(options: &ServeOptions, headers: &HeaderMap) -> bool {
-    let Some(expected) = &options.api_key else {
+    if options.api_keys.is_empty() {
         return true;
-    };
-    headers
+    }
+    let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.expose().as_bytes()))
+    else {
+        return false;
+    };
+    // Every key is compared, so timing does not tell which one matched.
+    options.api_keys.iter().fold(false, |found, key| {
+        found | constant_time_eq(given.as_bytes(), key.expose().as_bytes())
+    })
 }
 
 /// Compares without an early exit, so timing does not reveal the key's prefix.
@@ -459,6 +501,17 @@ async fn models(State(state): State<AppState>) -> Response {
         cards.push(ModelCard::new(state.options.model_name.clone()));
     }
     Json(json!({"object": "list", "data": cards})).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match state.service.status().await {
+        Some(report) => Json(report).into_response(),
+        None => refusal(
+            StatusCode::NOT_FOUND,
+            "this server keeps no status report",
+            "invalid_request_error",
+        ),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -183,9 +183,15 @@ fn max_completion_tokens_is_honoured_and_the_smaller_limit_wins() {
     let base = r#""messages":[{"role":"user","content":"x"}]"#;
     let only_new = parse(&format!(r#"{{{base},"max_completion_tokens":3}}"#)).unwrap();
     assert_eq!(only_new.max_tokens, Some(3));
-    let both = parse(&format!(r#"{{{base},"max_tokens":10,"max_completion_tokens":3}}"#)).unwrap();
+    let both = parse(&format!(
+        r#"{{{base},"max_tokens":10,"max_completion_tokens":3}}"#
+    ))
+    .unwrap();
     assert_eq!(both.max_tokens, Some(3));
-    let both = parse(&format!(r#"{{{base},"max_tokens":2,"max_completion_tokens":30}}"#)).unwrap();
+    let both = parse(&format!(
+        r#"{{{base},"max_tokens":2,"max_completion_tokens":30}}"#
+    ))
+    .unwrap();
     assert_eq!(both.max_tokens, Some(2));
 }
 

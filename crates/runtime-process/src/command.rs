@@ -16,8 +16,9 @@ pub enum ParentDeath {
     /// SIGTERM to the whole process group, then SIGKILL to it after `grace`:
     /// for engines that start processes of their own (vLLM's `EngineCore` and
     /// workers). The leader gets SIGTERM from the kernel, so it can shut its
-    /// children down in order; a watcher process inside the group signals the
-    /// rest, and escalates if the leader stalls.
+    /// children down in order; a watcher process inside the group, which
+    /// notices our death when the pipe only we hold closes, signals the rest,
+    /// and escalates if the leader stalls.
     TerminateGroup {
         /// How long the group has between SIGTERM and SIGKILL.
         grace: std::time::Duration,

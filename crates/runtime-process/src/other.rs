@@ -9,9 +9,13 @@ use std::time::Duration;
 /// Nothing to configure: no process groups or parent-death signal here.
 pub(crate) fn configure(_command: &mut Command, _parent_death: crate::ParentDeath) {}
 
-/// No watcher: there is no parent-death signal to act on.
-pub(crate) fn spawn_group_watcher(_pgid: u32, _grace: Duration) -> std::io::Result<()> {
-    Ok(())
+/// No watcher: without process groups there is no group to signal. The
+/// returned pipe end stands in for the Unix watcher's.
+pub(crate) fn spawn_group_watcher(
+    _pgid: u32,
+    _grace: Duration,
+) -> std::io::Result<std::io::PipeWriter> {
+    std::io::pipe().map(|(_, writer)| writer)
 }
 
 /// Asks the process tree to stop.
@@ -36,6 +40,11 @@ pub(crate) fn wait_exit(child: &mut std::process::Child) -> std::io::Result<Exit
 
 /// Nothing left to reap.
 pub(crate) fn reap(_child: &mut std::process::Child) {}
+
+/// Memory use cannot be read here.
+pub(crate) fn group_resident_memory(_pid: u32) -> Option<u64> {
+    None
+}
 
 /// Socket ownership cannot be read here.
 pub(crate) fn group_listens_on(_pgid: u32, _port: u16) -> Option<bool> {

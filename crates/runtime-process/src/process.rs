@@ -203,6 +203,12 @@ impl ServerProcess {
         platform::group_listens_on(self.pid, port)
     }
 
+    /// The resident memory of the engine's whole process group, in bytes, or
+    /// `None` where the platform cannot tell.
+    pub fn resident_memory(&self) -> Option<u64> {
+        platform::group_resident_memory(self.pid)
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub async fn wait_for_exit(&self, timeout: Duration) -> Option<Exited> {
         let mut exit = self.exit.clone();
@@ -424,14 +430,22 @@ fn supervise(
             }
         }
     }
-    if let ParentDeath::TerminateGroup { grace } = parent_death
-        && let Err(err) = platform::spawn_group_watcher(child.id(), grace)
-    {
-        platform::kill_group(child.id());
-        let _ = child.wait();
-        let _ = spawned.send(Err(err));
-        return;
-    }
+    // Held until this thread ends, after the engine is reaped: if our process
+    // dies first, the watcher sees the pipe close.
+    let _watcher = match parent_death {
+        ParentDeath::TerminateGroup { grace } => {
+            match platform::spawn_group_watcher(child.id(), grace) {
+                Ok(owner_end) => Some(owner_end),
+                Err(err) => {
+                    platform::kill_group(child.id());
+                    let _ = child.wait();
+                    let _ = spawned.send(Err(err));
+                    return;
+                }
+            }
+        }
+        ParentDeath::Kill => None,
+    };
     let _ = spawned.send(Ok(child.id()));
 
     let exited = match platform::wait_exit(&mut child) {

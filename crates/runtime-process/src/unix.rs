@@ -3,6 +3,7 @@
 //! The parent-death signal is set in a `pre_exec` hook, the one place in the
 //! project that needs `unsafe`.
 
+use std::io::PipeWriter;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -52,31 +53,29 @@ fn set_parent_death_signal(_command: &mut Command, _signal: Signal) {}
 /// own parent-death signal reaches its leader only; a leader that stalls would
 /// leave the processes it started running without this.
 ///
-/// The watcher is a `/bin/sh` that ignores SIGTERM (so a normal stop, which
-/// signals the group, does not set it off) and acts on SIGUSR1, its own
-/// parent-death signal. It is killed with the group when the engine stops.
-#[cfg(target_os = "linux")]
-pub(crate) fn spawn_group_watcher(pgid: u32, grace: Duration) -> std::io::Result<()> {
+/// The watcher is a `/bin/sh` reading a pipe whose write end only this
+/// process holds (the returned [`PipeWriter`]; keep it for as long as the
+/// engine runs): when we die, the kernel closes it and the watcher reads end
+/// of file, whenever that happens, even before the watcher got going. It
+/// ignores SIGTERM, so a normal stop (which signals the group) does not set
+/// it off, and it is killed with the group when the engine stops.
+pub(crate) fn spawn_group_watcher(pgid: u32, grace: Duration) -> std::io::Result<PipeWriter> {
     const SCRIPT: &str = "trap '' TERM INT HUP; \
-        trap 'kill -TERM -$0 2>/dev/null; sleep $1; kill -KILL -$0 2>/dev/null; exit 0' USR1; \
-        while :; do sleep 3600 & wait $!; done";
-    let mut command = Command::new("/bin/sh");
-    command
+        while read -r _; do :; done; \
+        kill -TERM -$0 2>/dev/null; sleep $1; kill -KILL -$0 2>/dev/null";
+    // Both ends are close-on-exec: no other child inherits the write end.
+    let (reader, writer) = std::io::pipe()?;
+    Command::new("/bin/sh")
         .args(["-c", SCRIPT])
         .arg(pgid.to_string())
         .arg(format!("{:.3}", grace.as_secs_f64()))
-        .stdin(Stdio::null())
+        .stdin(reader)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .process_group(pgid as i32);
-    set_parent_death_signal(&mut command, Signal::SIGUSR1);
-    // Not waited for: it dies with the group, and init reaps it if we are gone.
-    command.spawn().map(drop)
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn spawn_group_watcher(_pgid: u32, _grace: Duration) -> std::io::Result<()> {
-    Ok(())
+        .process_group(pgid as i32)
+        // Not waited for: it dies with the group, or init reaps it.
+        .spawn()?;
+    Ok(writer)
 }
 
 /// SIGTERM to the group led by `pid`.
@@ -159,6 +158,32 @@ pub(crate) fn group_listens_on(pgid: u32, port: u16) -> Option<bool> {
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (pgid, port);
+        None
+    }
+}
+
+/// The resident set of every live process in the group led by `pgid`, in
+/// bytes. `None` where there is no `/proc`.
+pub(crate) fn group_resident_memory(pgid: u32) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|size| u64::try_from(size).ok())
+            .unwrap_or(4096);
+        let pages: u64 = proc_stats()
+            .filter(|(_, state, pgrp)| *pgrp == pgid && *state != 'Z')
+            .filter_map(|(pid, _, _)| {
+                let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+                statm.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum();
+        Some(pages * page)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pgid;
         None
     }
 }
@@ -265,12 +290,10 @@ mod tests {
             .spawn()
             .unwrap();
         let pgid = leader.id();
-        // The parent-death signal fires when the spawning thread ends: this
-        // thread stands in for an owner that dies.
-        std::thread::spawn(move || spawn_group_watcher(pgid, Duration::from_millis(300)))
-            .join()
-            .unwrap()
-            .unwrap();
+        // The owner dies at once, before the watcher has even started reading:
+        // the kernel closing its end of the pipe is what the watcher waits for.
+        let owner_end = spawn_group_watcher(pgid, Duration::from_millis(300)).unwrap();
+        drop(owner_end);
         let deadline = Instant::now() + Duration::from_secs(3);
         let status = loop {
             if let Some(status) = leader.try_wait().unwrap() {

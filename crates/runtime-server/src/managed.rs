@@ -303,6 +303,14 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         Ok(())
     }
 
+    fn resident_memory(&self) -> Option<u64> {
+        self.running.as_ref()?.process.resident_memory()
+    }
+
+    fn log_tail(&self) -> Vec<String> {
+        ManagedServer::log_tail(self)
+    }
+
     fn metadata(&self) -> RuntimeMetadata {
         let (format, version, context_size) = match &self.running {
             Some(running) => (

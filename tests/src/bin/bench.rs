@@ -5,14 +5,12 @@
 //! machine noise hits both; only medians and their ratios are reported.
 #![allow(clippy::print_stdout)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conformance::Backend;
 use futures::StreamExt;
 use runtime_core::{ChatMessage, InferenceRequest, ModelRuntime, RuntimeConfig, Timings};
-use runtime_gateway::RuntimeManager;
-use runtime_openai::{ChatService, ServeOptions};
+
 use runtime_process::{ServerProcess, StopPolicy};
 
 /// How many times each measurement repeats. Starting vLLM takes the better
@@ -52,9 +50,13 @@ async fn main() {
     let name = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "llamacpp".to_owned());
+    println!("bench: {name} (medians over interleaved runs)");
+    if name == "gateway" {
+        many_models().await;
+        return;
+    }
     let backend =
         conformance::backends::by_name(&name).unwrap_or_else(|| panic!("unknown backend {name:?}"));
-    println!("bench: {name} (medians over interleaved runs)");
 
     if name == "candle" {
         candle_against_llama_cpp().await;
@@ -70,26 +72,14 @@ async fn main() {
 /// `model-runtime serve`'s path (the router over a RuntimeManager) against
 /// talking to the engine directly, both as plain streaming HTTP clients.
 async fn gateway(backend: &Backend, runs: Runs) {
-    let new_runtime = backend.new_runtime;
-    let manager = Arc::new(RuntimeManager::new(Box::new(move |_| Ok(new_runtime()))));
-    manager
-        .hot_swap(backend.config.clone())
-        .await
-        .expect("start the engine");
+    let (manager, gateway_url, server) =
+        conformance::gateway::start(backend, backend.config.clone()).await;
     let (engine_url, engine_key) = manager
-        .with_current(async |runtime| (runtime.completions_url(), conformance::bearer(runtime)))
+        .with_runtime(None, async |runtime| {
+            (runtime.completions_url(), conformance::bearer(runtime))
+        })
         .await
         .unwrap();
-    let router = runtime_openai::router(
-        manager.clone() as Arc<dyn ChatService>,
-        ServeOptions::new("bench"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway_url = format!(
-        "http://{}/v1/chat/completions",
-        listener.local_addr().unwrap()
-    );
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let request = streamed_request();
     let http = direct_client();
     let pairs = Pairs::measure(
@@ -107,7 +97,94 @@ async fn gateway(backend: &Backend, runs: Runs) {
         pairs.note()
     );
     server.abort();
-    manager.shutdown().await.unwrap();
+    manager.shutdown_within(Duration::ZERO).await;
+}
+
+/// The gateway over several models: its warm overhead against the engine
+/// directly, a cold request's time to first token beyond the engine's own
+/// start, and the time to switch between two models.
+async fn many_models() {
+    let llama = conformance::backends::llamacpp();
+    gateway(&llama, Runs::for_backend(&llama)).await;
+
+    use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
+    let spec = |name: &str, backend: &Backend, choice| {
+        ModelSpec::from_runtime_config(name, &backend.config).with_backend(choice)
+    };
+    let candle = conformance::backends::candle();
+    let request = streamed_request();
+    let http = direct_client();
+
+    // Cold: a gateway with the model unloaded; the first request starts it.
+    let mut cold = Vec::new();
+    let mut starts = Vec::new();
+    let mut beyond = Vec::new();
+    for _ in 0..RUNS_COLD {
+        let mut config = GatewayConfig::default();
+        config.models = vec![spec("llama", &llama, BackendChoice::LlamaCpp)];
+        let manager = RuntimeManager::new(config).unwrap();
+        let (base, server) = conformance::gateway::serve(manager.clone()).await;
+        let url = format!("{base}/v1/chat/completions");
+        let timed = direct_http(&http, &url, None, &request).await;
+        let started = engine_start_seconds(&manager.metrics_text(), "llama");
+        let warm = direct_http(&http, &url, None, &request).await;
+        cold.push(ms(timed.first_token));
+        starts.push(started * 1000.0);
+        beyond.push(ms(timed.first_token) - started * 1000.0 - ms(warm.first_token));
+        manager.shutdown_within(Duration::ZERO).await;
+        server.abort();
+    }
+    println!(
+        "cold request: first token after {:.1} ms, of which the engine's start {:.1} ms; \
+         beyond the start and a warm first token: {:+.1} ms (goal <= 20 ms)",
+        median(cold),
+        median(starts),
+        median(beyond)
+    );
+
+    // Switching: two models, one loaded at a time, then both loaded.
+    for (max_loaded, what) in [
+        (1, "one loaded at a time (evict, start)"),
+        (2, "both loaded"),
+    ] {
+        let mut config = GatewayConfig::default();
+        config.max_loaded = Some(max_loaded);
+        config.models = vec![
+            spec("llama", &llama, BackendChoice::LlamaCpp),
+            spec("candle", &candle, BackendChoice::Candle),
+        ];
+        let manager = RuntimeManager::new(config).unwrap();
+        let (base, server) = conformance::gateway::serve(manager.clone()).await;
+        let url = format!("{base}/v1/chat/completions");
+        let mut switches = Vec::new();
+        for run in 0..RUNS_COLD * 2 {
+            let model = if run % 2 == 0 { "llama" } else { "candle" };
+            let mut body = request.clone();
+            body.messages[0].content = format!("{} ({model})", body.messages[0].content);
+            let timed = direct_http_to(&http, &url, model, &body).await;
+            if run >= 2 {
+                switches.push(ms(timed.first_token));
+            }
+        }
+        println!(
+            "switching between two models, {what}: first token {:.1} ms after the request",
+            median(switches)
+        );
+        manager.shutdown_within(Duration::ZERO).await;
+        server.abort();
+    }
+}
+
+const RUNS_COLD: usize = 5;
+
+/// The sum of `gateway_engine_start_seconds` for `model` in a metrics text.
+fn engine_start_seconds(metrics: &str, model: &str) -> f64 {
+    let prefix = format!("gateway_engine_start_seconds_sum{{model=\"{model}\"}}");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the engine start is measured")
 }
 
 /// The request every streaming comparison sends.
@@ -322,6 +399,16 @@ async fn direct_to(
     direct_http(http, &runtime.completions_url(), Some(&key), request).await
 }
 
+/// [`direct_http`] naming `model` in the request.
+async fn direct_http_to(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    request: &InferenceRequest,
+) -> Timed {
+    post_streamed(http, url, None, Some(model), request).await
+}
+
 /// A plain streaming POST with reqwest, reading `data:` lines as they come.
 async fn direct_http(
     http: &reqwest::Client,
@@ -329,13 +416,26 @@ async fn direct_http(
     key: Option<&str>,
     request: &InferenceRequest,
 ) -> Timed {
-    let body = serde_json::json!({
+    post_streamed(http, url, key, None, request).await
+}
+
+async fn post_streamed(
+    http: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    model: Option<&str>,
+    request: &InferenceRequest,
+) -> Timed {
+    let mut body = serde_json::json!({
         "messages": [{"role": "user", "content": request.messages[0].content}],
         "max_tokens": request.max_tokens,
         "temperature": 0,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let Some(model) = model {
+        body["model"] = model.into();
+    }
     let started = Instant::now();
     let mut builder = http.post(url).json(&body);
     if let Some(key) = key {

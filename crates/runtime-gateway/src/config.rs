@@ -1,0 +1,656 @@
+//! What a gateway serves: [`GatewayConfig`], usually read from a TOML file
+//! ([`GatewayConfig::from_file`]).
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! max_loaded = 2
+//! memory_budget = "4GiB"
+//!
+//! [[models]]
+//! name = "smollm2"
+//! aliases = ["smol"]
+//! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! backend = "llamacpp"
+//! context_size = 2048
+//! parallel = 2
+//! queue = 16
+//! ttl = "5m"
+//! options = { flash_attention = "on" }
+//! ```
+//!
+//! Unknown keys and bad values are refused when the file is read, naming the
+//! file, the key and the reason; each model's backend options are checked by
+//! that backend, as `initialize` would.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runtime_core::{ApiKey, Error, MAX_PARALLEL, Result, RuntimeConfig};
+use serde::{Deserialize, Deserializer};
+
+use crate::backends::{Backend, BackendChoice, choose};
+
+/// The most requests that may wait for one model.
+pub const MAX_QUEUE: u32 = 4096;
+
+/// The gateway's settings and the models it serves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GatewayConfig {
+    /// Where `model-runtime serve --config` listens (default `127.0.0.1:8080`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer tokens clients may send; none means no key is required (only
+    /// allowed on loopback unless `allow_unauthenticated`).
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+    /// Listen on a non-loopback address without a key.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// The most models loaded at once (default: no limit).
+    #[serde(default)]
+    pub max_loaded: Option<usize>,
+    /// The most memory the loaded models may hold together, in bytes (`"4GiB"`
+    /// or a number): starting one past it unloads the least recently used
+    /// idle model first.
+    #[serde(default, deserialize_with = "bytes::optional")]
+    pub memory_budget: Option<u64>,
+    /// How long a request may wait for a free slot of its model (default 60 s).
+    #[serde(
+        default = "default_queue_timeout",
+        deserialize_with = "duration::required"
+    )]
+    pub queue_timeout: Duration,
+    /// How long a model that is removed or replaced may take to finish its
+    /// requests (default 30 s).
+    #[serde(
+        default = "default_drain_timeout",
+        deserialize_with = "duration::required"
+    )]
+    pub drain_timeout: Duration,
+    /// How often loaded engines are checked for a crash or a hang (default 1 s).
+    #[serde(
+        default = "default_health_interval",
+        deserialize_with = "duration::required"
+    )]
+    pub health_interval: Duration,
+    /// The model that requests naming no model go to.
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// The models, by the name clients send as `model`.
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
+}
+
+/// One model a gateway serves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ModelSpec {
+    /// What clients send as `model`.
+    pub name: String,
+    /// Other names clients may send.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// The model: a GGUF file or a Hugging Face directory.
+    pub path: PathBuf,
+    /// Which backend runs it (default `auto`).
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// The backend's typed options (the keys of `LlamaCppOptions`,
+    /// `VllmOptions`, `CandleOptions`).
+    #[serde(default)]
+    pub options: BTreeMap<String, serde_json::Value>,
+    /// Context window in tokens.
+    #[serde(default)]
+    pub context_size: Option<u32>,
+    /// CPU threads.
+    #[serde(default)]
+    pub threads: Option<u32>,
+    /// Requests run at once in the engine (default 4).
+    #[serde(default)]
+    pub parallel: Option<u32>,
+    /// Requests that may wait for a slot before more get 429 (default 16).
+    #[serde(default)]
+    pub queue: Option<u32>,
+    /// Unload after this long without a request (since the last one
+    /// finished); never while one is open. Default: stay loaded.
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub ttl: Option<Duration>,
+    /// Load at start (and restart at once after a crash) rather than on the
+    /// first request.
+    #[serde(default)]
+    pub preload: bool,
+    /// An explicit engine binary.
+    #[serde(default)]
+    pub runtime_binary: Option<PathBuf>,
+    /// How long the engine may leave its health probe unanswered before its
+    /// requests fail (default 15 s).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub hang_timeout: Option<Duration>,
+    /// How long the engine may start without log progress (default: the
+    /// backend's).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub startup_timeout: Option<Duration>,
+    /// How long the engine gets between SIGTERM and SIGKILL (default 5 s).
+    #[serde(default, deserialize_with = "duration::optional")]
+    pub shutdown_grace: Option<Duration>,
+    /// Extra arguments for the engine's command line.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// Extra environment variables for the engine.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// The default number of requests a model runs at once.
+pub const DEFAULT_PARALLEL: u32 = 4;
+/// The default number of requests that may wait for a model.
+pub const DEFAULT_QUEUE: u32 = 16;
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            api_keys: Vec::new(),
+            allow_unauthenticated: false,
+            max_loaded: None,
+            memory_budget: None,
+            queue_timeout: default_queue_timeout(),
+            drain_timeout: default_drain_timeout(),
+            health_interval: default_health_interval(),
+            default_model: None,
+            models: Vec::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and checks a TOML configuration file. Every error names the
+    /// file and the key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| Error::io(format!("error reading {}", path.display()), err))?;
+        Self::from_toml(&text).map_err(|err| match err {
+            Error::InvalidConfig { field, reason } => {
+                Error::invalid_config(format!("{}: {field}", path.display()), reason)
+            }
+            other => other,
+        })
+    }
+
+    /// Parses and checks a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text).map_err(|err| {
+            let place = err.span().map_or_else(
+                || "the file".to_owned(),
+                |span| describe_place(text, span.start),
+            );
+            Error::invalid_config(place, err.message().to_owned())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A configuration serving the one model `spec`, loaded at once, that
+    /// requests without a `model` go to: what `model-runtime serve MODEL` runs.
+    pub fn single(spec: ModelSpec) -> Self {
+        Self {
+            max_loaded: Some(1),
+            default_model: Some(spec.name.clone()),
+            models: vec![ModelSpec {
+                preload: true,
+                ..spec
+            }],
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings and every model (names unique across names and
+    /// aliases, the model exists, the backend's options are valid).
+    pub fn validate(&self) -> Result<()> {
+        if self.max_loaded == Some(0) {
+            return Err(Error::invalid_config(
+                "max_loaded",
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        if self.memory_budget == Some(0) {
+            return Err(Error::invalid_config(
+                "memory_budget",
+                "must be more than zero (leave it out for no limit)",
+            ));
+        }
+        if self.health_interval.is_zero() || self.health_interval > Duration::from_secs(60) {
+            return Err(Error::invalid_config(
+                "health_interval",
+                "must be between a millisecond and a minute",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (index, model) in self.models.iter().enumerate() {
+            let at = |key: &str| format!("models[{index}].{key}");
+            model.validate(&at)?;
+            for name in std::iter::once(&model.name).chain(&model.aliases) {
+                if !names.insert(name.as_str()) {
+                    return Err(Error::invalid_config(
+                        at("name"),
+                        format!("`{name}` is used by another model or alias"),
+                    ));
+                }
+            }
+        }
+        if let Some(default) = &self.default_model
+            && !names.contains(default.as_str())
+        {
+            return Err(Error::invalid_config(
+                "default_model",
+                format!("`{default}` is not a configured model"),
+            ));
+        }
+        let preloaded = self.models.iter().filter(|m| m.preload).count();
+        if let Some(max) = self.max_loaded
+            && preloaded > max
+        {
+            return Err(Error::invalid_config(
+                "max_loaded",
+                format!("is {max}, but {preloaded} models are preloaded"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelSpec {
+    /// A model named `name` at `path`, every setting at its default.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            aliases: Vec::new(),
+            path: path.into(),
+            backend: BackendChoice::Auto,
+            options: BTreeMap::new(),
+            context_size: None,
+            threads: None,
+            parallel: None,
+            queue: None,
+            ttl: None,
+            preload: false,
+            runtime_binary: None,
+            hang_timeout: None,
+            startup_timeout: None,
+            shutdown_grace: None,
+            extra_args: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// The spec that starts `config`'s engine under `name` (the inverse of
+    /// [`runtime_config`](Self::runtime_config)): for programs that build
+    /// their configurations in code.
+    pub fn from_runtime_config(name: impl Into<String>, config: &RuntimeConfig) -> Self {
+        Self {
+            context_size: config.context_size,
+            threads: config.threads,
+            parallel: config.parallel,
+            runtime_binary: config.runtime_binary.clone(),
+            options: config.extra_config.clone(),
+            hang_timeout: Some(config.hang_timeout),
+            startup_timeout: config.startup_timeout,
+            shutdown_grace: Some(config.shutdown_grace),
+            extra_args: config.extra_args.clone(),
+            env: config.env.clone(),
+            ..Self::new(name, &config.model_path)
+        }
+    }
+
+    /// Sets [`backend`](Self::backend).
+    #[must_use]
+    pub fn with_backend(mut self, backend: BackendChoice) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The requests this model runs at once.
+    pub fn parallel(&self) -> u32 {
+        self.parallel.unwrap_or(DEFAULT_PARALLEL)
+    }
+
+    /// The requests that may wait for this model.
+    pub fn queue(&self) -> u32 {
+        self.queue.unwrap_or(DEFAULT_QUEUE)
+    }
+
+    /// The runtime configuration the engine starts with.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        let mut config = RuntimeConfig::new(&self.path).with_served_model_name(&self.name);
+        config.context_size = self.context_size;
+        config.threads = self.threads;
+        config.parallel = Some(self.parallel());
+        config.runtime_binary = self.runtime_binary.clone();
+        config.extra_config = self.options.clone();
+        config.startup_timeout = self.startup_timeout;
+        config.extra_args = self.extra_args.clone();
+        config.env = self.env.clone();
+        if let Some(hang) = self.hang_timeout {
+            config.hang_timeout = hang;
+        }
+        if let Some(grace) = self.shutdown_grace {
+            config.shutdown_grace = grace;
+        }
+        config
+    }
+
+    /// The backend that runs it: the one named, or what `auto` picks now.
+    pub fn resolved_backend(&self) -> Result<Backend> {
+        Ok(choose(self.backend, &self.runtime_config())?.0)
+    }
+
+    fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return Err(Error::invalid_config(at("name"), "is empty"));
+        }
+        if let Some(alias) = self.aliases.iter().find(|a| a.trim().is_empty()) {
+            return Err(Error::invalid_config(
+                at("aliases"),
+                format!("has an empty alias {alias:?}"),
+            ));
+        }
+        if !self.path.exists() {
+            return Err(Error::invalid_config(
+                at("path"),
+                format!("{} does not exist", self.path.display()),
+            ));
+        }
+        let parallel = self.parallel();
+        if !(1..=MAX_PARALLEL).contains(&parallel) {
+            return Err(Error::invalid_config(
+                at("parallel"),
+                format!("is {parallel}; it must be between 1 and {MAX_PARALLEL}"),
+            ));
+        }
+        if self.queue() > MAX_QUEUE {
+            return Err(Error::invalid_config(
+                at("queue"),
+                format!("is {}; at most {MAX_QUEUE} requests may wait", self.queue()),
+            ));
+        }
+        if self.ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err(Error::invalid_config(
+                at("ttl"),
+                "must be longer than zero (leave it out to stay loaded)",
+            ));
+        }
+        let config = self.runtime_config();
+        config.validate().map_err(|err| rename(err, at))?;
+        let backend = self.resolved_backend().map_err(|err| rename(err, at))?;
+        backend
+            .check_options(&config)
+            .map_err(|err| rename(err, at))
+    }
+}
+
+/// `line 9 (ttl)`: where byte `offset` of `text` lies, and the key written
+/// on that line.
+fn describe_place(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    match line_text.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() => format!("line {line} ({})", key.trim()),
+        _ => format!("line {line}"),
+    }
+}
+
+/// Puts an error about a runtime setting under the model's key.
+fn rename(err: Error, at: &dyn Fn(&str) -> String) -> Error {
+    match err {
+        Error::InvalidConfig { field, reason } => {
+            let key = field
+                .strip_prefix("extra_config.")
+                .map_or_else(|| field.to_string(), |option| format!("options.{option}"));
+            Error::invalid_config(at(&key), reason)
+        }
+        other => Error::invalid_config(at("backend"), other.to_string()),
+    }
+}
+
+/// Durations written as `"500ms"`, `"30s"`, `"5m"`, `"1h"`, or a number of
+/// seconds.
+pub(crate) mod duration {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(f64),
+        Text(String),
+    }
+
+    pub(crate) fn parse(text: &str) -> std::result::Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration like \"30s\" or \"5m\""))?;
+        let seconds = match unit.trim() {
+            "ms" => number / 1000.0,
+            "" | "s" => number,
+            "m" => number * 60.0,
+            "h" => number * 3600.0,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}; use ms, s, m or h"
+                ));
+            }
+        };
+        Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
+    }
+
+    fn from_written(written: Written) -> std::result::Result<Duration, String> {
+        match written {
+            Written::Seconds(seconds) => {
+                Duration::try_from_secs_f64(seconds).map_err(|err| format!("{seconds}: {err}"))
+            }
+            Written::Text(text) => parse(&text),
+        }
+    }
+
+    pub(crate) fn required<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Duration, D::Error> {
+        from_written(Written::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    pub(crate) fn optional<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Option<Duration>, D::Error> {
+        required(d).map(Some)
+    }
+}
+
+/// Sizes written as `"512MiB"`, `"4GiB"`, `"2GB"`, or a number of bytes.
+pub(crate) mod bytes {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub(crate) fn parse(text: &str) -> std::result::Result<u64, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size like \"4GiB\""))?;
+        let scale: f64 = match unit.trim() {
+            "" | "B" => 1.0,
+            "KB" => 1e3,
+            "MB" => 1e6,
+            "GB" => 1e9,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in {text:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+                ));
+            }
+        };
+        let bytes = number * scale;
+        if !(0.0..=u64::MAX as f64).contains(&bytes) {
+            return Err(format!("{text:?} is out of range"));
+        }
+        Ok(bytes as u64)
+    }
+
+    pub(crate) fn optional<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Option<u64>, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Bytes(bytes) => Ok(Some(bytes)),
+            Written::Text(text) => parse(&text).map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}, {})",
+            self.name,
+            self.backend,
+            self.path.display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_file() -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".gguf").tempfile().unwrap();
+        let mut header = b"GGUF".to_vec();
+        header.extend(3u32.to_le_bytes());
+        header.extend(0u64.to_le_bytes());
+        header.extend(0u64.to_le_bytes());
+        std::fs::write(file.path(), header).unwrap();
+        file
+    }
+
+    fn toml_with(model: &Path, extra: &str) -> String {
+        format!(
+            "max_loaded = 2\nmemory_budget = \"1GiB\"\n\n[[models]]\nname = \"a\"\npath = {:?}\nbackend = \"candle\"\n{extra}\n",
+            model.display().to_string()
+        )
+    }
+
+    #[test]
+    fn a_configuration_file_is_read_with_units() {
+        let model = model_file();
+        let config = GatewayConfig::from_toml(&toml_with(
+            model.path(),
+            "ttl = \"5m\"\nparallel = 2\naliases = [\"b\"]\noptions = { queue = 8 }",
+        ))
+        .unwrap();
+        assert_eq!(config.memory_budget, Some(1 << 30));
+        let spec = &config.models[0];
+        assert_eq!(spec.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(spec.runtime_config().extra_config["queue"], 8);
+        assert_eq!(spec.runtime_config().parallel, Some(2));
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name() {
+        let model = model_file();
+        let err = GatewayConfig::from_toml(&toml_with(model.path(), "tll = \"5m\"")).unwrap_err();
+        assert!(err.to_string().contains("tll"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelled_backend_option_names_the_model_and_the_closest_key() {
+        let model = model_file();
+        let err = GatewayConfig::from_toml(&toml_with(
+            model.path(),
+            "options = { requantise = \"q8_0\" }",
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("models[0].options.requantise"), "{text}");
+        assert!(text.contains("did you mean `requantize`"), "{text}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_key() {
+        let model = model_file();
+        for (extra, key) in [
+            ("ttl = \"soon\"", "ttl"),
+            ("parallel = 0", "parallel"),
+            ("queue = 100000", "queue"),
+        ] {
+            let err = GatewayConfig::from_toml(&toml_with(model.path(), extra))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let missing = toml_with(Path::new("/nonexistent.gguf"), "");
+        let err = GatewayConfig::from_toml(&missing).unwrap_err().to_string();
+        assert!(err.contains("models[0].path"), "{err}");
+    }
+
+    #[test]
+    fn a_name_used_twice_is_refused() {
+        let model = model_file();
+        let mut text = toml_with(model.path(), "aliases = [\"b\"]");
+        text.push_str(&format!(
+            "\n[[models]]\nname = \"b\"\npath = {:?}\nbackend = \"candle\"\n",
+            model.path().display().to_string()
+        ));
+        let err = GatewayConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("`b` is used by another model"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_parse_their_units() {
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("2h").unwrap(), Duration::from_secs(7200));
+        assert!(duration::parse("5 parsecs").is_err());
+        assert_eq!(bytes::parse("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(bytes::parse("512MiB").unwrap(), 512 << 20);
+        assert!(bytes::parse("1EB").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! `serve`'s limits, with raw clients: a client trickling its headers is cut
+//! off, and connections past the cap wait their turn.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtime_core::{EventStream, InferenceRequest, InferenceResponse, Result};
+use runtime_openai::{ChatService, ServeLimits, ServeOptions, router, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A service with nothing to serve but `/health`.
+struct Idle;
+
+#[async_trait::async_trait]
+impl ChatService for Idle {
+    async fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn generate(&self, _: Option<&str>, _: InferenceRequest) -> Result<InferenceResponse> {
+        Err(runtime_core::Error::NotInitialized)
+    }
+
+    async fn generate_events(&self, _: Option<&str>, _: InferenceRequest) -> Result<EventStream> {
+        Err(runtime_core::Error::NotInitialized)
+    }
+}
+
+async fn serving(limits: ServeLimits) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let app = router(Arc::new(Idle), ServeOptions::new("idle"));
+    tokio::spawn(serve(listener, app, limits, std::future::pending()));
+    address
+}
+
+async fn health(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let read = stream.read(&mut buffer).await.unwrap();
+    String::from_utf8_lossy(&buffer[..read]).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    let limits = ServeLimits::default().with_header_read_timeout(Duration::from_millis(300));
+    let address = serving(limits).await;
+    let mut slow = TcpStream::connect(address).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: loc")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let outcome = tokio::time::timeout(Duration::from_secs(3), slow.read(&mut buffer)).await;
+    let read = outcome.expect("the server closes the connection within 3 s");
+    // Closed (0 bytes, or a reset), or an error response: never kept open.
+    if let Ok(read) = read {
+        let text = String::from_utf8_lossy(&buffer[..read]);
+        assert!(read == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let address = serving(ServeLimits::default().with_max_connections(1)).await;
+    let mut first = TcpStream::connect(address).await.unwrap();
+    assert!(health(&mut first).await.starts_with("HTTP/1.1 200"));
+    let mut second = TcpStream::connect(address).await.unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(500), health(&mut second)).await;
+    assert!(
+        waiting.is_err(),
+        "the second connection is not served while the first is open"
+    );
+    drop(first);
+    let served = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut buffer = [0u8; 1024];
+        let read = second.read(&mut buffer).await.unwrap();
+        String::from_utf8_lossy(&buffer[..read]).into_owned()
+    })
+    .await
+    .expect("served once the first closed");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+}
