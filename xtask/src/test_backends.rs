@@ -15,11 +15,12 @@ pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
 /// `cli` runs the built `model-runtime` binary and hot swaps between
 /// candle and llama.cpp; `candle_safetensors` checks candle's Hugging Face
 /// loader against vLLM on the same directory.
-const CROSS_SUITES: &[(&str, [&str; 2])] = &[
-    ("cross_engine", ["candle", "llamacpp"]),
-    ("cli", ["candle", "llamacpp"]),
-    ("gateway", ["candle", "llamacpp"]),
-    ("candle_safetensors", ["candle", "vllm"]),
+const EXTRA_SUITES: &[(&str, &[&str])] = &[
+    ("rpc", &["llamacpp"]),
+    ("cross_engine", &["candle", "llamacpp"]),
+    ("cli", &["candle", "llamacpp"]),
+    ("gateway", &["candle", "llamacpp"]),
+    ("candle_safetensors", &["candle", "vllm"]),
 ];
 
 /// A check's outcome in the table.
@@ -54,7 +55,7 @@ pub(crate) fn run(args: &[String]) -> Result {
         let (checks, ok) = run_suite(backend, &env)?;
         results.push((backend, checks, ok));
     }
-    for (suite, needs) in CROSS_SUITES {
+    for (suite, needs) in EXTRA_SUITES {
         if needs.iter().all(|backend| selected.contains(backend)) {
             step(&format!("suite {suite}: {}", needs.join(" and ")));
             let (checks, ok) = run_suite(suite, &env)?;
@@ -98,7 +99,11 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
     )];
     for backend in backends {
         match *backend {
-            "llamacpp" => env.push(("LLAMA_SERVER_BIN".into(), provision::llama_server()?.into())),
+            "llamacpp" => {
+                let llama = provision::llama_cpp()?;
+                env.push(("LLAMA_SERVER_BIN".into(), llama.server.into()));
+                env.push(("LLAMA_RPC_SERVER_BIN".into(), llama.rpc_server.into()));
+            }
             // In process: the model is all it needs.
             "candle" => {}
             "vllm" => {

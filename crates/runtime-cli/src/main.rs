@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use runtime_core::{ApiKey, ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
 use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager, choose, survey};
+use runtime_llamacpp::{RpcWorker, RpcWorkerConfig};
 use runtime_openai::{ChatService, HostPolicy, ServeLimits, ServeOptions, check_exposure};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -120,6 +121,23 @@ enum Command {
         #[arg(long)]
         allow_unauthenticated: bool,
     },
+    /// Lend this machine's devices to a llama-server elsewhere: run a
+    /// llama.cpp RPC worker until Ctrl-C or SIGTERM. The protocol has no
+    /// authentication: listen on a private network only.
+    RpcWorker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 50052)]
+        port: u16,
+        /// CPU threads of the worker.
+        #[arg(long)]
+        threads: Option<u32>,
+        /// Keep received tensors in a local file cache.
+        #[arg(long)]
+        cache: bool,
+    },
     /// List the backends, whether they are usable here, and what they take.
     Backends,
 }
@@ -191,6 +209,17 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
                 allow_unauthenticated,
             };
             serve(what, access, latest).await
+        }
+        Command::RpcWorker {
+            host,
+            port,
+            threads,
+            cache,
+        } => {
+            let mut config = RpcWorkerConfig::new().with_host(host).with_port(port);
+            config.threads = threads;
+            config.cache = cache;
+            rpc_worker(config).await
         }
         Command::Backends => {
             backends().await;
@@ -539,6 +568,28 @@ impl Signals {
             None => std::future::pending().await,
         }
     }
+}
+
+async fn rpc_worker(config: RpcWorkerConfig) -> Result<(), Error> {
+    let mut signals = Signals::listen()?;
+    let worker = RpcWorker::start(config).await?;
+    eprintln!(
+        "model-runtime: llama.cpp RPC worker listening on {}; give it to llama-server as \
+         --rpc {0} (or LlamaCppOptions::with_rpc_worker)",
+        worker.address()
+    );
+    tokio::select! {
+        exited = worker.wait() => {
+            return Err(Error::EngineExited {
+                engine: "rpc-server".to_owned(),
+                status: exited,
+                log_tail: worker.log_tail(),
+            });
+        }
+        _ = signals.next() => {}
+    }
+    worker.stop().await;
+    Ok(())
 }
 
 async fn backends() {

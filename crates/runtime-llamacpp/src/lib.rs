@@ -18,6 +18,11 @@
 //! - stopping sends SIGTERM, a second SIGTERM after 250 ms (llama-server keeps
 //!   serving an in-flight request after the first), SIGKILL after the grace period.
 //!
+//! Splitting a model across machines: start an [`RpcWorker`] (llama.cpp's
+//! `rpc-server`) on each, and list their addresses in
+//! [`LlamaCppOptions::rpc_workers`] (with [`LlamaCppOptions::tensor_split`]
+//! to weigh them).
+//!
 //! Config mapping: `context_size` → `-c`, `batch_size` → `-b`, `threads` → `-t`
 //! and `-tb`, `gpu_layers` → `-ngl`, `parallel` → `-np`, `served_model_name` →
 //! `--alias`, [`LlamaCppOptions`] as documented on each field, `extra_args`
@@ -41,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 mod options;
+mod rpc;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +59,7 @@ pub use runtime_server::ManagedServer;
 use runtime_server::{LaunchSpec, ServerEngine};
 
 pub use crate::options::{FlashAttention, LlamaCppOptions};
+pub use crate::rpc::{RPC_BINARY_ENV, RpcWorker, RpcWorkerConfig};
 
 /// The environment variable that may name the `llama-server` binary.
 pub const BINARY_ENV: &str = "LLAMA_SERVER_BIN";
@@ -110,6 +117,7 @@ impl ServerEngine for LlamaServer {
     fn find_binary(&self, config: &RuntimeConfig) -> Result<PathBuf> {
         BinarySearch {
             name: "llama-server",
+            also: &[],
             explicit: config.runtime_binary.as_deref(),
             env_var: BINARY_ENV,
             install_hint: INSTALL_HINT,
@@ -124,7 +132,7 @@ impl ServerEngine for LlamaServer {
     ) -> Result<Option<String>> {
         let mut command = tokio::process::Command::new(binary);
         command.arg("--version").kill_on_drop(true);
-        for (key, value) in environment(binary, config) {
+        for (key, value) in library_path(binary, &config.env) {
             command.env(key, value);
         }
         let output = tokio::time::timeout(Duration::from_secs(30), command.output())
@@ -205,7 +213,7 @@ impl ServerEngine for LlamaServer {
             command.args(["--tensor-split", &split.join(",")]);
         }
         command.args(&config.extra_args);
-        for (key, value) in environment(launch.binary, config) {
+        for (key, value) in library_path(launch.binary, &config.env) {
             command.env(key, value);
         }
         // Last, so no configured variable can replace it.
@@ -243,14 +251,16 @@ impl ServerEngine for LlamaServer {
     }
 }
 
-/// The engine's environment: the user's variables, and the binary's directory
-/// first on the library path so a relocatable build finds the shared libraries
-/// shipped beside it.
-fn environment(binary: &Path, config: &RuntimeConfig) -> Vec<(String, String)> {
+/// A llama.cpp binary's environment: the user's variables, and the binary's
+/// directory first on the library path so a relocatable build finds the
+/// shared libraries shipped beside it.
+pub(crate) fn library_path(
+    binary: &Path,
+    user: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     if let Some(dir) = binary.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        let existing = config
-            .env
+        let existing = user
             .get("LD_LIBRARY_PATH")
             .cloned()
             .or_else(|| std::env::var("LD_LIBRARY_PATH").ok())
@@ -262,9 +272,7 @@ fn environment(binary: &Path, config: &RuntimeConfig) -> Vec<(String, String)> {
         env.push(("LD_LIBRARY_PATH".to_owned(), value));
     }
     env.extend(
-        config
-            .env
-            .iter()
+        user.iter()
             .filter(|(key, _)| key.as_str() != "LD_LIBRARY_PATH")
             .map(|(key, value)| (key.clone(), value.clone())),
     );
@@ -395,7 +403,7 @@ mod tests {
         let config = RuntimeConfig::new("/m.gguf")
             .with_env("LD_LIBRARY_PATH", "/usr/local/lib")
             .with_env("A", "1");
-        let env = environment(Path::new("/opt/llama/bin/llama-server"), &config);
+        let env = library_path(Path::new("/opt/llama/bin/llama-server"), &config.env);
         assert_eq!(
             env[0],
             (

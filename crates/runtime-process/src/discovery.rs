@@ -10,6 +10,9 @@ use runtime_core::{Error, Result};
 pub struct BinarySearch<'a> {
     /// The binary's name, looked up on `PATH` last.
     pub name: &'a str,
+    /// Other names it goes by, looked up on `PATH` after `name`
+    /// (llama.cpp's `rpc-server` is also shipped as `ggml-rpc-server`).
+    pub also: &'a [&'a str],
     /// An explicitly configured path ([`RuntimeConfig::runtime_binary`](runtime_core::RuntimeConfig::runtime_binary)).
     pub explicit: Option<&'a Path>,
     /// The environment variable that may hold the path (`LLAMA_SERVER_BIN`).
@@ -31,13 +34,16 @@ impl BinarySearch<'_> {
             let from_env = format!("${}", self.env_var);
             return self.existing(Path::new(&value), &from_env);
         }
-        which::which(self.name).map_err(|_| Error::BinaryNotFound {
-            binary: self.name.to_owned(),
-            hint: format!(
-                "not on PATH and ${} is not set; {}",
-                self.env_var, self.install_hint
-            ),
-        })
+        std::iter::once(self.name)
+            .chain(self.also.iter().copied())
+            .find_map(|name| which::which(name).ok())
+            .ok_or_else(|| Error::BinaryNotFound {
+                binary: self.name.to_owned(),
+                hint: format!(
+                    "not on PATH and ${} is not set; {}",
+                    self.env_var, self.install_hint
+                ),
+            })
     }
 
     fn existing(&self, path: &Path, origin: &str) -> Result<PathBuf> {
@@ -78,6 +84,7 @@ mod tests {
     fn an_explicit_path_that_does_not_exist_is_named_in_the_error() {
         let search = BinarySearch {
             name: "llama-server",
+            also: &[],
             explicit: Some(Path::new("/nonexistent/llama-server")),
             env_var: "RUNTIME_PROCESS_TEST_UNSET",
             install_hint: "run `cargo xtask provision llamacpp`",
@@ -88,9 +95,10 @@ mod tests {
     }
 
     #[test]
-    fn a_binary_on_path_is_found() {
+    fn a_binary_on_path_is_found_by_any_of_its_names() {
         let search = BinarySearch {
-            name: "sh",
+            name: "no-such-engine-binary",
+            also: &["sh"],
             explicit: None,
             env_var: "RUNTIME_PROCESS_TEST_UNSET",
             install_hint: "",
@@ -102,6 +110,7 @@ mod tests {
     fn a_missing_binary_names_the_variable_to_set() {
         let search = BinarySearch {
             name: "no-such-engine-binary",
+            also: &[],
             explicit: None,
             env_var: "NO_SUCH_ENGINE_BIN",
             install_hint: "install it",

@@ -183,6 +183,7 @@ impl ServerEngine for VllmServer {
         {
             return BinarySearch {
                 name: "python",
+                also: &[],
                 explicit: Some(Path::new(&python)),
                 env_var: PYTHON_ENV,
                 install_hint: INSTALL_HINT,
@@ -191,6 +192,7 @@ impl ServerEngine for VllmServer {
         }
         BinarySearch {
             name: "vllm",
+            also: &[],
             explicit: config.runtime_binary.as_deref(),
             env_var: BINARY_ENV,
             install_hint: INSTALL_HINT,
