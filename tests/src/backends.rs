@@ -37,6 +37,7 @@ pub fn llamacpp() -> Backend {
         exit_budget: Duration::from_secs(1),
         misspelled_option: ("flash_atention", "flash_attention"),
         activity: Activity::Slots,
+        trusted_certificate: None,
         hold_runtime: None,
     }
 }
@@ -57,6 +58,7 @@ pub fn candle() -> Backend {
         exit_budget: Duration::from_secs(1),
         misspelled_option: ("requantise", "requantize"),
         activity: Activity::CandleMetrics,
+        trusted_certificate: None,
         hold_runtime: None,
     }
 }
@@ -93,6 +95,7 @@ pub fn vllm() -> Backend {
         exit_budget: Duration::from_secs(15),
         misspelled_option: ("tensor_paralel_size", "tensor_parallel_size"),
         activity: Activity::VllmMetrics,
+        trusted_certificate: None,
         hold_runtime: None,
     }
 }

@@ -94,9 +94,35 @@ async fn stream_outcome(stream: &mut runtime_core::TextStream, within: Duration)
         .unwrap_or_else(|_| panic!("the stream did not end within {within:?}"))
 }
 
+/// An HTTP client for the checks' own requests to `backend`'s endpoint.
+pub fn http_client(backend: &Backend) -> reqwest::Client {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut builder = reqwest::Client::builder();
+    if let Some(pem) = &backend.trusted_certificate {
+        // As runtime-remote verifies: the system's roots and this one.
+        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|certificate| certificate.expect("a PEM certificate"))
+            .collect();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, provider.clone())
+                .expect("a verifier");
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+            .with_no_client_auth();
+        builder = builder.tls_backend_preconfigured(config);
+    }
+    builder.build().expect("an HTTP client")
+}
+
 /// How many generations the engine is running, asked of the engine itself.
 pub async fn engine_activity(backend: &Backend, runtime: &dyn ModelRuntime) -> usize {
-    let http = reqwest::Client::new();
+    let http = http_client(backend);
     let get = |path: &str| {
         http.get(format!("{}{path}", runtime.base_url()))
             .bearer_auth(crate::bearer(runtime))
@@ -118,9 +144,10 @@ pub async fn engine_activity(backend: &Backend, runtime: &dyn ModelRuntime) -> u
                 .filter(|slot| slot["is_processing"].as_bool().unwrap_or(true))
                 .count()
         }
-        Activity::VllmMetrics | Activity::CandleMetrics => {
+        Activity::VllmMetrics | Activity::CandleMetrics | Activity::GatewayMetrics => {
             let gauge = match backend.activity {
                 Activity::VllmMetrics => "vllm:num_requests_running",
+                Activity::GatewayMetrics => "gateway_requests_in_flight",
                 _ => "candle_generations_active",
             };
             let text = get("/metrics")

@@ -55,3 +55,58 @@ pub async fn serve(manager: Arc<RuntimeManager>) -> (String, tokio::task::JoinHa
     });
     (base, server)
 }
+
+/// Serves `manager` over TLS on a free loopback port, with a self-signed
+/// certificate for `localhost` made here; returns `https://localhost:PORT`,
+/// the certificate (PEM) a client must trust, and the server task.
+pub async fn serve_tls(
+    manager: Arc<RuntimeManager>,
+) -> (String, String, tokio::task::JoinHandle<()>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let pem = certified.cert.pem();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("a TLS configuration");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let router = runtime_openai::router(
+        manager as Arc<dyn ChatService>,
+        ServeOptions::new("conformance"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(router))
+                    .await;
+            });
+        }
+    });
+    (base, pem, server)
+}

@@ -46,6 +46,9 @@ pub struct Backend {
     pub misspelled_option: (&'static str, &'static str),
     /// How to ask the engine how many generations it is running.
     pub activity: Activity,
+    /// A certificate (PEM) the checks' own HTTP clients trust, for a
+    /// backend reached over TLS with a private certificate.
+    pub trusted_certificate: Option<String>,
     /// The `hold-runtime` helper binary; [`suite!`] fills it in.
     pub hold_runtime: Option<&'static str>,
 }
@@ -75,6 +78,8 @@ pub enum Activity {
     VllmMetrics,
     /// candle's `GET /metrics`: the `candle_generations_active` gauge.
     CandleMetrics,
+    /// Our gateway's `GET /metrics`: the `gateway_requests_in_flight` gauge.
+    GatewayMetrics,
 }
 
 /// An independent source of an engine's version, to check `metadata().version`.
@@ -184,6 +189,9 @@ macro_rules! suite {
 /// `RUST_LOG=runtime_process::engine=debug`), and everything at debug level
 /// to [`log_capture`].
 pub fn init_tracing() {
+    // The workspace builds reqwest with provider-less rustls (runtime-remote's
+    // TLS): plain reqwest clients in the suite need a process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter};

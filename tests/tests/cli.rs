@@ -26,6 +26,7 @@ fn model() -> String {
 
 #[tokio::test]
 async fn run_streams_the_answer_and_exits_zero() {
+    conformance::init_tracing();
     let output = cli()
         .args([
             "run",
@@ -61,6 +62,7 @@ async fn run_streams_the_answer_and_exits_zero() {
 
 #[tokio::test]
 async fn run_picks_llama_cpp_for_gguf_when_llama_server_is_installed() {
+    conformance::init_tracing();
     let output = cli()
         .args([
             "run",
@@ -96,6 +98,7 @@ fn pids_of(binary: &std::path::Path) -> Vec<i32> {
 
 #[tokio::test]
 async fn backends_lists_the_three_backends() {
+    conformance::init_tracing();
     let output = cli()
         .arg("backends")
         .output()
@@ -110,6 +113,7 @@ async fn backends_lists_the_three_backends() {
 
 #[tokio::test]
 async fn a_bad_model_path_is_a_readable_error() {
+    conformance::init_tracing();
     let output = cli()
         .args(["run", "/nonexistent/model.gguf", "--prompt", "hi"])
         .output()
@@ -200,6 +204,7 @@ impl Serve {
 
 #[tokio::test]
 async fn serve_answers_chat_completions_and_stops_on_sigterm() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&[]).await;
     let http = reqwest::Client::new();
     let body = serde_json::json!({
@@ -257,6 +262,7 @@ async fn serve_answers_chat_completions_and_stops_on_sigterm() {
 /// waited for), the engine is stopped, and serve exits.
 #[tokio::test]
 async fn the_first_signal_ends_open_streams_and_stops_the_engine() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&[]).await;
     let http = reqwest::Client::new();
     let long = conformance::wire::chat_body("Write a very long story about a dragon.", 800, true);
@@ -304,6 +310,7 @@ async fn the_first_signal_ends_open_streams_and_stops_the_engine() {
 /// A second signal exits at once, and the engine still goes.
 #[tokio::test]
 async fn a_second_signal_exits_at_once_and_the_engine_still_goes() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&[]).await;
     // A stopped engine ignores SIGTERM: the orderly stop has to wait for its
     // grace period before SIGKILL, which the second signal cuts short.
@@ -331,6 +338,7 @@ async fn a_second_signal_exits_at_once_and_the_engine_still_goes() {
 /// gateway's `/health` says it is unhealthy.
 #[tokio::test]
 async fn requests_to_a_hung_engine_fail_and_health_says_so() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&["--hang-timeout", "2"]).await;
     let http = reqwest::Client::new();
     let engine: Vec<procs::Proc> = procs::all()
@@ -374,6 +382,7 @@ async fn requests_to_a_hung_engine_fail_and_health_says_so() {
 /// sends, and honours `max_completion_tokens`.
 #[tokio::test]
 async fn the_gateway_refuses_cross_site_and_unimplemented_requests() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&[]).await;
     conformance::checks::check_http_surface(&serve.completions(), GATEWAY_KEY).await;
     serve.signal(nix::sys::signal::Signal::SIGTERM);
@@ -384,6 +393,7 @@ async fn the_gateway_refuses_cross_site_and_unimplemented_requests() {
 /// A non-loopback address without a key is refused before anything starts.
 #[tokio::test]
 async fn serve_refuses_a_public_address_without_a_key() {
+    conformance::init_tracing();
     let output = cli()
         .args([
             "serve",
@@ -410,6 +420,7 @@ async fn serve_refuses_a_public_address_without_a_key() {
 /// When the engine dies, clients learn that it did, not what it logged.
 #[tokio::test]
 async fn an_engine_crash_reaches_clients_without_its_log_lines() {
+    conformance::init_tracing();
     let mut serve = Serve::start(&[]).await;
     let engine: Vec<procs::Proc> = procs::all()
         .into_iter()
@@ -438,6 +449,7 @@ async fn an_engine_crash_reaches_clients_without_its_log_lines() {
 /// the file, adding and removing models.
 #[tokio::test]
 async fn serve_with_a_config_file_routes_by_model_and_reloads_on_sighup() {
+    conformance::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("models.toml");
     let port = runtime_process::free_port("127.0.0.1").unwrap();
@@ -582,6 +594,7 @@ async fn serving_engine(manager: &RuntimeManager) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_under_a_trickle_of_requests_fails_none() {
+    conformance::init_tracing();
     let binary = required_env(runtime_llamacpp::BINARY_ENV);
     let on_candle = spec(&candle().config, BackendChoice::Candle);
     let on_llama = spec(&llamacpp().config, BackendChoice::LlamaCpp);
@@ -652,6 +665,7 @@ async fn hot_swap_under_a_trickle_of_requests_fails_none() {
 /// (within its grace), not merely dropped whenever the stream goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_ends_streams_left_open_at_the_drain_deadline() {
+    conformance::init_tracing();
     let drain = Duration::from_secs(1);
     let binary = required_env(runtime_llamacpp::BINARY_ENV);
     let on_llama = llamacpp().config;

@@ -17,9 +17,11 @@ pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
 /// loader against vLLM on the same directory.
 const EXTRA_SUITES: &[(&str, &[&str])] = &[
     ("rpc", &["llamacpp"]),
+    ("vllm_parallel", &["vllm"]),
     ("cross_engine", &["candle", "llamacpp"]),
     ("cli", &["candle", "llamacpp"]),
     ("gateway", &["candle", "llamacpp"]),
+    ("attach", &["candle", "llamacpp", "vllm"]),
     ("candle_safetensors", &["candle", "vllm"]),
 ];
 

@@ -20,6 +20,10 @@ pub enum Backend {
     /// The embedded candle engine (`runtime-candle`).
     #[serde(rename = "candle")]
     Candle,
+    /// An OpenAI-compatible server run elsewhere (`runtime-remote`); the
+    /// model's path is the server's URL.
+    #[serde(rename = "remote")]
+    Remote,
 }
 
 /// Which backend runs a model: one by name, or [`Auto`](Self::Auto).
@@ -37,11 +41,19 @@ pub enum BackendChoice {
     Vllm,
     /// The embedded candle engine.
     Candle,
+    /// A server run elsewhere.
+    Remote,
+}
+
+/// Whether a model's "path" is a server's URL (a model served elsewhere).
+pub(crate) fn is_url(path: &std::path::Path) -> bool {
+    path.to_str()
+        .is_some_and(|p| p.starts_with("http://") || p.starts_with("https://"))
 }
 
 impl Backend {
     /// Every backend, in the order `model-runtime backends` lists them.
-    pub const ALL: [Backend; 3] = [Self::LlamaCpp, Self::Vllm, Self::Candle];
+    pub const ALL: [Backend; 4] = [Self::LlamaCpp, Self::Vllm, Self::Candle, Self::Remote];
 
     /// The name used on the command line and in configuration files.
     pub fn name(self) -> &'static str {
@@ -49,6 +61,7 @@ impl Backend {
             Self::LlamaCpp => "llamacpp",
             Self::Vllm => "vllm",
             Self::Candle => "candle",
+            Self::Remote => "remote",
         }
     }
 
@@ -62,6 +75,8 @@ impl Backend {
             Self::Vllm => Ok(Box::new(runtime_vllm::VllmRuntime::new())),
             #[cfg(feature = "candle")]
             Self::Candle => Ok(Box::new(runtime_candle::CandleRuntime::new())),
+            #[cfg(feature = "remote")]
+            Self::Remote => Ok(Box::new(runtime_remote::RemoteRuntime::new())),
             #[allow(unreachable_patterns)]
             other => Err(Error::invalid_config(
                 "backend",
@@ -87,6 +102,8 @@ impl Backend {
             Self::Vllm => config.options::<runtime_vllm::VllmOptions>().map(drop),
             #[cfg(feature = "candle")]
             Self::Candle => config.options::<runtime_candle::CandleOptions>().map(drop),
+            #[cfg(feature = "remote")]
+            Self::Remote => config.options::<runtime_remote::RemoteOptions>().map(drop),
             #[allow(unreachable_patterns)]
             _ => self.runtime().map(drop),
         }
@@ -101,6 +118,7 @@ impl BackendChoice {
             Self::LlamaCpp => Some(Backend::LlamaCpp),
             Self::Vllm => Some(Backend::Vllm),
             Self::Candle => Some(Backend::Candle),
+            Self::Remote => Some(Backend::Remote),
         }
     }
 }
@@ -129,8 +147,9 @@ impl FromStr for BackendChoice {
             "llamacpp" => Ok(Self::LlamaCpp),
             "vllm" => Ok(Self::Vllm),
             "candle" => Ok(Self::Candle),
+            "remote" => Ok(Self::Remote),
             other => Err(format!(
-                "unknown backend `{other}`; use auto, llamacpp, vllm or candle"
+                "unknown backend `{other}`; use auto, llamacpp, vllm, candle or remote"
             )),
         }
     }
@@ -143,6 +162,9 @@ impl FromStr for BackendChoice {
 pub fn choose(choice: BackendChoice, config: &RuntimeConfig) -> Result<(Backend, String)> {
     if let Some(backend) = choice.backend() {
         return Ok((backend, "as asked".to_owned()));
+    }
+    if is_url(&config.model_path) {
+        return Ok((Backend::Remote, "a server's URL".to_owned()));
     }
     match config.resolve_format()? {
         ModelFormat::Gguf => Ok(server_or_embedded(
@@ -278,6 +300,7 @@ pub async fn survey() -> Vec<BackendReport> {
                 backend,
                 "GGUF (llama architecture), Hugging Face safetensors directories",
             ),
+            Backend::Remote => BackendReport::new(backend, "whatever the server's engine takes"),
         };
         let report = match backend {
             #[cfg(feature = "llamacpp")]
@@ -291,6 +314,12 @@ pub async fn survey() -> Vec<BackendReport> {
                 usable: true,
                 version: Some(format!("candle {}", runtime_candle::ENGINE_VERSION)),
                 note: "embedded, no engine binary needed".to_owned(),
+                ..report
+            },
+            #[cfg(feature = "remote")]
+            Backend::Remote => BackendReport {
+                usable: true,
+                note: "attaches to an OpenAI-compatible server given by URL".to_owned(),
                 ..report
             },
             #[allow(unreachable_patterns)]
@@ -310,7 +339,7 @@ mod tests {
 
     #[test]
     fn choices_parse_and_print_by_their_configuration_names() {
-        for name in ["auto", "llamacpp", "vllm", "candle"] {
+        for name in ["auto", "llamacpp", "vllm", "candle", "remote"] {
             let choice: BackendChoice = name.parse().unwrap();
             assert_eq!(choice.to_string(), name);
             let json = serde_json::to_value(choice).unwrap();

@@ -145,6 +145,14 @@ pub struct ModelSpec {
     /// Extra environment variables for the engine.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The key the engine requires: a remote server's key (local engines get
+    /// a random one of their own when unset).
+    #[serde(default)]
+    pub api_key: Option<ApiKey>,
+    /// The model's name on its engine when that differs from `name` (a
+    /// remote server's model id).
+    #[serde(default)]
+    pub upstream_model: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -302,6 +310,8 @@ impl ModelSpec {
             shutdown_grace: None,
             extra_args: Vec::new(),
             env: BTreeMap::new(),
+            api_key: None,
+            upstream_model: None,
         }
     }
 
@@ -320,6 +330,8 @@ impl ModelSpec {
             shutdown_grace: Some(config.shutdown_grace),
             extra_args: config.extra_args.clone(),
             env: config.env.clone(),
+            api_key: config.api_key.clone(),
+            upstream_model: config.served_model_name.clone(),
             ..Self::new(name, &config.model_path)
         }
     }
@@ -343,7 +355,9 @@ impl ModelSpec {
 
     /// The runtime configuration the engine starts with.
     pub fn runtime_config(&self) -> RuntimeConfig {
-        let mut config = RuntimeConfig::new(&self.path).with_served_model_name(&self.name);
+        let mut config = RuntimeConfig::new(&self.path)
+            .with_served_model_name(self.upstream_model.as_deref().unwrap_or(&self.name));
+        config.api_key = self.api_key.clone();
         config.context_size = self.context_size;
         config.threads = self.threads;
         config.parallel = Some(self.parallel());
@@ -376,7 +390,7 @@ impl ModelSpec {
                 format!("has an empty alias {alias:?}"),
             ));
         }
-        if !self.path.exists() {
+        if !crate::backends::is_url(&self.path) && !self.path.exists() {
             return Err(Error::invalid_config(
                 at("path"),
                 format!("{} does not exist", self.path.display()),

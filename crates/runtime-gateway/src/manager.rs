@@ -757,7 +757,6 @@ impl Inner {
             let Some((served, loaded_at)) = loaded else {
                 continue;
             };
-            self.metrics.set_in_flight(model.name(), served.in_flight());
             if served.is_retiring() {
                 continue;
             }
@@ -982,6 +981,7 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         // 499: the client went away before the answer was complete.
         self.finish(499);
+        self.inner.metrics.request_ended(self.model.name());
         self.model.touch();
         self.inner.capacity_freed.notify_waiters();
     }
@@ -1014,15 +1014,18 @@ impl Inner {
         }
         .await;
         match outcome {
-            Ok((events, permit)) => Ok(Box::new(Tracked {
-                events,
-                model,
-                inner: self.clone(),
-                _permit: permit,
-                started,
-                first_token: false,
-                done: false,
-            })),
+            Ok((events, permit)) => {
+                self.metrics.request_started(model.name());
+                Ok(Box::new(Tracked {
+                    events,
+                    model,
+                    inner: self.clone(),
+                    _permit: permit,
+                    started,
+                    first_token: false,
+                    done: false,
+                }))
+            }
             Err(err) => {
                 self.metrics.request(
                     model.name(),

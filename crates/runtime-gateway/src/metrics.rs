@@ -215,10 +215,12 @@ impl Metrics {
             .set(waiting as i64);
     }
 
-    pub(crate) fn set_in_flight(&self, model: &str, running: usize) {
-        self.in_flight
-            .get_or_create(&label(model))
-            .set(running as i64);
+    pub(crate) fn request_started(&self, model: &str) {
+        self.in_flight.get_or_create(&label(model)).inc();
+    }
+
+    pub(crate) fn request_ended(&self, model: &str) {
+        self.in_flight.get_or_create(&label(model)).dec();
     }
 
     pub(crate) fn restarted(&self, model: &str) {

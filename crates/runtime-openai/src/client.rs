@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::heartbeat::{Heartbeat, Pulse};
 use crate::sse::{SseDecoder, SseEvent};
+use crate::tls;
 
 /// Chunks buffered between the task reading a response body and its reader.
 const PUMP_BUFFER: usize = 64;
@@ -34,6 +35,58 @@ pub struct ClientTimeouts {
     pub connect: Duration,
     /// Bound on the silence between two chunks of a response (default 300 s).
     pub idle: Duration,
+    /// Bound on waiting for a response's headers, if any (a remote server
+    /// answers headers at once; a local engine with every slot busy does not).
+    pub request: Option<Duration>,
+}
+
+/// How an [`OpenAiClient`] reaches its server: fresh connections to an
+/// engine on loopback ([`ClientOptions::loopback`]), or pooled ones (with TLS
+/// where the URL says `https`) to a server elsewhere ([`ClientOptions::remote`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// Connect, idle and request bounds.
+    pub timeouts: ClientTimeouts,
+    /// Keep connections for reuse. Off for loopback engines, which close
+    /// idle connections on their own schedule (a request written to one that
+    /// is closing cannot be retried safely); on for remote servers, where a
+    /// TLS handshake per request would cost.
+    pub pooled: bool,
+    /// How many times to try again a request whose connection could not be
+    /// made: it provably never reached the server. Nothing else is retried.
+    pub connect_retries: u32,
+    /// PEM certificates to trust besides the system's (a private CA, a
+    /// self-signed gateway). Needs the `tls` feature.
+    pub root_certificates: Vec<Vec<u8>>,
+}
+
+impl ClientOptions {
+    /// A fresh connection per request, no retries: for an engine on loopback.
+    pub fn loopback(timeouts: ClientTimeouts) -> Self {
+        Self {
+            timeouts,
+            ..Self::default()
+        }
+    }
+
+    /// Pooled connections and two retries of a failed connect: for a server
+    /// elsewhere.
+    pub fn remote(timeouts: ClientTimeouts) -> Self {
+        Self {
+            timeouts,
+            pooled: true,
+            connect_retries: 2,
+            root_certificates: Vec::new(),
+        }
+    }
+
+    /// Trusts `pem` (one or more certificates) besides the system's roots.
+    #[must_use]
+    pub fn with_root_certificate(mut self, pem: Vec<u8>) -> Self {
+        self.root_certificates.push(pem);
+        self
+    }
 }
 
 impl ClientTimeouts {
@@ -51,6 +104,7 @@ impl Default for ClientTimeouts {
         Self {
             connect: Duration::from_secs(5),
             idle: Duration::from_secs(300),
+            request: None,
         }
     }
 }
@@ -67,6 +121,7 @@ pub struct OpenAiClient {
     api_key: Option<ApiKey>,
     model: Option<String>,
     timeouts: ClientTimeouts,
+    connect_retries: u32,
     /// Set by [`OpenAiClient::close_streams`]; every request watches it.
     closing: Arc<watch::Sender<bool>>,
     /// The engine's liveness, when a heartbeat runs.
@@ -85,25 +140,38 @@ impl OpenAiClient {
         model: Option<String>,
         timeouts: ClientTimeouts,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
+        Self::with_options(base_url, api_key, model, ClientOptions::loopback(timeouts))
+    }
+
+    /// A client reaching its server as `options` say.
+    pub fn with_options(
+        base_url: impl Into<String>,
+        api_key: Option<ApiKey>,
+        model: Option<String>,
+        options: ClientOptions,
+    ) -> Result<Self> {
+        let base_url = base_url.into().trim_end_matches('/').to_owned();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(options.timeouts.connect)
+            .tcp_nodelay(true);
+        if !options.pooled {
             // No idle connections are kept. Engines close them on their own
             // schedule (llama-server after every chat response and after 5 s
             // of keep-alive), and a request written to one that is closing
             // fails with an incomplete message that cannot be retried safely:
             // the engine may have seen it. A fresh loopback connection costs
             // a fraction of a millisecond against a generation.
-            .pool_max_idle_per_host(0)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .build()
-            .map_err(transport)?;
+            builder = builder.pool_max_idle_per_host(0).no_proxy();
+        }
+        builder = tls::configure(builder, &base_url, &options.root_certificates)?;
+        let http = builder.build().map_err(transport)?;
         Ok(Self {
             http,
-            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            base_url,
             api_key,
             model,
-            timeouts,
+            timeouts: options.timeouts,
+            connect_retries: options.connect_retries,
             closing: Arc::new(watch::channel(false).0),
             pulse: None,
         })
@@ -241,12 +309,29 @@ impl OpenAiClient {
         if let Some(err) = self.unresponsive_error() {
             return Err(err);
         }
-        let response = self
-            .authorized(self.http.post(self.url("/v1/chat/completions")))
-            .json(body)
-            .send()
-            .await
-            .map_err(transport)?;
+        let mut attempt = 0;
+        let response = loop {
+            let sent = self
+                .authorized(self.http.post(self.url("/v1/chat/completions")))
+                .json(body)
+                .send();
+            let sent = match self.timeouts.request {
+                Some(bound) => tokio::time::timeout(bound, sent).await.map_err(|_| {
+                    Error::Transport(format!("no response within {bound:?}").into())
+                })?,
+                None => sent.await,
+            };
+            match sent {
+                Ok(response) => break response,
+                // The connection was never made: the server has not seen it.
+                Err(err) if err.is_connect() && attempt < self.connect_retries => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %err, "connecting failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt)).await;
+                }
+                Err(err) => return Err(transport(err)),
+            }
+        };
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -33,9 +33,10 @@ mod serve;
 #[cfg(feature = "server")]
 mod server;
 mod sse;
+mod tls;
 pub mod wire;
 
-pub use client::{ClientTimeouts, OpenAiClient, http_base_url};
+pub use client::{ClientOptions, ClientTimeouts, OpenAiClient, http_base_url};
 pub use heartbeat::Heartbeat;
 pub use key::random_api_key;
 #[cfg(feature = "server")]

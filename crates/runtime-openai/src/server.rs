@@ -2,7 +2,8 @@
 //!
 //! Routes: `POST /v1/chat/completions` (plain, and streamed as SSE with a usage
 //! chunk when `stream_options.include_usage` is set), `GET /v1/models`,
-//! `GET /metrics` (when the service has metrics), `GET /health`.
+//! `GET /metrics` and `GET /status` (when the service keeps them),
+//! `GET /health`, `GET /version`.
 //!
 //! What a local server must refuse, it refuses here, once:
 //! - without the API key (when one is set), every route but `/health` is 401;
@@ -261,6 +262,7 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health))
+        .route("/version", get(version))
         .merge(api)
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -485,6 +487,11 @@ fn is_loopback_name(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The server's software, as vLLM's `/version` says its own.
+async fn version() -> Response {
+    Json(json!({"version": concat!("model-runtime ", env!("CARGO_PKG_VERSION"))})).into_response()
 }
 
 async fn health(State(state): State<AppState>) -> Response {

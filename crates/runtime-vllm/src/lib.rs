@@ -41,6 +41,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod headless;
 mod options;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,7 @@ pub use runtime_server::ManagedServer;
 use runtime_server::{LaunchSpec, ServerEngine};
 use serde_json::Value;
 
+pub use crate::headless::VllmHeadlessRank;
 pub use crate::options::{VllmLaunch, VllmOptions};
 
 /// The environment variable that may name a Python with vLLM installed.
@@ -158,6 +160,9 @@ impl ServerEngine for VllmServer {
 
     fn validate(&self, config: &RuntimeConfig, options: &VllmOptions) -> Result<()> {
         let format = config.resolve_format()?;
+        if config.model_path.is_dir() {
+            check_parallelism(&config.model_path, options)?;
+        }
         match format {
             ModelFormat::Safetensors if config.model_path.is_dir() => Ok(()),
             ModelFormat::Gguf if options.allow_gguf => Ok(()),
@@ -210,77 +215,7 @@ impl ServerEngine for VllmServer {
     }
 
     fn command(&self, launch: &LaunchSpec<'_, VllmOptions>) -> Result<ServerCommand> {
-        let config = launch.config;
-        let options = launch.options;
-        let (program, head) = match Entrypoint::choose(launch.binary, options.launch)? {
-            Entrypoint::Module(python) => (python, ["-m", MODULE, "--model"].as_slice()),
-            Entrypoint::Serve(vllm) => (vllm, ["serve"].as_slice()),
-        };
-        let mut command = ServerCommand::new("vllm", program);
-        command
-            .args(head)
-            .arg(&config.model_path)
-            .args(["--host", &config.host])
-            .args(["--port", &launch.port.to_string()])
-            .args(["--served-model-name", launch.model_name]);
-        let numeric = [
-            ("--max-model-len", config.context_size),
-            ("--max-num-batched-tokens", config.batch_size),
-            ("--max-num-seqs", config.parallel),
-        ];
-        for (name, value) in numeric {
-            if let Some(value) = value {
-                command.args([name, &value.to_string()]);
-            }
-        }
-        let passed = [
-            ("--dtype", options.dtype.clone()),
-            (
-                "--tensor-parallel-size",
-                options.tensor_parallel_size.map(|n| n.to_string()),
-            ),
-            (
-                "--pipeline-parallel-size",
-                options.pipeline_parallel_size.map(|n| n.to_string()),
-            ),
-            (
-                "--distributed-executor-backend",
-                options.distributed_executor_backend.clone(),
-            ),
-            (
-                "--gpu-memory-utilization",
-                options.gpu_memory_utilization.map(|f| f.to_string()),
-            ),
-        ];
-        for (name, value) in passed {
-            if let Some(value) = value {
-                command.args([name, &value]);
-            }
-        }
-        if options.enforce_eager {
-            command.arg("--enforce-eager");
-        }
-        command.args(&config.extra_args);
-        // If we die, the API server must take EngineCore and its workers with
-        // it: SIGTERM lets it; SIGKILL to the leader would orphan them, and a
-        // leader that stalls would too, so the whole group is terminated and
-        // then killed after the grace period.
-        command.parent_death(ParentDeath::TerminateGroup {
-            grace: config.shutdown_grace,
-        });
-        command.env("PYTHONUNBUFFERED", "1");
-        let kv_cache = options
-            .cpu_kvcache_space_gib
-            .map(|gib| gib.to_string())
-            .or_else(|| std::env::var("VLLM_CPU_KVCACHE_SPACE").ok())
-            .unwrap_or_else(|| "2".to_owned());
-        command.env("VLLM_CPU_KVCACHE_SPACE", kv_cache);
-        for (key, value) in &config.env {
-            command.env(key, value);
-        }
-        // Last, so no configured variable can replace it.
-        command.env("VLLM_API_KEY", launch.api_key);
-        Ok(command)
+        engine_command(launch, Role::Server)
     }
 
     fn default_startup_timeout(&self) -> Duration {
@@ -313,6 +248,277 @@ impl ServerEngine for VllmServer {
         let length = models.pointer("/data/0/max_model_len")?.as_u64()?;
         u32::try_from(length).ok()
     }
+}
+
+/// What a vLLM process is: the API server (rank 0 of a multi-node set-up),
+/// or a headless rank of another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Server,
+    Headless,
+}
+
+/// vLLM's command line and environment for `launch` in `role`.
+fn engine_command(launch: &LaunchSpec<'_, VllmOptions>, role: Role) -> Result<ServerCommand> {
+    let config = launch.config;
+    let options = launch.options;
+    let form = match role {
+        Role::Server => options.launch,
+        // Only `vllm serve` has a headless mode.
+        Role::Headless => VllmLaunch::Serve,
+    };
+    let entrypoint = Entrypoint::choose(launch.binary, form)?;
+    let cpu_build = is_cpu_build(&entrypoint);
+    let (program, head) = match entrypoint {
+        Entrypoint::Module(python) => (python, ["-m", MODULE, "--model"].as_slice()),
+        Entrypoint::Serve(vllm) => (vllm, ["serve"].as_slice()),
+    };
+    let mut command = ServerCommand::new("vllm", program);
+    command.args(head).arg(&config.model_path);
+    match role {
+        Role::Server => {
+            command
+                .args(["--host", &config.host])
+                .args(["--port", &launch.port.to_string()])
+                .args(["--served-model-name", launch.model_name]);
+        }
+        Role::Headless => {
+            command.arg("--headless");
+        }
+    }
+    let numeric = [
+        ("--max-model-len", config.context_size),
+        ("--max-num-batched-tokens", config.batch_size),
+        ("--max-num-seqs", config.parallel),
+    ];
+    for (name, value) in numeric {
+        if let Some(value) = value {
+            command.args([name, &value.to_string()]);
+        }
+    }
+    let passed = [
+        ("--dtype", options.dtype.clone()),
+        (
+            "--tensor-parallel-size",
+            options.tensor_parallel_size.map(|n| n.to_string()),
+        ),
+        (
+            "--pipeline-parallel-size",
+            options.pipeline_parallel_size.map(|n| n.to_string()),
+        ),
+        (
+            "--distributed-executor-backend",
+            options.distributed_executor_backend.clone(),
+        ),
+        (
+            "--gpu-memory-utilization",
+            options.gpu_memory_utilization.map(|f| f.to_string()),
+        ),
+    ];
+    for (name, value) in passed {
+        if let Some(value) = value {
+            command.args([name, &value]);
+        }
+    }
+    if options.enforce_eager {
+        command.arg("--enforce-eager");
+    }
+    add_node_flags(&mut command, options);
+    command.args(&config.extra_args);
+    // If we die, the API server must take EngineCore and its workers with
+    // it: SIGTERM lets it; SIGKILL to the leader would orphan them, and a
+    // leader that stalls would too, so the whole group is terminated and
+    // then killed after the grace period.
+    command.parent_death(ParentDeath::TerminateGroup {
+        grace: config.shutdown_grace,
+    });
+    command.env("PYTHONUNBUFFERED", "1");
+    let kv_cache = options
+        .cpu_kvcache_space_gib
+        .map(|gib| gib.to_string())
+        .or_else(|| std::env::var("VLLM_CPU_KVCACHE_SPACE").ok())
+        .unwrap_or_else(|| "2".to_owned());
+    command.env("VLLM_CPU_KVCACHE_SPACE", kv_cache);
+    if cpu_build {
+        check_cpu_build(options)?;
+        if let Some(bind) = threads_bind(config, options)? {
+            command.env("VLLM_CPU_OMP_THREADS_BIND", bind);
+        }
+    }
+    for (key, value) in &config.env {
+        command.env(key, value);
+    }
+    // Last, so no configured variable can replace it.
+    command.env("VLLM_API_KEY", launch.api_key);
+    Ok(command)
+}
+
+/// `--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, when set.
+fn add_node_flags(command: &mut ServerCommand, options: &VllmOptions) {
+    let flags = [
+        ("--nnodes", options.nnodes.map(|n| n.to_string())),
+        ("--node-rank", options.node_rank.map(|n| n.to_string())),
+        ("--master-addr", options.master_addr.clone()),
+        ("--master-port", options.master_port.map(|p| p.to_string())),
+    ];
+    for (flag, value) in flags {
+        if let Some(value) = value {
+            command.args([flag, &value]);
+        }
+    }
+}
+
+/// What vLLM would refuse (or crash on) about the parallelism, said before
+/// anything starts: tensor ranks must divide the attention heads, pipeline
+/// stages cannot outnumber the layers.
+fn check_parallelism(model: &Path, options: &VllmOptions) -> Result<()> {
+    let (tp, pp) = (
+        options.tensor_parallel_size.unwrap_or(1),
+        options.pipeline_parallel_size.unwrap_or(1),
+    );
+    if tp == 1 && pp == 1 {
+        return Ok(());
+    }
+    let path = model.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let config: Value = serde_json::from_str(&text).map_err(|err| Error::InvalidModel {
+        path: model.to_owned(),
+        reason: format!("config.json is not JSON: {err}"),
+    })?;
+    let number = |key: &str| config.get(key).and_then(Value::as_u64);
+    if let Some(heads) = number("num_attention_heads")
+        && !heads.is_multiple_of(u64::from(tp))
+    {
+        let divisors: Vec<String> = (1..=heads)
+            .filter(|d| heads.is_multiple_of(*d))
+            .map(|d| d.to_string())
+            .collect();
+        return Err(Error::invalid_config(
+            "extra_config.tensor_parallel_size",
+            format!(
+                "is {tp}, but the model has {heads} attention heads, which {tp} does not \
+                 divide; use one of {} (or pipeline_parallel_size to split by layers)",
+                divisors.join(", ")
+            ),
+        ));
+    }
+    if let Some(layers) = number("num_hidden_layers")
+        && u64::from(pp) > layers
+    {
+        return Err(Error::invalid_config(
+            "extra_config.pipeline_parallel_size",
+            format!("is {pp}, but the model has only {layers} layers to split"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether vLLM is the CPU build (`vllm-cpu`): its distribution's metadata
+/// sits beside the package in the Python's site-packages.
+fn is_cpu_build(entrypoint: &Entrypoint) -> bool {
+    let python = match entrypoint {
+        Entrypoint::Module(python) => python.clone(),
+        Entrypoint::Serve(script) => match interpreter_of(script) {
+            Some(python) => python,
+            None => return false,
+        },
+    };
+    let Some(prefix) = python.parent().and_then(Path::parent) else {
+        return false;
+    };
+    let Ok(versions) = std::fs::read_dir(prefix.join("lib")) else {
+        return false;
+    };
+    versions.flatten().any(|version| {
+        std::fs::read_dir(version.path().join("site-packages")).is_ok_and(|entries| {
+            entries.flatten().any(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("vllm_cpu-") && name.ends_with(".dist-info")
+            })
+        })
+    })
+}
+
+/// Settings the CPU build cannot run, refused before it starts.
+fn check_cpu_build(options: &VllmOptions) -> Result<()> {
+    if options.pipeline_parallel_size.unwrap_or(1) > 1 && options.enforce_eager {
+        return Err(Error::invalid_config(
+            "extra_config.enforce_eager",
+            "is on with pipeline ranks, which vLLM's CPU build cannot serve: the second \
+             rank fails the first request (`assert self.intermediate_tensors is not None`) \
+             and the engine dies. Leave enforce_eager off with pipeline_parallel_size > 1",
+        ));
+    }
+    Ok(())
+}
+
+/// The CPU build's `VLLM_CPU_OMP_THREADS_BIND` for several ranks: as
+/// configured, or the CPUs we may use (at most `threads` of them) split
+/// evenly between the ranks. `None` for one rank.
+fn threads_bind(config: &RuntimeConfig, options: &VllmOptions) -> Result<Option<String>> {
+    if let Some(bind) = &options.cpu_omp_threads_bind {
+        return Ok(Some(bind.clone()));
+    }
+    let ranks = options.world_size() / options.nnodes.unwrap_or(1).max(1);
+    if ranks <= 1 {
+        return Ok(None);
+    }
+    let mut cpus = allowed_cpus();
+    if let Some(threads) = config.threads {
+        cpus.truncate(threads as usize);
+    }
+    let per_rank = cpus.len() / ranks as usize;
+    if per_rank == 0 {
+        return Err(Error::invalid_config(
+            "extra_config.cpu_omp_threads_bind",
+            format!(
+                "cannot be derived: {ranks} ranks on this node need a CPU each, and {} are \
+                 available; set it, or use fewer ranks",
+                cpus.len()
+            ),
+        ));
+    }
+    let groups: Vec<String> = cpus
+        .chunks(per_rank)
+        .take(ranks as usize)
+        .map(|group| {
+            group
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    Ok(Some(groups.join("|")))
+}
+
+/// The CPUs this process may run on (Linux: `Cpus_allowed_list`), else
+/// `0..available_parallelism`.
+fn allowed_cpus() -> Vec<u32> {
+    let listed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let list = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))?
+                .trim()
+                .to_owned();
+            let mut cpus = Vec::new();
+            for part in list.split(',') {
+                match part.split_once('-') {
+                    Some((a, b)) => cpus.extend(a.parse::<u32>().ok()?..=b.parse::<u32>().ok()?),
+                    None => cpus.push(part.parse().ok()?),
+                }
+            }
+            Some(cpus)
+        });
+    listed.unwrap_or_else(|| {
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0..count as u32).collect()
+    })
 }
 
 #[cfg(test)]
@@ -498,6 +704,102 @@ mod tests {
         VllmServer
             .validate(&config, &VllmOptions::new().with_allow_gguf(true))
             .unwrap();
+    }
+
+    #[test]
+    fn two_nodes_run_node_zero_as_the_server_and_the_other_headless() {
+        let dir = tempfile::tempdir().unwrap();
+        let python = dir.path().join("python3");
+        std::fs::write(&python, "").unwrap();
+        let vllm = dir.path().join("vllm");
+        std::fs::write(&vllm, format!("#!{}\n", python.display())).unwrap();
+        let nodes = |rank| {
+            VllmOptions::new()
+                .with_pipeline_parallel_size(2)
+                .with_distributed_executor_backend("mp")
+                .with_nodes(2, rank, "10.0.0.1", 29500)
+        };
+        let server = RuntimeConfig::new("/m/smol-hf").with_options(&nodes(0));
+        assert_eq!(
+            args_of(&python, &server),
+            format!(
+                "{} -m vllm.entrypoints.openai.api_server --model /m/smol-hf --host 127.0.0.1 \
+                 --port 8000 --served-model-name smol --pipeline-parallel-size 2 \
+                 --distributed-executor-backend mp --nnodes 2 --node-rank 0 \
+                 --master-addr 10.0.0.1 --master-port 29500",
+                python.display()
+            )
+        );
+        let rank = RuntimeConfig::new("/m/smol-hf").with_options(&nodes(1));
+        let options = rank.options::<VllmOptions>().unwrap();
+        let command =
+            headless::headless_command(&LaunchSpec::new(&python, &rank, &options, 0, "", ""))
+                .unwrap();
+        let line: Vec<String> = std::iter::once(command.program().display().to_string())
+            .chain(command.get_args().map(|a| a.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(
+            line.join(" "),
+            format!(
+                "{} serve /m/smol-hf --headless --pipeline-parallel-size 2 \
+                 --distributed-executor-backend mp --nnodes 2 --node-rank 1 \
+                 --master-addr 10.0.0.1 --master-port 29500",
+                vllm.display()
+            )
+        );
+    }
+
+    #[test]
+    fn settings_the_model_or_the_nodes_cannot_take_are_refused_before_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"num_attention_heads": 9, "num_hidden_layers": 30}"#,
+        )
+        .unwrap();
+        let check = |options: VllmOptions| check_parallelism(dir.path(), &options);
+        let err = check(VllmOptions::new().with_tensor_parallel_size(2)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("9 attention heads") && text.contains("1, 3, 9"),
+            "{text}"
+        );
+        check(VllmOptions::new().with_tensor_parallel_size(3)).unwrap();
+        check(VllmOptions::new().with_pipeline_parallel_size(2)).unwrap();
+        assert!(check(VllmOptions::new().with_pipeline_parallel_size(31)).is_err());
+        let no_master = RuntimeConfig::new("/m").with_extra_config("nnodes", 2);
+        assert!(
+            no_master
+                .options::<VllmOptions>()
+                .unwrap_err()
+                .to_string()
+                .contains("master_addr")
+        );
+        let eager = VllmOptions::new()
+            .with_pipeline_parallel_size(2)
+            .with_enforce_eager(true);
+        assert!(
+            check_cpu_build(&eager)
+                .unwrap_err()
+                .to_string()
+                .contains("intermediate_tensors")
+        );
+    }
+
+    #[test]
+    fn the_cpu_builds_thread_binding_splits_the_cpus_between_ranks() {
+        let config = RuntimeConfig::new("/m").with_threads(2);
+        let two = VllmOptions::new().with_pipeline_parallel_size(2);
+        let cpus = allowed_cpus();
+        if cpus.len() >= 2 {
+            let bind = threads_bind(&config, &two).unwrap().unwrap();
+            assert_eq!(bind, format!("{}|{}", cpus[0], cpus[1]));
+        }
+        assert_eq!(threads_bind(&config, &VllmOptions::new()).unwrap(), None);
+        let given = two.clone().with_cpu_omp_threads_bind("0-3|4-7");
+        assert_eq!(threads_bind(&config, &given).unwrap().unwrap(), "0-3|4-7");
+        let too_many = VllmOptions::new().with_pipeline_parallel_size(4);
+        assert!(threads_bind(&RuntimeConfig::new("/m").with_threads(2), &too_many).is_err());
     }
 
     #[test]

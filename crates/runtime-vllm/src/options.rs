@@ -53,6 +53,26 @@ pub struct VllmOptions {
     /// Let vLLM try a GGUF file (its GGUF support is experimental).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_gguf: bool,
+    /// Which CPUs each rank's threads run on, for the CPU build
+    /// (`VLLM_CPU_OMP_THREADS_BIND`, ranks separated by `|`: `"0-3|4-7"`).
+    /// Derived from the CPUs we may use when there are several ranks and
+    /// this is unset: the CPU build refuses several ranks without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_omp_threads_bind: Option<String>,
+    /// Nodes the ranks span (`--nnodes`); more than one needs the `mp`
+    /// executor, `master_addr`, and on every node but the first a
+    /// [`VllmHeadlessRank`](crate::VllmHeadlessRank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nnodes: Option<u32>,
+    /// This node's rank among them (`--node-rank`; 0 serves the API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_rank: Option<u32>,
+    /// The first node's address, where ranks meet (`--master-addr`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_addr: Option<String>,
+    /// The port ranks meet on (`--master-port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_port: Option<u16>,
 }
 
 /// Which command line starts vLLM.
@@ -138,6 +158,35 @@ impl VllmOptions {
         self
     }
 
+    /// Sets [`cpu_omp_threads_bind`](Self::cpu_omp_threads_bind).
+    #[must_use]
+    pub fn with_cpu_omp_threads_bind(mut self, bind: impl Into<String>) -> Self {
+        self.cpu_omp_threads_bind = Some(bind.into());
+        self
+    }
+
+    /// Spreads the ranks over `nnodes` nodes, this one being `node_rank`,
+    /// meeting at `master_addr:master_port`.
+    #[must_use]
+    pub fn with_nodes(
+        mut self,
+        nnodes: u32,
+        node_rank: u32,
+        master_addr: impl Into<String>,
+        master_port: u16,
+    ) -> Self {
+        self.nnodes = Some(nnodes);
+        self.node_rank = Some(node_rank);
+        self.master_addr = Some(master_addr.into());
+        self.master_port = Some(master_port);
+        self
+    }
+
+    /// Ranks in all: tensor × pipeline parallelism.
+    pub fn world_size(&self) -> u32 {
+        self.tensor_parallel_size.unwrap_or(1) * self.pipeline_parallel_size.unwrap_or(1)
+    }
+
     /// Sets [`allow_gguf`](Self::allow_gguf).
     #[must_use]
     pub fn with_allow_gguf(mut self, allow: bool) -> Self {
@@ -169,6 +218,50 @@ impl BackendOptions for VllmOptions {
                 "extra_config.gpu_memory_utilization",
                 format!("is {fraction}; it must be in (0, 1]"),
             ));
+        }
+        let nnodes = self.nnodes.unwrap_or(1);
+        if nnodes == 0 {
+            return Err(Error::invalid_config(
+                "extra_config.nnodes",
+                "must be at least 1",
+            ));
+        }
+        if let Some(rank) = self.node_rank
+            && rank >= nnodes
+        {
+            return Err(Error::invalid_config(
+                "extra_config.node_rank",
+                format!("is {rank}; with {nnodes} nodes it must be below {nnodes}"),
+            ));
+        }
+        if nnodes > 1 {
+            if self.master_addr.is_none() {
+                return Err(Error::invalid_config(
+                    "extra_config.master_addr",
+                    format!("is needed with {nnodes} nodes: the first node's address"),
+                ));
+            }
+            if !self.world_size().is_multiple_of(nnodes) {
+                return Err(Error::invalid_config(
+                    "extra_config.nnodes",
+                    format!(
+                        "is {nnodes}, which does not divide the {} ranks \
+                         (tensor_parallel_size × pipeline_parallel_size)",
+                        self.world_size()
+                    ),
+                ));
+            }
+            if self
+                .distributed_executor_backend
+                .as_deref()
+                .is_some_and(|b| b != "mp")
+            {
+                return Err(Error::invalid_config(
+                    "extra_config.distributed_executor_backend",
+                    "must be \"mp\" across nodes started with nnodes (a Ray cluster \
+                     spans nodes by itself: leave nnodes unset)",
+                ));
+            }
         }
         if let Some(backend) = &self.distributed_executor_backend
             && !["mp", "ray", "uni", "external_launcher"].contains(&backend.as_str())

@@ -1,0 +1,381 @@
+//! Attaching to an OpenAI-compatible server run elsewhere: [`RemoteRuntime`].
+//!
+//! This crate owns only what is particular to a server we did not start:
+//! checking at `initialize` that it answers and lists the model, probing its
+//! health, and leaving it alone at `shutdown` (only our own streams are
+//! closed). The protocol is `runtime-openai`'s client, here with pooled
+//! connections, TLS (rustls; the system's roots plus
+//! [`RemoteOptions::ca_certificate`]), a request retried only when its
+//! connection could not be made, and per-request and idle timeouts.
+//!
+//! The configuration reads naturally: the "model path" is the server's URL,
+//! the served model name is the model to use there, and the API key is the
+//! server's.
+//!
+//! ```no_run
+//! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
+//! use runtime_remote::{RemoteOptions, RemoteRuntime};
+//!
+//! # async fn demo() -> runtime_core::Result<()> {
+//! let mut runtime = RemoteRuntime::new();
+//! let config = RuntimeConfig::new("https://gpu-box.internal:8000")
+//!     .with_served_model_name("llama-3-8b")
+//!     .with_api_key("team-key")
+//!     .with_options(&RemoteOptions::new().with_ca_certificate("/etc/ssl/internal-ca.pem"));
+//! runtime.initialize(config).await?;
+//! let answer = runtime.generate(InferenceRequest::from_prompt("Hello!")).await?;
+//! runtime.shutdown().await?; // the server keeps running
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use runtime_core::{
+    ApiKey, BackendOptions, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat,
+    ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+};
+use runtime_openai::{ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How long `initialize` and health probes wait for the server.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The remote runtime's settings beyond [`RuntimeConfig`] (whose
+/// `model_path` is the server's URL, `served_model_name` the model, and
+/// `api_key` the server's key).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RemoteOptions {
+    /// A PEM file of certificates to trust besides the system's (a private
+    /// CA, a self-signed server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<PathBuf>,
+    /// Seconds a request may wait for the server's response headers
+    /// (default 60); the answer itself may take as long as it streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<f64>,
+    /// What to probe for liveness (default `/v1/models`, with the key:
+    /// every OpenAI-compatible server has it; `/health` where there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    /// How many times a request whose connection failed is tried again
+    /// (default 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_retries: Option<u32>,
+}
+
+impl RemoteOptions {
+    /// Every option at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`ca_certificate`](Self::ca_certificate).
+    #[must_use]
+    pub fn with_ca_certificate(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_certificate = Some(path.into());
+        self
+    }
+
+    /// Sets [`request_timeout`](Self::request_timeout), in seconds.
+    #[must_use]
+    pub fn with_request_timeout(mut self, seconds: f64) -> Self {
+        self.request_timeout = Some(seconds);
+        self
+    }
+
+    /// Sets [`health_path`](Self::health_path).
+    #[must_use]
+    pub fn with_health_path(mut self, path: impl Into<String>) -> Self {
+        self.health_path = Some(path.into());
+        self
+    }
+}
+
+impl BackendOptions for RemoteOptions {
+    const BACKEND: &'static str = "remote";
+
+    fn validate(&self) -> Result<()> {
+        if let Some(seconds) = self.request_timeout
+            && !(seconds > 0.0 && seconds <= 86_400.0)
+        {
+            return Err(Error::invalid_config(
+                "extra_config.request_timeout",
+                format!("is {seconds}; give seconds between 0 and a day"),
+            ));
+        }
+        if let Some(path) = &self.health_path
+            && !path.starts_with('/')
+        {
+            return Err(Error::invalid_config(
+                "extra_config.health_path",
+                format!("is {path:?}; give a path such as /health"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A [`ModelRuntime`] over an OpenAI-compatible server run elsewhere.
+#[derive(Debug, Default)]
+pub struct RemoteRuntime {
+    attached: Option<Attached>,
+}
+
+#[derive(Debug)]
+struct Attached {
+    client: OpenAiClient,
+    api_key: Option<ApiKey>,
+    model: String,
+    version: String,
+    health_path: String,
+}
+
+impl RemoteRuntime {
+    /// A runtime attached to nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The model used on the server, once attached.
+    pub fn model(&self) -> Option<&str> {
+        self.attached.as_ref().map(|a| a.model.as_str())
+    }
+
+    fn attached(&self) -> Result<&Attached> {
+        self.attached.as_ref().ok_or(Error::NotInitialized)
+    }
+}
+
+/// The server's root from the configured URL (a trailing `/v1` is the API's,
+/// not the server's).
+fn base_url(config: &RuntimeConfig) -> Result<String> {
+    let url = config
+        .model_path
+        .to_string_lossy()
+        .trim_end_matches('/')
+        .to_owned();
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(Error::invalid_config(
+            "model_path",
+            format!("is {url:?}; give the server's URL (http:// or https://)"),
+        ));
+    }
+    Ok(url.strip_suffix("/v1").unwrap_or(&url).to_owned())
+}
+
+#[async_trait]
+impl ModelRuntime for RemoteRuntime {
+    fn supported_format(&self) -> ModelFormat {
+        // The server's business: any format its engine takes.
+        ModelFormat::Safetensors
+    }
+
+    async fn initialize(&mut self, config: RuntimeConfig) -> Result<()> {
+        if self.attached.is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        config.validate()?;
+        let options = config.options::<RemoteOptions>()?;
+        let base_url = base_url(&config)?;
+        let mut timeouts = ClientTimeouts::with_idle(config.idle_timeout);
+        timeouts.request = Some(Duration::from_secs_f64(
+            options.request_timeout.unwrap_or(60.0),
+        ));
+        let mut client_options = ClientOptions::remote(timeouts);
+        client_options.connect_retries = options.connect_retries.unwrap_or(2);
+        if let Some(path) = &options.ca_certificate {
+            let pem = std::fs::read(path).map_err(|err| {
+                Error::io(
+                    format!("error reading the CA certificate {}", path.display()),
+                    err,
+                )
+            })?;
+            client_options = client_options.with_root_certificate(pem);
+        }
+        let probe = OpenAiClient::with_options(
+            &base_url,
+            config.api_key.clone(),
+            None,
+            client_options.clone(),
+        )?;
+        let listed: Value = probe.get_json("/v1/models", PROBE_TIMEOUT).await?;
+        let names: Vec<String> = listed["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect();
+        let model = match &config.served_model_name {
+            Some(name) if names.contains(name) => name.clone(),
+            Some(name) => {
+                return Err(Error::ModelNotServed {
+                    requested: name.clone(),
+                    available: names,
+                });
+            }
+            None if names.len() == 1 => names[0].clone(),
+            None => {
+                return Err(Error::invalid_config(
+                    "served_model_name",
+                    format!(
+                        "is not set and {base_url} serves {}; name the model to use",
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                ));
+            }
+        };
+        let version = server_version(&probe).await;
+        let health_path = options
+            .health_path
+            .unwrap_or_else(|| "/v1/models".to_owned());
+        let client = OpenAiClient::with_options(
+            &base_url,
+            config.api_key.clone(),
+            Some(model.clone()),
+            client_options,
+        )?
+        .with_heartbeat(
+            Heartbeat::new(format!("the server at {base_url}"), config.hang_timeout)
+                .with_path(&health_path, true),
+        );
+        tracing::info!(base_url, model, version, "attached to a remote server");
+        self.attached = Some(Attached {
+            client,
+            api_key: config.api_key,
+            model,
+            version,
+            health_path,
+        });
+        Ok(())
+    }
+
+    async fn is_ready(&self) -> bool {
+        self.attached
+            .as_ref()
+            .is_some_and(|attached| attached.client.is_responsive())
+    }
+
+    async fn health_check(&self) -> Result<String> {
+        let attached = self.attached()?;
+        if let Some(err) = attached.client.unresponsive_error() {
+            return Err(err);
+        }
+        let (status, body) = attached
+            .client
+            .get(&attached.health_path, PROBE_TIMEOUT)
+            .await?;
+        if (200..300).contains(&status) {
+            Ok(format!("ok ({} answered {status})", attached.health_path))
+        } else {
+            Err(runtime_openai::wire::ErrorBody::to_error(status, &body))
+        }
+    }
+
+    fn base_url(&self) -> String {
+        self.attached
+            .as_ref()
+            .map(|a| a.client.base_url().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn api_key(&self) -> Option<ApiKey> {
+        self.attached.as_ref()?.api_key.clone()
+    }
+
+    async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
+        request.validate()?;
+        self.attached()?.client.chat(&request).await
+    }
+
+    async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
+        Ok(text_deltas(self.generate_events(request).await?))
+    }
+
+    async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
+        request.validate()?;
+        self.attached()?.client.chat_stream(&request).await
+    }
+
+    /// Closes our streams (they end with [`Error::ShutDown`]) and detaches;
+    /// the server keeps running.
+    async fn shutdown(&mut self) -> Result<()> {
+        if let Some(attached) = self.attached.take() {
+            attached.client.close_streams();
+        }
+        Ok(())
+    }
+
+    fn metadata(&self) -> RuntimeMetadata {
+        let version = self
+            .attached
+            .as_ref()
+            .map(|a| a.version.clone())
+            .unwrap_or_default();
+        RuntimeMetadata::new(ModelFormat::Safetensors, "remote", version).with_gpu(true)
+    }
+}
+
+/// The version the server reports: vLLM's and our gateway's `/version`,
+/// llama-server's `/props` build, else what `/v1/models` says owns the model.
+async fn server_version(client: &OpenAiClient) -> String {
+    if let Ok(body) = client.get_json::<Value>("/version", PROBE_TIMEOUT).await
+        && let Some(version) = body["version"].as_str()
+    {
+        return version.to_owned();
+    }
+    if let Ok(props) = client.get_json::<Value>("/props", PROBE_TIMEOUT).await
+        && let Some(build) = props["build_info"].as_str()
+    {
+        return format!("llama.cpp {build}");
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_is_the_servers_root_with_or_without_v1() {
+        let root = |url: &str| base_url(&RuntimeConfig::new(url));
+        assert_eq!(root("http://h:8000/v1/").unwrap(), "http://h:8000");
+        assert_eq!(root("https://h").unwrap(), "https://h");
+        assert!(root("/models/smol.gguf").is_err());
+    }
+
+    #[test]
+    fn options_are_read_strictly() {
+        let config = RuntimeConfig::new("http://h").with_extra_config("request_timeot", 5);
+        let err = config.options::<RemoteOptions>().unwrap_err().to_string();
+        assert!(err.contains("did you mean `request_timeout`"), "{err}");
+        let bad = RuntimeConfig::new("http://h").with_extra_config("health_path", "health");
+        assert!(bad.options::<RemoteOptions>().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_an_error_and_nothing_is_attached() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut runtime = RemoteRuntime::new();
+        let err = runtime
+            .initialize(RuntimeConfig::new(format!("http://127.0.0.1:{port}")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Transport(_)), "{err:?}");
+        assert!(!runtime.is_ready().await);
+    }
+}

@@ -1,0 +1,192 @@
+//! `RemoteRuntime` attached to engines it did not start: a llama-server and a
+//! vLLM started here outside any runtime, and our own gateway over TLS with a
+//! certificate made in the test. The conformance checks that apply to a
+//! server we do not own run against each; shutting the runtime down leaves
+//! the server running.
+
+use std::time::Duration;
+
+use conformance::backends::{candle, llamacpp, vllm};
+use conformance::checks::{self, chain};
+use conformance::{Activity, Backend, procs};
+use runtime_core::{Error, ModelRuntime, RuntimeConfig};
+use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
+use runtime_process::{ServerProcess, StopPolicy};
+use runtime_remote::{RemoteOptions, RemoteRuntime};
+
+/// The engine's own command (key `bench`, model `bench`), started by hand.
+async fn start_outside(backend: &Backend) -> (ServerProcess, u16) {
+    let engine = backend.server.as_ref().expect("a server backend");
+    let port = runtime_process::free_port("127.0.0.1").unwrap();
+    let process = ServerProcess::spawn(&(engine.command)(&backend.config, port)).unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/health");
+    process
+        .wait_until_ready(backend.start_budget, || {
+            let http = http.clone();
+            let url = url.clone();
+            async move { matches!(http.get(&url).send().await, Ok(r) if r.status() == 200) }
+        })
+        .await
+        .unwrap_or_else(|err| panic!("{} starts by hand: {}", backend.name, chain(&err)));
+    (process, port)
+}
+
+/// A remote backend for the checks: `config` attaches to the server.
+fn attached(name: &'static str, config: RuntimeConfig, activity: Activity) -> Backend {
+    Backend {
+        name,
+        new_runtime: || Box::new(RemoteRuntime::new()) as Box<dyn ModelRuntime>,
+        config,
+        server: None,
+        start_budget: Duration::from_secs(30),
+        exit_budget: Duration::from_secs(1),
+        misspelled_option: ("request_timeot", "request_timeout"),
+        activity,
+        trusted_certificate: None,
+        hold_runtime: None,
+    }
+}
+
+/// The checks that apply to a server we attach to (not the ones about our
+/// own processes), then: shutdown leaves the server running, and a model it
+/// does not list is refused.
+async fn checks_that_apply(backend: &Backend, server: Option<&ServerProcess>) {
+    checks::generation(backend).await;
+    checks::streaming_utf8(backend).await;
+    checks::concurrency(backend).await;
+    checks::cancellation(backend).await;
+    checks::bad_requests(backend).await;
+    checks::fault_bad_options(backend).await;
+
+    let mut runtime = checks::start(backend).await;
+    assert!(runtime.is_ready().await);
+    runtime.health_check().await.expect("healthy");
+    assert!(
+        !runtime.metadata().version.is_empty(),
+        "the server's version"
+    );
+    runtime.shutdown().await.unwrap();
+    assert!(!runtime.is_ready().await);
+    if let Some(server) = server {
+        assert!(server.is_running(), "shutdown left the server alone");
+    }
+    let mut wrong = backend.config.clone();
+    wrong.served_model_name = Some("not-served-here".to_owned());
+    let err = RemoteRuntime::new().initialize(wrong).await.unwrap_err();
+    assert!(matches!(err, Error::ModelNotServed { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_to_a_llama_server_started_elsewhere() {
+    conformance::init_tracing();
+    let llama = llamacpp();
+    let (server, port) = start_outside(&llama).await;
+    let config = RuntimeConfig::new(format!("http://127.0.0.1:{port}"))
+        .with_api_key("bench")
+        .with_served_model_name("bench");
+    checks_that_apply(
+        &attached("remote-llamacpp", config, Activity::Slots),
+        Some(&server),
+    )
+    .await;
+    server.stop(StopPolicy::new(Duration::from_secs(3))).await;
+    checks::assert_no_engine_left(&llama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_to_a_vllm_started_elsewhere() {
+    conformance::init_tracing();
+    let engine = vllm();
+    let (server, port) = start_outside(&engine).await;
+    let config = RuntimeConfig::new(format!("http://127.0.0.1:{port}/v1"))
+        .with_api_key("bench")
+        .with_served_model_name("bench")
+        .with_options(&RemoteOptions::new().with_health_path("/health"));
+    checks_that_apply(
+        &attached("remote-vllm", config, Activity::VllmMetrics),
+        Some(&server),
+    )
+    .await;
+    server.stop(StopPolicy::new(Duration::from_secs(10))).await;
+    checks::assert_no_engine_left(&engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_to_our_gateway_over_tls_with_a_certificate_it_is_told_to_trust() {
+    conformance::init_tracing();
+    let spec = ModelSpec::from_runtime_config("smol", &candle().config)
+        .with_backend(BackendChoice::Candle);
+    let manager = RuntimeManager::new(GatewayConfig::single(spec)).unwrap();
+    manager
+        .load("smol")
+        .await
+        .expect("candle behind the gateway");
+    let (base, pem, server) = conformance::gateway::serve_tls(manager.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("gateway.pem");
+    std::fs::write(&ca, &pem).unwrap();
+
+    // Without being told to trust the certificate, the runtime refuses it.
+    let untrusted = RuntimeConfig::new(&base).with_served_model_name("smol");
+    let err = RemoteRuntime::new()
+        .initialize(untrusted)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transport(_)), "{}", chain(&err));
+
+    let config = RuntimeConfig::new(&base)
+        .with_served_model_name("smol")
+        .with_options(&RemoteOptions::new().with_ca_certificate(&ca));
+    let mut backend = attached("remote-gateway-tls", config, Activity::GatewayMetrics);
+    backend.trusted_certificate = Some(pem);
+    checks_that_apply(&backend, None).await;
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+}
+
+/// The gateway fronts a model served elsewhere as easily as a local one:
+/// one gateway, several machines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_routes_a_model_to_an_attached_server_beside_a_local_one() {
+    conformance::init_tracing();
+    let llama = llamacpp();
+    let (server, port) = start_outside(&llama).await;
+    let mut elsewhere = ModelSpec::new("elsewhere", format!("http://127.0.0.1:{port}"))
+        .with_backend(BackendChoice::Remote);
+    elsewhere.api_key = Some("bench".into());
+    elsewhere.upstream_model = Some("bench".to_owned());
+    let here = ModelSpec::from_runtime_config("here", &candle().config)
+        .with_backend(BackendChoice::Candle);
+    let mut config = GatewayConfig::default();
+    config.models = vec![elsewhere, here];
+    let manager = RuntimeManager::new(config).expect("a valid configuration");
+    let (base, gateway) = conformance::gateway::serve(manager.clone()).await;
+    let http = reqwest::Client::new();
+    for model in ["here", "elsewhere"] {
+        let mut body = conformance::wire::chat_body("Name a color.", 4, false);
+        body["model"] = model.into();
+        let response = http
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "{model}: {text}");
+    }
+    manager.shutdown_within(Duration::ZERO).await;
+    gateway.abort();
+    assert!(
+        server.is_running(),
+        "the gateway left the attached server alone"
+    );
+    let pids = vec![server.pid() as i32];
+    server.stop(StopPolicy::new(Duration::from_secs(3))).await;
+    assert!(
+        procs::wait_gone(&pids, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+}
