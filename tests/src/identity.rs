@@ -15,7 +15,15 @@ use runtime_core::ModelRuntime;
 /// The largest gap (in nats) between the reference's two most likely tokens
 /// that still counts as a tie two correct implementations may break
 /// differently.
-pub const NEAR_TIE: f64 = 0.15;
+///
+/// Measured, not chosen: llama.cpp's own settings move it that far from its
+/// exact configuration (f32 cache, no flash attention) on [`PROMPTS`] and a
+/// long prompt. Its greedy answers, scored by the exact configuration, fall
+/// up to 0.29 nats below the reference's choice with the default f16 cache
+/// and up to 0.22 with flash attention (FACTS.md). Activations quantized to
+/// 8 bits turn last-bit differences into whole steps, so any implementation
+/// that does not add in llama.cpp's exact order lands in that band.
+pub const NEAR_TIE: f64 = 0.3;
 
 /// The prompts the identity checks ask both engines.
 pub const PROMPTS: &[&str] = &[

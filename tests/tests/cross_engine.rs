@@ -68,18 +68,19 @@ async fn tokenizer_matches_llama_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_output_matches_the_captured_llama_server_answer() {
+async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie() {
     conformance::init_tracing();
-    // llama.cpp build 7e4c0a9, this model, this question, temperature 0, 24 tokens.
+    // llama.cpp build 7e4c0a9 in its exact configuration, this model, this
+    // question, temperature 0, 24 tokens, each with its top log-probabilities.
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/llama-server-chat.json"
     );
     let captured: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let expected = captured["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap();
+    let tokens = captured["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("captured log-probabilities");
     let mut runtime = start(&candle()).await;
     let request = InferenceRequest::from_prompt(PROMPTS[0])
         .with_max_tokens(24)
@@ -87,20 +88,59 @@ async fn greedy_output_matches_the_captured_llama_server_answer() {
     let answer = runtime.generate(request).await.expect("candle");
     runtime.shutdown().await.unwrap();
     assert_eq!(
-        answer.content, expected,
-        "candle's first 24 greedy tokens are llama.cpp's"
-    );
-    assert_eq!(
         answer.usage.unwrap().prompt_tokens,
         37,
         "the same prompt tokens as llama.cpp"
     );
+
+    // Walk llama.cpp's tokens along candle's text. Where they part, candle's
+    // next token must be one of llama.cpp's candidates within a near tie.
+    let text = answer.content.as_str();
+    let mut offset = 0;
+    for (index, token) in tokens.iter().enumerate() {
+        let chosen = token["token"].as_str().unwrap();
+        let rest = &text[offset..];
+        if rest.starts_with(chosen) {
+            offset += chosen.len();
+            continue;
+        }
+        let best = token["logprob"].as_f64().unwrap();
+        let alternative = token["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| Some((t["token"].as_str()?, t["logprob"].as_f64()?)))
+            .filter(|(t, _)| !t.is_empty() && rest.starts_with(t))
+            .max_by_key(|(t, _)| t.len());
+        let Some((taken, logprob)) = alternative else {
+            panic!(
+                "token {index}: candle continues {rest:?}, not among llama.cpp's candidates for {chosen:?}"
+            );
+        };
+        assert!(
+            best - logprob <= identity::NEAR_TIE,
+            "token {index}: candle takes {taken:?}, {:.3} nats below llama.cpp's {chosen:?}",
+            best - logprob
+        );
+        tracing::info!(
+            index,
+            taken,
+            chosen,
+            gap = best - logprob,
+            "the answers part at a near tie"
+        );
+        return;
+    }
+    assert_eq!(
+        offset,
+        text.len(),
+        "candle's answer is llama.cpp's, and no longer"
+    );
 }
 
 /// llama-server in its most exact configuration: an f32 KV cache and no
-/// flash attention. Its default f16 cache moves near ties by up to about
-/// 0.2 nats (measured: the haiku's first token flips between "The" and "In"
-/// across llama.cpp's own settings), more than the tie bound.
+/// flash attention, the reference the tie bound was measured against
+/// ([`identity::NEAR_TIE`]).
 fn exact_llama() -> conformance::Backend {
     let mut backend = llamacpp();
     backend.config = backend.config.clone().with_parallel(1).with_options(

@@ -1,19 +1,24 @@
-//! The in-process engine: a bounded queue of requests served by worker threads
-//! of its own, each with a session (shared weights, own KV cache), inside a
-//! rayon pool sized by `threads`.
+//! The in-process engine: a bounded queue of requests and one scheduler
+//! thread that runs them together. Each step it admits waiting requests into
+//! free slots, then runs one batch: a chunk of a prompt still being read, and
+//! the next token of every sequence already generating, so every weight is
+//! read once per step however many sequences there are (llama-server's
+//! continuous batching). The batch runs on the compute threads (`threads`),
+//! of which the scheduler is one.
 //!
-//! A worker never waits for a reader: each generation's events go into a
-//! channel without a bound, which its length bounds (at most one event per
-//! generated token, and a request generates at most the context's tokens). A
-//! client that never reads holds its own request's memory, never a worker.
+//! A sequence never waits for its reader: its events go into a channel
+//! without a bound, which its length bounds (at most one event per generated
+//! token, and a request generates at most the context's tokens). A client
+//! that never reads holds its own request's memory, never a slot or a step.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use runtime_core::{
     Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result, StreamEvent,
@@ -23,7 +28,8 @@ use runtime_openai::ChatService;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::model::{LoadedModel, Session};
+use crate::model::{LoadedModel, Runner};
+use crate::native::Step;
 use crate::stop::StopScanner;
 
 /// Where a generation's events go.
@@ -32,11 +38,11 @@ type Events = mpsc::UnboundedSender<Result<StreamEvent>>;
 /// How the engine runs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct EngineOptions {
-    /// Requests generated at once, each on its own worker thread.
-    pub(crate) workers: usize,
-    /// Requests that may wait for a worker before new ones are refused.
+    /// Sequences generated at once, each in a slot with its own KV cache.
+    pub(crate) slots: usize,
+    /// Requests that may wait for a slot before new ones are refused.
     pub(crate) queue: usize,
-    /// Threads of the compute pool the workers share.
+    /// Compute threads, the scheduler included.
     pub(crate) threads: usize,
 }
 
@@ -51,54 +57,49 @@ struct Job {
     queued_at: Instant,
 }
 
-/// The engine: shared model, job queue, workers.
+/// The engine: shared model, job queue, scheduler.
 #[derive(Debug)]
 pub(crate) struct Engine {
     model: Arc<LoadedModel>,
     jobs: Mutex<Option<SyncSender<Job>>>,
     shutting_down: Arc<AtomicBool>,
-    /// Generations running now (not those waiting in the queue).
+    /// Generations in a slot now (not those waiting in the queue).
     active: Arc<AtomicUsize>,
-    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    scheduler: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Engine {
-    /// Starts the workers for `model`.
+    /// Starts the scheduler and compute threads for `model`.
     pub(crate) fn start(model: LoadedModel, options: EngineOptions) -> Result<Self> {
         let model = Arc::new(model);
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(options.threads.max(1))
-                .thread_name(|i| format!("candle-compute-{i}"))
-                .build()
-                .map_err(|err| Error::engine("error starting the compute pool", err))?,
-        );
-        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.queue);
-        let queue = Arc::new(Mutex::new(queue));
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let slots = options.slots.max(1);
+        let runner = Runner::new(
+            &model.weights,
+            slots,
+            options.threads.max(1),
+            shutting_down.clone(),
+        )?;
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.queue);
         let active = Arc::new(AtomicUsize::new(0));
-        let mut workers = Vec::with_capacity(options.workers);
-        for index in 0..options.workers.max(1) {
-            let session = Session::new(&model.weights)?;
-            let worker = Worker {
-                model: model.clone(),
-                queue: queue.clone(),
-                pool: pool.clone(),
-                shutting_down: shutting_down.clone(),
-                active: active.clone(),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("candle-worker-{index}"))
-                .spawn(move || worker.run(session))
-                .map_err(|err| Error::io("error starting a candle worker thread", err))?;
-            workers.push(handle);
-        }
+        let scheduler = Scheduler {
+            model: model.clone(),
+            runner,
+            queue,
+            slots,
+            shutting_down: shutting_down.clone(),
+            active: active.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("candle-scheduler".to_owned())
+            .spawn(move || scheduler.run())
+            .map_err(|err| Error::io("error starting the candle scheduler thread", err))?;
         Ok(Self {
             model,
             jobs: Mutex::new(Some(jobs)),
             shutting_down,
             active,
-            workers: Mutex::new(workers),
+            scheduler: Mutex::new(Some(handle)),
         })
     }
 
@@ -112,31 +113,34 @@ impl Engine {
     }
 
     /// Stops taking jobs, ends in-flight generations with [`Error::ShutDown`]
-    /// at their next token, and waits up to `budget` for the workers to
-    /// finish. Workers still inside a long step after that (a long prompt's
-    /// prefill) exit on their own when it ends; they hold nothing a caller
-    /// waits for.
+    /// (a forward pass stops at its next layer), and waits up to `budget`
+    /// for the scheduler to finish. One still inside a layer after that
+    /// exits on its own when the layer ends; it holds nothing a caller waits for.
     pub(crate) fn stop(&self, budget: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.jobs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let workers =
-            std::mem::take(&mut *self.workers.lock().unwrap_or_else(PoisonError::into_inner));
+        let scheduler = self
+            .scheduler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(scheduler) = scheduler else {
+            return;
+        };
         let deadline = Instant::now() + budget;
-        for worker in workers {
-            while !worker.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if worker.is_finished() {
-                let _ = worker.join();
-            } else {
-                tracing::warn!(
-                    budget_ms = budget.as_millis() as u64,
-                    "a candle worker is still in a step after the shutdown budget; leaving it to finish"
-                );
-            }
+        while !scheduler.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if scheduler.is_finished() {
+            let _ = scheduler.join();
+        } else {
+            tracing::warn!(
+                budget_ms = budget.as_millis() as u64,
+                "the candle scheduler is still in a step after the shutdown budget; leaving it to finish"
+            );
         }
     }
 }
@@ -252,9 +256,11 @@ fn sampling_of(request: &InferenceRequest) -> Sampling {
     }
 }
 
-fn sample(sampler: &mut LogitsProcessor, logits: &candle_core::Tensor) -> Result<u32> {
+fn sample(sampler: &mut LogitsProcessor, logits: &[f32]) -> Result<u32> {
+    let logits = Tensor::from_slice(logits, logits.len(), &Device::Cpu)
+        .map_err(|err| Error::engine("error holding the logits", err))?;
     sampler
-        .sample(logits)
+        .sample(&logits)
         .map_err(|err| Error::engine("error sampling", err))
 }
 
@@ -269,125 +275,301 @@ fn random_seed() -> Result<u64> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// One worker thread.
-struct Worker {
+/// The thread that runs the engine.
+struct Scheduler {
     model: Arc<LoadedModel>,
-    queue: Arc<Mutex<Receiver<Job>>>,
-    pool: Arc<rayon::ThreadPool>,
+    runner: Runner,
+    queue: Receiver<Job>,
+    slots: usize,
     shutting_down: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
 }
 
-/// How a generation ended early.
-enum Interrupted {
-    /// The reader dropped the stream: nobody to tell.
-    Cancelled,
-    /// The runtime is shutting down.
-    ShutDown,
+/// A request in a slot.
+struct Sequence<'t> {
+    job: Job,
+    slot: usize,
+    /// Prompt tokens already in the KV cache.
+    fed: usize,
+    /// Tokens generated (and sent) so far.
+    generated: usize,
+    /// The token generated last, to feed next.
+    next: u32,
+    sampler: LogitsProcessor,
+    decoder: Decoder<'t>,
+    stops: StopScanner,
+    started: Option<Instant>,
+    prefill: Duration,
+    decode_started: Option<Instant>,
 }
 
-impl Worker {
-    fn run(self, mut session: Session) {
+type Decoder<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// What a sampled token did to its sequence.
+enum Progress {
+    Continue,
+    Finished,
+    /// The reader dropped the stream: nobody to tell.
+    Cancelled,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        let model = self.model.clone();
+        let tokenizer = model.tokenizer.inner();
+        let mut free: Vec<usize> = (0..self.slots).rev().collect();
+        let mut running: Vec<Sequence<'_>> = Vec::with_capacity(self.slots);
         loop {
-            let job = {
-                let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                queue.recv()
-            };
-            let Ok(job) = job else {
-                return; // the queue's sender is gone: shutting down
-            };
-            let events = job.events.clone();
-            self.active.fetch_add(1, Ordering::SeqCst);
-            let outcome = guarded(|| self.pool.install(|| self.generate(&mut session, job)));
-            self.active.fetch_sub(1, Ordering::SeqCst);
-            match outcome {
-                Ok(Ok(())) | Ok(Err(Interrupted::Cancelled)) => {}
-                Ok(Err(Interrupted::ShutDown)) => {
-                    let _ = events.send(Err(Error::ShutDown));
+            if self.shutting_down.load(Ordering::SeqCst) {
+                for sequence in running.drain(..) {
+                    let _ = sequence.job.events.send(Err(Error::ShutDown));
                 }
-                Err(err) => {
-                    tracing::warn!(error = %err, "generation failed");
-                    let _ = events.send(Err(err));
-                    // A step that failed or panicked may have left the KV
-                    // cache half written: the next job starts from a fresh one.
-                    match Session::new(&self.model.weights) {
-                        Ok(fresh) => session = fresh,
-                        Err(err) => {
-                            tracing::error!(error = %err, "a candle worker cannot renew its session; it stops");
-                            return;
-                        }
-                    }
+                // Jobs still queued are told too.
+                while let Ok(job) = self.queue.try_recv() {
+                    let _ = job.events.send(Err(Error::ShutDown));
                 }
+                self.active.store(0, Ordering::SeqCst);
+                return;
             }
+            // Admit waiting jobs into free slots; with nothing to run, wait for one.
+            self.active.store(running.len(), Ordering::SeqCst);
+            while let Some(&slot) = free.last() {
+                let job = if running.is_empty() {
+                    match self.queue.recv() {
+                        Ok(job) => job,
+                        Err(_) => return, // the sender is gone: shutting down
+                    }
+                } else {
+                    match self.queue.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    }
+                };
+                if job.events.is_closed() {
+                    continue; // its reader left while it waited
+                }
+                if self.shutting_down.load(Ordering::SeqCst) {
+                    let _ = job.events.send(Err(Error::ShutDown));
+                    continue;
+                }
+                free.pop();
+                tracing::debug!(
+                    prompt_tokens = job.prompt.len(),
+                    queued_ms = job.queued_at.elapsed().as_millis() as u64,
+                    slot,
+                    "generation starts"
+                );
+                running.push(Sequence {
+                    sampler: LogitsProcessor::from_sampling(job.seed, job.sampling.clone()),
+                    decoder: tokenizer.decode_stream(true),
+                    stops: StopScanner::new(job.stop.clone()),
+                    job,
+                    slot,
+                    fed: 0,
+                    generated: 0,
+                    next: 0,
+                    started: None,
+                    prefill: Duration::ZERO,
+                    decode_started: None,
+                });
+            }
+            // Readers that left free their slots.
+            running.retain(|sequence| {
+                let gone = sequence.job.events.is_closed();
+                if gone {
+                    self.runner.release(sequence.slot);
+                    free.push(sequence.slot);
+                }
+                !gone
+            });
+            self.active.store(running.len(), Ordering::SeqCst);
+            if running.is_empty() {
+                continue;
+            }
+            self.step(&mut running, &mut free);
         }
     }
 
-    fn generate(
-        &self,
-        session: &mut Session,
-        job: Job,
-    ) -> Result<std::result::Result<(), Interrupted>> {
-        let tokenizer = &self.model.tokenizer;
-        let prompt_len = job.prompt.len();
-        tracing::debug!(
-            prompt_tokens = prompt_len,
-            queued_ms = job.queued_at.elapsed().as_millis() as u64,
-            "generation starts"
-        );
-        session.reset()?;
-        let started = Instant::now();
-        let mut sampler = LogitsProcessor::from_sampling(job.seed, job.sampling.clone());
-        let logits = session.forward(&job.prompt, 0)?;
-        let mut next = sample(&mut sampler, &logits)?;
-        let prefill = started.elapsed();
-        let decode_started = Instant::now();
+    /// One batch: every generating sequence's next token, then prompt
+    /// chunks while the batch has room.
+    fn step(&mut self, running: &mut Vec<Sequence<'_>>, free: &mut Vec<usize>) {
+        // The plan: (sequence, first token, end), generating sequences first.
+        let mut budget = self.runner.max_batch();
+        let mut plan: Vec<(usize, usize, usize)> = Vec::with_capacity(running.len());
+        for (i, sequence) in running.iter().enumerate() {
+            let length = sequence.job.prompt.len();
+            if sequence.fed == length {
+                plan.push((
+                    i,
+                    length + sequence.generated - 1,
+                    length + sequence.generated,
+                ));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        let now = Instant::now();
+        for (i, sequence) in running.iter_mut().enumerate() {
+            let length = sequence.job.prompt.len();
+            if sequence.fed < length && budget > 0 {
+                let end = length.min(sequence.fed + budget);
+                sequence.started.get_or_insert(now);
+                plan.push((i, sequence.fed, end));
+                budget -= end - sequence.fed;
+            }
+        }
+        let steps: Vec<Step<'_>> = plan
+            .iter()
+            .map(|&(i, start, end)| {
+                let sequence = &running[i];
+                let length = sequence.job.prompt.len();
+                let tokens = if start < length {
+                    &sequence.job.prompt[start..end]
+                } else {
+                    std::slice::from_ref(&sequence.next)
+                };
+                Step {
+                    slot: sequence.slot,
+                    position: start,
+                    tokens,
+                    logits: end >= length,
+                }
+            })
+            .collect();
+        let chunks: Vec<(usize, usize, bool)> = steps
+            .iter()
+            .zip(&plan)
+            .map(|(step, &(i, _, _))| (i, step.tokens.len(), step.logits))
+            .collect();
+        let runner = &mut self.runner;
+        let outcome = guarded(move || runner.forward(&steps));
+        let logits = match outcome {
+            Ok(logits) => logits,
+            Err(err) => {
+                // Every sequence of the batch fails; their caches may be half
+                // written, so their slots start afresh.
+                let err = match err {
+                    Error::ShutDown => Error::ShutDown,
+                    err => {
+                        tracing::warn!(error = %err, "a batch failed");
+                        err
+                    }
+                };
+                for sequence in running.drain(..) {
+                    let _ = sequence.job.events.send(Err(clone_error(&err)));
+                    self.runner.release(sequence.slot);
+                    free.push(sequence.slot);
+                }
+                return;
+            }
+        };
+        let vocab = logits.len() / chunks.iter().filter(|c| c.2).count().max(1);
+        let mut rows = logits.chunks_exact(vocab.max(1));
+        let mut done = vec![false; running.len()];
+        for (i, tokens, wants_logits) in chunks {
+            let sequence = &mut running[i];
+            if sequence.fed < sequence.job.prompt.len() {
+                sequence.fed += tokens;
+            }
+            if !wants_logits {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            let progress = match sample(&mut sequence.sampler, row) {
+                Ok(token) => sequence.advance(token, &self.model),
+                Err(err) => {
+                    let _ = sequence.job.events.send(Err(err));
+                    Ok(Progress::Finished)
+                }
+            };
+            match progress {
+                Ok(Progress::Continue) => {}
+                Ok(Progress::Finished | Progress::Cancelled) => done[i] = true,
+                Err(err) => {
+                    let _ = sequence.job.events.send(Err(err));
+                    done[i] = true;
+                }
+            }
+        }
+        let mut index = 0;
+        running.retain(|sequence| {
+            let keep = !done[index];
+            index += 1;
+            if !keep {
+                self.runner.release(sequence.slot);
+                free.push(sequence.slot);
+            }
+            keep
+        });
+    }
+}
 
-        let mut decoder = tokenizer.inner().decode_stream(true);
-        let mut stops = StopScanner::new(job.stop);
-        let mut generated = 0usize;
-        let finish = loop {
-            if self.shutting_down.load(Ordering::Relaxed) {
-                return Ok(Err(Interrupted::ShutDown));
-            }
-            if job.events.is_closed() {
-                return Ok(Err(Interrupted::Cancelled));
-            }
-            if tokenizer.end_tokens.contains(&next) {
-                break FinishReason::Stop;
-            }
-            generated += 1;
-            let piece = decoder
-                .step(next)
+impl Sequence<'_> {
+    /// Takes the token just sampled: sends its text, or finishes.
+    fn advance(&mut self, token: u32, model: &LoadedModel) -> Result<Progress> {
+        if self.decode_started.is_none() {
+            self.prefill = self.started.map_or(Duration::ZERO, |s| s.elapsed());
+            self.decode_started = Some(Instant::now());
+        }
+        let events = &self.job.events;
+        if events.is_closed() {
+            return Ok(Progress::Cancelled);
+        }
+        let finish = if model.tokenizer.end_tokens.contains(&token) {
+            Some(FinishReason::Stop)
+        } else {
+            self.generated += 1;
+            self.next = token;
+            let piece = self
+                .decoder
+                .step(token)
                 .map_err(|err| Error::engine("error decoding a token", err))?;
-            let (ready, stopped) = stops.push(piece.as_deref().unwrap_or(""));
-            if !ready.is_empty() && job.events.send(Ok(StreamEvent::Delta(ready))).is_err() {
-                return Ok(Err(Interrupted::Cancelled));
+            let (ready, stopped) = self.stops.push(piece.as_deref().unwrap_or(""));
+            if !ready.is_empty() && events.send(Ok(StreamEvent::Delta(ready))).is_err() {
+                return Ok(Progress::Cancelled);
             }
             if stopped {
-                break FinishReason::Stop;
+                Some(FinishReason::Stop)
+            } else if self.generated >= self.job.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
             }
-            if generated >= job.max_tokens {
-                break FinishReason::Length;
-            }
-            let logits = session.forward(&[next], prompt_len + generated - 1)?;
-            next = sample(&mut sampler, &logits)?;
         };
-        let rest = stops.finish();
-        if !rest.is_empty() && job.events.send(Ok(StreamEvent::Delta(rest))).is_err() {
-            return Ok(Err(Interrupted::Cancelled));
+        let Some(finish) = finish else {
+            return Ok(Progress::Continue);
+        };
+        let rest = self.stops.finish();
+        if !rest.is_empty() && events.send(Ok(StreamEvent::Delta(rest))).is_err() {
+            return Ok(Progress::Cancelled);
         }
-        let finished = StreamEvent::Finished {
+        let prompt = self.job.prompt.len() as u64;
+        let decode = self.decode_started.map_or(Duration::ZERO, |s| s.elapsed());
+        let _ = events.send(Ok(StreamEvent::Finished {
             finish_reason: Some(finish),
-            usage: Some(Usage::new(prompt_len as u64, generated as u64)),
+            usage: Some(Usage::new(prompt, self.generated as u64)),
             timings: Some(Timings::from_phases(
-                prefill,
-                prompt_len as u64,
-                decode_started.elapsed(),
-                generated.saturating_sub(1) as u64,
+                self.prefill,
+                prompt,
+                decode,
+                self.generated.saturating_sub(1) as u64,
             )),
-        };
-        let _ = job.events.send(Ok(finished));
-        Ok(Ok(()))
+        }));
+        Ok(Progress::Finished)
+    }
+}
+
+/// The same error for each sequence of a failed batch.
+fn clone_error(err: &Error) -> Error {
+    match err {
+        Error::ShutDown => Error::ShutDown,
+        err => Error::engine("the batch failed", std::io::Error::other(err.to_string())),
     }
 }
 

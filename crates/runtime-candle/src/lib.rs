@@ -5,23 +5,27 @@
 //! server backends.
 //!
 //! This crate owns:
-//! - loading GGUF models through candle's quantized llama (SmolLM2, Llama and
-//!   models sharing their layout) and Hugging Face safetensors directories
-//!   (`config.json`, `*.safetensors`, `tokenizer.json`) through candle's llama;
+//! - a forward pass of its own for llama-architecture GGUF models stored in
+//!   Q4_1 or Q8_0 (SmolLM2 and many small models): SIMD kernels on the file's
+//!   own blocks against 8-bit activations, as llama.cpp does, and the model's
+//!   whole trained context;
+//! - other GGUF models through candle's quantized llama (capped at 4096
+//!   positions), and Hugging Face safetensors directories (`config.json`,
+//!   `*.safetensors`, `tokenizer.json`) through candle's llama;
 //! - the tokenizer: `tokenizer.json` beside the model, or one built from the
 //!   GGUF's own metadata the way llama.cpp reads it;
 //! - the model's own chat template, rendered with minijinja;
 //! - sampling (temperature, top-p, seed), stop strings, EOS, UTF-8-safe streaming;
-//! - worker threads of its own (never the async runtime's), each with a KV cache
-//!   over shared weights, behind a bounded queue: a full queue is
-//!   [`Error::Busy`], not a hang.
+//! - a scheduler thread of its own (never the async runtime's) that runs the
+//!   sequences in its slots together, one batch per step, behind a bounded
+//!   queue: a full queue is [`Error::Busy`], not a hang.
 //!
 //! It serves HTTP with `runtime-openai`'s router and does not manage processes.
 //!
-//! Settings: `context_size` (at most what candle supports for the model; its
-//! quantized llama caps positions at 4096), `threads` (the compute pool),
-//! `parallel` (workers, default 2), and [`CandleOptions`]: `queue` (waiting
-//! requests, default 16) and `requantize`.
+//! Settings: `context_size` (at most the model's trained context; 4096 for
+//! models on candle's quantized llama), `threads` (compute threads, default
+//! all cores), `parallel` (slots: sequences generated at once, default 4), and
+//! [`CandleOptions`]: `queue` (waiting requests, default 16) and `requantize`.
 //!
 //! ```no_run
 //! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
@@ -36,10 +40,11 @@
 //! # Ok(())
 //! # }
 //! ```
-#![forbid(unsafe_code)]
 
 mod engine;
+mod kernels;
 mod model;
+mod native;
 mod options;
 mod stop;
 mod template;
@@ -68,7 +73,7 @@ pub use crate::tokenizer::TextTokenizer;
 /// The candle version this crate is built against (pinned exactly in Cargo.toml).
 pub const ENGINE_VERSION: &str = "0.11.1";
 
-const DEFAULT_WORKERS: usize = 2;
+const DEFAULT_SLOTS: usize = 4;
 const DEFAULT_QUEUE: u32 = 16;
 
 /// candle, in process, behind the [`ModelRuntime`] trait.
@@ -111,7 +116,7 @@ fn engine_options(config: &RuntimeConfig, options: &CandleOptions) -> EngineOpti
         .map(|n| n as usize)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     EngineOptions {
-        workers: config.parallel.map_or(DEFAULT_WORKERS, |n| n as usize),
+        slots: config.parallel.map_or(DEFAULT_SLOTS, |n| n as usize),
         queue: options.queue.unwrap_or(DEFAULT_QUEUE) as usize,
         threads,
     }
@@ -201,7 +206,7 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
 
 impl Running {
     /// Ends in-flight generations (their streams get [`Error::ShutDown`]),
-    /// stops the workers and the HTTP server, each within `grace`.
+    /// stops the scheduler and the HTTP server, each within `grace`.
     async fn stop(&mut self, grace: Duration) {
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop(grace)).await;
@@ -218,8 +223,8 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Without shutdown: stop serving and generating now; workers exit on
-        // their own once their current token is done.
+        // Without shutdown: stop serving and generating now; the scheduler
+        // exits on its own once its current layer is done.
         if let Some(server) = self.server.take() {
             let _ = server.stop.send(());
             server.task.abort();

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
@@ -12,12 +13,15 @@ use candle_transformers::models::llama;
 use candle_transformers::models::quantized_llama::{self, MAX_SEQ_LEN};
 use runtime_core::{Error, ModelFormat, Result};
 
+use crate::native::{self, GgufLlama, Step};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{TextTokenizer, tokenizer_config};
 
-/// Loaded weights, shared by every worker.
+/// Loaded weights, shared by every slot.
 #[derive(Debug, Clone)]
 pub(crate) enum Weights {
+    /// GGUF that our own forward pass covers (see [`crate::native`]).
+    Native(Arc<GgufLlama>),
     /// GGUF: `ModelWeights` clones share their tensors and own a KV cache each.
     Quantized(Box<quantized_llama::ModelWeights>),
     /// Safetensors: the model is shared, each session gets a cache.
@@ -111,37 +115,72 @@ fn load_gguf(
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned())
         .or_else(|| template_beside(dir));
-    let model_context = ["llama.context_length"]
-        .iter()
-        .find_map(|key| content.metadata.get(*key)?.to_u32().ok())
+    let model_context = content
+        .metadata
+        .get("llama.context_length")
+        .and_then(|v| v.to_u32().ok())
         .map_or(MAX_SEQ_LEN, |n| n as usize);
-    let context_limit = limit(context_size, model_context.min(MAX_SEQ_LEN))?;
 
     let weights = match requantize.target() {
-        None => quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu),
+        None => gguf_weights(path, content, &mut file)?,
         Some(target) => {
             let requantized = requantize_gguf(&content, &mut file, target)?;
             let mut reader = std::io::Cursor::new(requantized);
             let content = gguf_file::Content::read(&mut reader)
                 .map_err(engine_err("error re-reading the requantized model"))?;
-            quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)
+            gguf_weights(path, content, &mut reader)?
         }
-    }
-    .map_err(|err| Error::InvalidModel {
-        path: path.to_owned(),
-        reason: format!("candle cannot load it as a llama-architecture GGUF: {err}"),
-    })?;
+    };
+    let context_limit = match &weights {
+        // Ours: the model's whole trained context.
+        Weights::Native(model) => limit(context_size, model.hyper.context)?,
+        // candle's quantized llama caps positions at MAX_SEQ_LEN.
+        _ => limit(context_size, model_context.min(MAX_SEQ_LEN))?,
+    };
 
     let template = compile_template(template_source, &tokenizer)?;
     // The tensors are read into memory as stored: the file, less its metadata.
-    let weight_bytes = std::fs::metadata(path).map_or(0, |meta| meta.len());
+    let weight_bytes = match &weights {
+        Weights::Native(model) => model.weight_bytes(),
+        _ => std::fs::metadata(path).map_or(0, |meta| meta.len()),
+    };
     Ok(LoadedModel {
-        weights: Weights::Quantized(Box::new(weights)),
+        weights,
         tokenizer,
         template,
         context_limit,
         weight_bytes,
     })
+}
+
+/// The weights of a GGUF: our own forward pass where it covers the model,
+/// else candle's quantized llama.
+fn gguf_weights<R: std::io::Read + std::io::Seek>(
+    path: &Path,
+    content: gguf_file::Content,
+    reader: &mut R,
+) -> Result<Weights> {
+    match GgufLlama::load(&content, reader, path)? {
+        Ok(model) => {
+            tracing::info!(
+                kernels = model.kernels(),
+                "GGUF runs on model-runtime's own kernels"
+            );
+            return Ok(Weights::Native(Arc::new(model)));
+        }
+        Err(native::Unsupported(reason)) => tracing::info!(
+            %reason,
+            "GGUF runs on candle's quantized llama, slower and capped at {MAX_SEQ_LEN} positions"
+        ),
+    }
+    let weights =
+        quantized_llama::ModelWeights::from_gguf(content, reader, &Device::Cpu).map_err(|err| {
+            Error::InvalidModel {
+                path: path.to_owned(),
+                reason: format!("candle cannot load it as a llama-architecture GGUF: {err}"),
+            }
+        })?;
+    Ok(Weights::Quantized(Box::new(weights)))
 }
 
 /// Rewrites the GGUF in memory with Q4_1 tensors in `target`.
@@ -287,7 +326,116 @@ fn limit(configured: Option<u32>, model: usize) -> Result<usize> {
     }
 }
 
-/// One worker's view of the model: the shared weights plus its own KV cache.
+/// What the engine's scheduler runs a batch on.
+pub(crate) enum Runner {
+    /// Our forward pass: true batches over all slots.
+    Native(Box<native::Runner>),
+    /// candle's models: one step after another, each slot with its own session.
+    Candle {
+        sessions: Vec<Session>,
+        pool: rayon::ThreadPool,
+        logits: Vec<f32>,
+    },
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Native(runner) => runner.fmt(f),
+            Self::Candle { sessions, .. } => f
+                .debug_struct("Candle")
+                .field("slots", &sessions.len())
+                .finish(),
+        }
+    }
+}
+
+impl Runner {
+    /// A runner for `slots` sequences on `threads` threads; a forward pass
+    /// of ours ends early once `stop` is set.
+    pub(crate) fn new(
+        weights: &Weights,
+        slots: usize,
+        threads: usize,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        if let Weights::Native(model) = weights {
+            let runner = native::Runner::new(model.clone(), slots, threads, stop)?;
+            return Ok(Self::Native(Box::new(runner)));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("candle-compute-{i}"))
+            .build()
+            .map_err(|err| Error::engine("error starting the compute pool", err))?;
+        let sessions = (0..slots)
+            .map(|_| Session::new(weights))
+            .collect::<Result<_>>()?;
+        Ok(Self::Candle {
+            sessions,
+            pool,
+            logits: Vec::new(),
+        })
+    }
+
+    /// Prompt tokens one step may carry: ours chunks long prompts, candle's
+    /// models take a prompt whole.
+    pub(crate) fn max_batch(&self) -> usize {
+        match self {
+            Self::Native(_) => native::MAX_BATCH,
+            Self::Candle { .. } => usize::MAX,
+        }
+    }
+
+    /// Runs `steps` and returns the logits of those that want them, one row each.
+    pub(crate) fn forward(&mut self, steps: &[Step<'_>]) -> Result<&[f32]> {
+        match self {
+            Self::Native(runner) => runner.forward(steps),
+            Self::Candle {
+                sessions,
+                pool,
+                logits,
+            } => {
+                logits.clear();
+                for step in steps {
+                    let session = sessions.get_mut(step.slot).ok_or_else(|| {
+                        Error::engine(
+                            "a batch names a slot that does not exist",
+                            std::io::Error::other(format!("slot {}", step.slot)),
+                        )
+                    })?;
+                    if step.position == 0 {
+                        session.reset()?;
+                    }
+                    let row = pool.install(|| session.forward(step.tokens, step.position))?;
+                    if step.logits {
+                        let row = row
+                            .to_dtype(DType::F32)
+                            .and_then(|row| row.to_vec1::<f32>())
+                            .map_err(engine_err("error reading the logits"))?;
+                        logits.extend_from_slice(&row);
+                    }
+                }
+                Ok(logits)
+            }
+        }
+    }
+
+    /// The sequence in `slot` is done.
+    pub(crate) fn release(&mut self, slot: usize) {
+        match self {
+            Self::Native(runner) => runner.release(slot),
+            Self::Candle { sessions, .. } => {
+                if let Some(session) = sessions.get_mut(slot) {
+                    // The quantized model resets at position 0 by itself.
+                    let _ = session.reset();
+                }
+            }
+        }
+    }
+}
+
+/// One slot of a candle model: the shared weights plus its own KV cache.
 pub(crate) enum Session {
     Quantized(Box<quantized_llama::ModelWeights>),
     Llama {
@@ -298,8 +446,14 @@ pub(crate) enum Session {
 }
 
 impl Session {
-    pub(crate) fn new(weights: &Weights) -> Result<Self> {
+    fn new(weights: &Weights) -> Result<Self> {
         Ok(match weights {
+            Weights::Native(_) => {
+                return Err(Error::engine(
+                    "a candle session over weights of our own forward pass",
+                    std::io::Error::other("use Runner::Native"),
+                ));
+            }
             Weights::Quantized(weights) => Self::Quantized(weights.clone()),
             Weights::Llama { model, config } => Self::Llama {
                 model: model.clone(),
@@ -311,7 +465,7 @@ impl Session {
     }
 
     /// Starts a new sequence (the quantized model resets at position 0 by itself).
-    pub(crate) fn reset(&mut self) -> Result<()> {
+    fn reset(&mut self) -> Result<()> {
         if let Self::Llama { cache, config, .. } = self {
             *cache = llama::Cache::new(true, DType::F32, config, &Device::Cpu)
                 .map_err(engine_err("error allocating the KV cache"))?;
@@ -320,7 +474,7 @@ impl Session {
     }
 
     /// Logits for the token after `tokens`, which start at position `position`.
-    pub(crate) fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
+    fn forward(&mut self, tokens: &[u32], position: usize) -> Result<Tensor> {
         let input = Tensor::new(tokens, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .map_err(engine_err("error building the input tensor"))?;
