@@ -6,9 +6,9 @@
 //! can swap them. Comparing greedy paths therefore says nothing after the
 //! first tie. So the reference engine scores the answer under test instead
 //! ([`check_scored`]): every token, given everything before it, must be the
-//! reference's own choice or within a near tie of it. That holds past the
-//! first tie too, so a subtly broken engine that happens to part at a tie is
-//! still caught.
+//! reference's own choice or within a near tie of it, and only a few may be
+//! ties broken the other way. That holds past the first tie too, so a subtly
+//! broken engine that happens to part at a tie is still caught.
 
 use runtime_core::ModelRuntime;
 
@@ -16,14 +16,22 @@ use runtime_core::ModelRuntime;
 /// that still counts as a tie two correct implementations may break
 /// differently.
 ///
-/// Measured, not chosen: llama.cpp's own settings move it that far from its
-/// exact configuration (f32 cache, no flash attention) on [`PROMPTS`] and a
-/// long prompt. Its greedy answers, scored by the exact configuration, fall
-/// up to 0.29 nats below the reference's choice with the default f16 cache
-/// and up to 0.22 with flash attention (FACTS.md). Activations quantized to
-/// 8 bits turn last-bit differences into whole steps, so any implementation
-/// that does not add in llama.cpp's exact order lands in that band.
-pub const NEAR_TIE: f64 = 0.3;
+/// Measured on SmolLM2 Q4_1, [`PROMPTS`] and a long prompt, scored by
+/// llama.cpp's exact configuration (f32 cache, no flash attention):
+/// activations quantized to 8 bits turn last-bit differences into whole
+/// quantization steps, so implementations that add in different orders part
+/// at ties by a few tenths of a nat. llama.cpp's own greedy answers fall up
+/// to 0.29 nats below it with its default f16 cache and 0.22 with flash
+/// attention; model-runtime's candle forward pass, whose sums and `exp` are
+/// its own, up to 0.44. A wrong model (a rotary base, a head mapping, a
+/// position off by one) misses by whole nats, on most tokens.
+pub const NEAR_TIE: f64 = 0.5;
+
+/// The largest share of an engine's tokens, over all prompts, that may be
+/// ties broken the other way: llama.cpp's own settings break 4 to 6 % of
+/// them (7 of 180 tokens with the f16 cache, 9 of 166 with flash attention),
+/// candle 5 %; a subtly wrong model breaks far more.
+pub const TIE_SHARE: f64 = 0.08;
 
 /// The prompts the identity checks ask both engines.
 pub const PROMPTS: &[&str] = &[
@@ -45,19 +53,23 @@ pub struct Scored {
 }
 
 /// Checks that every token of each answer is the reference's choice or
-/// within [`NEAR_TIE`] of it; returns a report line per prompt, or every
-/// token that is not (with the report) as the error.
+/// within [`NEAR_TIE`] of it, and that at most [`TIE_SHARE`] of all tokens
+/// are not the reference's choice; returns a report line per prompt, or
+/// every failure (with the report) as the error.
 pub fn check_scored<'a>(
     cases: impl IntoIterator<Item = (&'a str, &'a [Scored])>,
 ) -> Result<String, String> {
     let mut report = Vec::new();
     let mut failures = Vec::new();
+    let (mut all, mut ties) = (0usize, 0usize);
     for (prompt, tokens) in cases {
         if tokens.is_empty() {
             failures.push(format!("{prompt:?}: the answer is empty"));
             continue;
         }
         let others = tokens.iter().filter(|t| t.deficit > 0.0).count();
+        all += tokens.len();
+        ties += others;
         let largest = tokens.iter().map(|t| t.deficit).fold(0.0, f64::max);
         report.push(format!(
             "{prompt:?}: {} tokens, {others} not the reference's own choice, largest gap {largest:.3} nats",
@@ -74,6 +86,15 @@ pub fn check_scored<'a>(
             }
         }
     }
+    if all > 0 && ties as f64 > TIE_SHARE * all as f64 {
+        failures.push(format!(
+            "{ties} of {all} tokens are not the reference's own choice, more than {:.0} %",
+            TIE_SHARE * 100.0
+        ));
+    }
+    report.push(format!(
+        "in all: {ties} of {all} tokens are ties broken the other way"
+    ));
     let report = report.join("\n");
     if failures.is_empty() {
         Ok(report)
@@ -232,13 +253,31 @@ mod tests {
             .collect()
     }
 
+    /// `len` tokens, the reference's own choice but for `ties` at `deficit`.
+    fn answer(len: usize, ties: &[(usize, f64)]) -> Vec<Scored> {
+        let mut deficits = vec![0.0; len];
+        for &(index, deficit) in ties {
+            deficits[index] = deficit;
+        }
+        scored(&deficits)
+    }
+
     #[test]
     fn a_scored_answer_passes_only_if_every_token_is_within_a_near_tie() {
-        let good = scored(&[0.0, 0.1, 0.0]);
-        let late_error = scored(&[0.1, 0.0, 0.7]);
+        let good = answer(20, &[(5, 0.4)]);
+        let late_error = answer(20, &[(17, NEAR_TIE + 0.1)]);
         assert!(check_scored([("p", good.as_slice())]).is_ok());
         let err = check_scored([("p", late_error.as_slice())]).unwrap_err();
-        assert!(err.contains("token 2"), "{err}");
+        assert!(err.contains("token 17"), "{err}");
         assert!(check_scored([("p", &[][..])]).is_err(), "an empty answer");
+    }
+
+    #[test]
+    fn too_many_ties_broken_the_other_way_fail_even_when_each_is_near() {
+        let many = answer(20, &[(1, 0.1), (4, 0.1), (9, 0.2), (12, 0.1), (15, 0.3)]);
+        let few = answer(40, &[(3, 0.2)]);
+        let err = check_scored([("a", many.as_slice()), ("b", few.as_slice())]).unwrap_err();
+        assert!(err.contains("6 of 60 tokens"), "{err}");
+        assert!(check_scored([("a", few.as_slice()), ("b", few.as_slice())]).is_ok());
     }
 }

@@ -18,6 +18,7 @@ pub mod identity;
 pub mod log_capture;
 pub mod procs;
 pub mod wire;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 use conformance::backends::{candle, llamacpp};
 use conformance::checks::start;
 use conformance::identity::{self, PROMPTS, Reference};
-use runtime_candle::TextTokenizer;
+use runtime_candle::{CacheType, CandleOptions, TextTokenizer};
 use runtime_core::InferenceRequest;
 use runtime_llamacpp::{FlashAttention, LlamaCppOptions};
 
@@ -81,7 +81,7 @@ async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie
     let tokens = captured["choices"][0]["logprobs"]["content"]
         .as_array()
         .expect("captured log-probabilities");
-    let mut runtime = start(&candle()).await;
+    let mut runtime = start(&exact_candle()).await;
     let request = InferenceRequest::from_prompt(PROMPTS[0])
         .with_max_tokens(24)
         .with_temperature(0.0);
@@ -138,6 +138,16 @@ async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie
     );
 }
 
+/// candle with an f32 KV cache, the precision of the reference's.
+fn exact_candle() -> conformance::Backend {
+    let mut backend = candle();
+    backend.config = backend
+        .config
+        .clone()
+        .with_options(&CandleOptions::new().with_kv_cache(CacheType::F32));
+    backend
+}
+
 /// llama-server in its most exact configuration: an f32 KV cache and no
 /// flash attention, the reference the tie bound was measured against
 /// ([`identity::NEAR_TIE`]).
@@ -165,7 +175,7 @@ async fn every_candle_token_is_llama_servers_choice_up_to_near_ties() {
     let long = long_prompt();
     let prompts: Vec<&str> = PROMPTS.iter().copied().chain([long.as_str()]).collect();
 
-    let mut candle_runtime = start(&candle()).await;
+    let mut candle_runtime = start(&exact_candle()).await;
     let mut answers = Vec::new();
     for prompt in &prompts {
         let request = InferenceRequest::from_prompt(*prompt)

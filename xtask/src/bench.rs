@@ -1,17 +1,19 @@
 //! `cargo xtask bench [TARGET...]`: the benchmarks, built with optimisations,
-//! against the provisioned engines.
+//! against the provisioned engines; then the report of every target's last
+//! results, `target/bench/report.md` with its SVG charts.
 
-use crate::{Result, cargo, run_checked, step, test_backends};
+use crate::{Result, cargo, run_checked, step, target_dir, test_backends};
 
-/// What can be benchmarked: each backend, and the gateway over several models.
-const TARGETS: &[&str] = &["llamacpp", "candle", "vllm", "gateway"];
+/// What can be benchmarked: candle against llama.cpp, each server backend,
+/// the gateway over several models, and the distributed setups.
+const TARGETS: &[&str] = &["candle", "llamacpp", "vllm", "gateway", "distributed"];
 
 /// The engines a target needs: candle and the gateway are compared with, or
 /// run, llama-server too.
 fn engines_of(target: &str) -> &'static [&'static str] {
     match target {
         "candle" | "gateway" => &["candle", "llamacpp"],
-        "llamacpp" => &["llamacpp"],
+        "llamacpp" | "distributed" => &["llamacpp"],
         "vllm" => &["vllm"],
         _ => &[],
     }
@@ -42,7 +44,9 @@ pub(crate) fn run(args: &[String]) -> Result {
             engines.push(engine);
         }
     }
-    let env = test_backends::provision_for(&engines)?;
+    let mut env = test_backends::provision_for(&engines)?;
+    let dir = target_dir().join("bench");
+    env.push(("MODEL_RUNTIME_BENCH_DIR".into(), dir.clone().into()));
     for target in targets {
         step(&format!("bench: {target}"));
         run_checked(
@@ -61,5 +65,6 @@ pub(crate) fn run(args: &[String]) -> Result {
                 .envs(env.iter().cloned()),
         )?;
     }
+    step(&format!("report: {}", dir.join("report.md").display()));
     Ok(())
 }

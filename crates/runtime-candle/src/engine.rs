@@ -44,6 +44,8 @@ pub(crate) struct EngineOptions {
     pub(crate) queue: usize,
     /// Compute threads, the scheduler included.
     pub(crate) threads: usize,
+    /// The precision of the KV cache (of our own forward pass).
+    pub(crate) cache: crate::CacheType,
 }
 
 /// A prepared request.
@@ -78,6 +80,7 @@ impl Engine {
             &model.weights,
             slots,
             options.threads.max(1),
+            options.cache,
             shutting_down.clone(),
         )?;
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.queue);

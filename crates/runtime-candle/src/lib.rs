@@ -25,7 +25,8 @@
 //! Settings: `context_size` (at most the model's trained context; 4096 for
 //! models on candle's quantized llama), `threads` (compute threads, default
 //! all cores), `parallel` (slots: sequences generated at once, default 4), and
-//! [`CandleOptions`]: `queue` (waiting requests, default 16) and `requantize`.
+//! [`CandleOptions`]: `queue` (waiting requests, default 16), `kv_cache`
+//! (`f16`, the default, or `f32`) and `requantize`.
 //!
 //! ```no_run
 //! use runtime_core::{InferenceRequest, ModelRuntime, RuntimeConfig};
@@ -67,7 +68,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, EngineOptions};
 use crate::model::LoadedModel;
 pub use crate::model::Requantize;
-pub use crate::options::{CandleOptions, MAX_QUEUE};
+pub use crate::options::{CacheType, CandleOptions, MAX_QUEUE};
 pub use crate::tokenizer::TextTokenizer;
 
 /// The candle version this crate is built against (pinned exactly in Cargo.toml).
@@ -119,6 +120,7 @@ fn engine_options(config: &RuntimeConfig, options: &CandleOptions) -> EngineOpti
         slots: config.parallel.map_or(DEFAULT_SLOTS, |n| n as usize),
         queue: options.queue.unwrap_or(DEFAULT_QUEUE) as usize,
         threads,
+        cache: options.kv_cache,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Loading weights (GGUF through candle's quantized llama, Hugging Face
-//! safetensors directories through candle's llama) and running them.
+//! Loading weights (GGUF through our own forward pass where it covers the
+//! model, else candle's quantized llama; Hugging Face safetensors directories
+//! through candle's llama) and the [`Runner`] the scheduler drives.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,7 +44,8 @@ pub(crate) struct LoadedModel {
     pub(crate) weight_bytes: u64,
 }
 
-/// Re-quantization applied on load, trading a little accuracy for SIMD kernels.
+/// Re-quantization applied on load, trading a little accuracy for candle's
+/// SIMD kernels (for models on candle's implementation; ours take Q4_1 as it is).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -51,7 +53,7 @@ pub enum Requantize {
     /// Keep the file's quantization.
     #[default]
     Keep,
-    /// Q4_1 tensors become Q8_0 (candle has AVX kernels for Q8_0, not Q4_1).
+    /// Q4_1 tensors become Q8_0.
     #[serde(rename = "q8_0")]
     Q8_0,
     /// Q4_1 tensors become Q4_0.
@@ -357,10 +359,11 @@ impl Runner {
         weights: &Weights,
         slots: usize,
         threads: usize,
+        cache: crate::CacheType,
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
         if let Weights::Native(model) = weights {
-            let runner = native::Runner::new(model.clone(), slots, threads, stop)?;
+            let runner = native::Runner::new(model.clone(), slots, threads, cache, stop)?;
             return Ok(Self::Native(Box::new(runner)));
         }
         let pool = rayon::ThreadPoolBuilder::new()

@@ -10,7 +10,7 @@ pub const MAX_QUEUE: u32 = 4096;
 
 /// The candle engine's own settings, beyond the fields of
 /// [`RuntimeConfig`](runtime_core::RuntimeConfig) (`threads` sizes the compute
-/// pool, `parallel` the number of requests generated at once).
+/// threads, `parallel` the slots: requests generated at once).
 ///
 /// ```
 /// use runtime_candle::{CandleOptions, Requantize};
@@ -24,13 +24,36 @@ pub const MAX_QUEUE: u32 = 4096;
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct CandleOptions {
-    /// Requests that may wait for a free worker before new ones are refused
+    /// Requests that may wait for a free slot before new ones are refused
     /// with [`Error::Busy`] (default 16).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<u32>,
-    /// Re-quantize Q4_1 tensors on load (default: keep the file's).
+    /// The precision of the KV cache of our own forward pass (default f16).
+    #[serde(skip_serializing_if = "is_default_cache")]
+    pub kv_cache: CacheType,
+    /// Re-quantize Q4_1 tensors on load (default: keep the file's). Lossy,
+    /// and no faster on this crate's own kernels, which take Q4_1 as it is.
     #[serde(skip_serializing_if = "is_keep")]
     pub requantize: Requantize,
+}
+
+fn is_default_cache(cache: &CacheType) -> bool {
+    *cache == CacheType::default()
+}
+
+/// The precision of the KV cache of the crate's own forward pass (models on
+/// candle's implementations keep theirs in f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CacheType {
+    /// Half the memory, and half the memory to read per generated token,
+    /// which is what decoding past a few hundred positions waits for;
+    /// llama.cpp's default too.
+    #[default]
+    F16,
+    /// Exact: the choice for comparing with another engine's f32 cache.
+    F32,
 }
 
 fn is_keep(requantize: &Requantize) -> bool {
@@ -47,6 +70,13 @@ impl CandleOptions {
     #[must_use]
     pub fn with_queue(mut self, waiting: u32) -> Self {
         self.queue = Some(waiting);
+        self
+    }
+
+    /// Sets [`kv_cache`](Self::kv_cache).
+    #[must_use]
+    pub fn with_kv_cache(mut self, cache: CacheType) -> Self {
+        self.kv_cache = cache;
         self
     }
 
@@ -90,6 +120,21 @@ mod tests {
             Requantize::Q4_0
         );
         let bad = RuntimeConfig::new("m.gguf").with_extra_config("requantize", "q2_k");
+        assert!(bad.options::<CandleOptions>().is_err());
+    }
+
+    #[test]
+    fn the_cache_type_is_read_by_its_lowercase_name_and_defaults_to_f16() {
+        let config = RuntimeConfig::new("m.gguf").with_extra_config("kv_cache", "f32");
+        assert_eq!(
+            config.options::<CandleOptions>().unwrap().kv_cache,
+            CacheType::F32
+        );
+        let default = RuntimeConfig::new("m.gguf")
+            .options::<CandleOptions>()
+            .unwrap();
+        assert_eq!(default.kv_cache, CacheType::F16);
+        let bad = RuntimeConfig::new("m.gguf").with_extra_config("kv_cache", "q8_0");
         assert!(bad.options::<CandleOptions>().is_err());
     }
 

@@ -1,10 +1,13 @@
-//! Runs candle on the demo GGUF for a while, for a sampling profiler:
-//! `profile-candle [PROMPT_TOKENS] [DECODE_TOKENS] [THREADS] [RUNS]`.
-//! Prints prefill and decode speed of each run.
+//! Runs candle on the demo GGUF for a while, for a sampling profiler (`perf
+//! record`): `profile-candle [PROMPT_TOKENS] [DECODE_TOKENS] [THREADS] [RUNS]`
+//! with the benchmark's prompts; `PAUSE_MS` waits between runs (the compute
+//! threads park when idle). Prints prefill and decode speed of each run.
 #![allow(clippy::print_stdout)]
 
+use std::time::Duration;
+
 use conformance::backends::candle;
-use runtime_core::InferenceRequest;
+use conformance::workload::story_request;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -15,25 +18,26 @@ async fn main() {
             .unwrap_or(default)
     };
     let (prompt, decode, threads, runs) = (arg(1, 64), arg(2, 128), arg(3, 2), arg(4, 3));
+    let pause = std::env::var("PAUSE_MS").ok().and_then(|v| v.parse().ok());
     let backend = candle();
     let config = backend
         .config
         .clone()
         .with_threads(threads)
         .with_parallel(1)
-        .with_context_size(4096);
+        .with_context_size(8192);
     let mut runtime = (backend.new_runtime)();
     runtime.initialize(config).await.expect("candle starts");
-    // About `prompt` tokens: one word and a space is a token or two.
-    let words = "river ".repeat(prompt as usize);
-    for run in 0..runs {
-        let request = InferenceRequest::from_prompt(format!("Run {run}. {words}\nWrite a story."))
-            .with_max_tokens(decode)
-            .with_temperature(0.0);
-        let answer = runtime.generate(request).await.expect("an answer");
-        if run == 0 {
-            println!("{}", answer.content.chars().take(300).collect::<String>());
+    // About 20 tokens a sentence, after about 37 of template.
+    let sentences = (prompt as usize).saturating_sub(37).div_ceil(20).max(1);
+    for run in 0..runs as usize {
+        if let Some(pause) = pause {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
+        let answer = runtime
+            .generate(story_request(run, sentences, decode))
+            .await
+            .expect("an answer");
         let timings = answer.timings.expect("timings");
         let usage = answer.usage.expect("usage");
         println!(

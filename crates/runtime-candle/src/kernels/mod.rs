@@ -138,11 +138,95 @@ impl BlockType {
 /// Four rows' products with one activation row, from a packed group.
 type Rows4 = fn(&[u8], QuantizedRow<'_>) -> [f32; GROUP];
 
+/// A value of the KV cache: `f16`, half the memory to read per generated
+/// token (decoding past a few hundred positions waits on that), as llama.cpp
+/// keeps it by default; or `f32`, exact.
+pub(crate) trait CacheValue:
+    Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
+    fn from_f32(value: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The attention kernel for a cache of this type.
+    fn attention(kernels: &Kernels) -> Attend<Self>;
+}
+
+impl CacheValue for f16 {
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    fn attention(kernels: &Kernels) -> Attend<Self> {
+        kernels.attend_f16
+    }
+}
+
+impl CacheValue for f32 {
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn attention(kernels: &Kernels) -> Attend<Self> {
+        kernels.attend_f32
+    }
+}
+
+/// The keys and values of one key-value head at positions `0..positions`
+/// of a cache whose rows hold every head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadCache<'a, T> {
+    pub(crate) keys: &'a [T],
+    pub(crate) values: &'a [T],
+    /// Values from one position's row to the next.
+    pub(crate) stride: usize,
+    /// Where this head's values start in a row.
+    pub(crate) offset: usize,
+    pub(crate) positions: usize,
+}
+
+impl<'a, T> HeadCache<'a, T> {
+    /// The key at position `p`.
+    #[inline]
+    pub(crate) fn key(&self, p: usize, dim: usize) -> &'a [T] {
+        &self.keys[p * self.stride + self.offset..][..dim]
+    }
+
+    /// The value at position `p`.
+    #[inline]
+    pub(crate) fn value(&self, p: usize, dim: usize) -> &'a [T] {
+        &self.values[p * self.stride + self.offset..][..dim]
+    }
+
+    /// Checks that every position's `dim` values lie in the slices (the SIMD
+    /// kernel relies on it).
+    fn check(&self, dim: usize) {
+        let end = (self.positions.max(1) - 1) * self.stride + self.offset + dim;
+        assert!(
+            self.positions > 0 && self.keys.len() >= end && self.values.len() >= end,
+            "the attention reads past its cache"
+        );
+    }
+}
+
+/// Attention of a group of query heads (`dim` values each, side by side)
+/// over one key-value head: `out = softmax(q·K·scale)·V` per query head.
+/// `scores` is scratch space.
+pub(crate) type Attend<T> = fn(&[f32], HeadCache<'_, T>, usize, f32, &mut Vec<f32>, &mut [f32]);
+
 /// The dot products this machine runs best.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Kernels {
     q4_1: Rows4,
     q8_0: Rows4,
+    attend_f16: Attend<f16>,
+    attend_f32: Attend<f32>,
     /// Which implementation, for logs and reports.
     pub(crate) name: &'static str,
 }
@@ -163,8 +247,29 @@ impl Kernels {
         Self {
             q4_1: |group, x| scalar::rows4(BlockType::Q4_1, group, x),
             q8_0: |group, x| scalar::rows4(BlockType::Q8_0, group, x),
+            attend_f16: scalar::attend,
+            attend_f32: scalar::attend,
             name: "scalar",
         }
+    }
+
+    /// Attention of the query heads in `queries` over `cache` (see [`HeadCache`]).
+    #[inline]
+    pub(crate) fn attend<T: CacheValue>(
+        &self,
+        queries: &[f32],
+        cache: HeadCache<'_, T>,
+        dim: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(
+            dim > 0 && queries.len().is_multiple_of(dim) && out.len() == queries.len(),
+            "the queries and outputs of attention disagree"
+        );
+        cache.check(dim);
+        (T::attention(self))(queries, cache, dim, scale, scores, out);
     }
 
     /// The products of the four rows of a packed `group` of `kind` with `x`.
@@ -437,6 +542,70 @@ mod tests {
             }
             assert_eq!(from_packed, from_plain);
         }
+    }
+
+    fn attention_agrees<T: CacheValue>() {
+        let mut rng = Lcg(23);
+        for (dim, group, positions) in [
+            (64, 3, 1),
+            (64, 3, 37),
+            (64, 1, 300),
+            (128, 2, 50),
+            (32, 4, 9),
+            (12, 2, 5),
+        ] {
+            let stride = 3 * dim;
+            let offset = dim;
+            let keys: Vec<T> = (0..positions * stride)
+                .map(|_| T::from_f32(rng.float()))
+                .collect();
+            let values: Vec<T> = (0..positions * stride)
+                .map(|_| T::from_f32(rng.float()))
+                .collect();
+            let queries: Vec<f32> = (0..group * dim).map(|_| rng.float()).collect();
+            let cache = HeadCache {
+                keys: &keys,
+                values: &values,
+                stride,
+                offset,
+                positions,
+            };
+            let (mut scores, mut a, mut b) =
+                (Vec::new(), vec![0f32; group * dim], vec![0f32; group * dim]);
+            Kernels::detect().attend(&queries, cache, dim, 0.125, &mut scores, &mut a);
+            Kernels::scalar().attend(&queries, cache, dim, 0.125, &mut scores, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                    "{dim} {group} {positions}: {x} vs {y}"
+                );
+            }
+            // Each output is a convex combination of the head's values.
+            let (lo, hi) = values.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| {
+                (l.min(v.to_f32()), h.max(v.to_f32()))
+            });
+            assert!(b.iter().all(|&v| v >= lo - 1e-4 && v <= hi + 1e-4));
+        }
+    }
+
+    #[test]
+    fn the_simd_attention_agrees_with_the_scalar_reference_on_both_cache_types() {
+        attention_agrees::<f16>();
+        attention_agrees::<f32>();
+    }
+
+    #[test]
+    #[should_panic(expected = "past its cache")]
+    fn attention_past_the_cache_is_refused() {
+        let keys = vec![f16::ZERO; 64];
+        let cache = HeadCache {
+            keys: &keys,
+            values: &keys,
+            stride: 64,
+            offset: 0,
+            positions: 2,
+        };
+        Kernels::detect().attend(&[0.0; 64], cache, 64, 1.0, &mut Vec::new(), &mut [0.0; 64]);
     }
 
     #[test]

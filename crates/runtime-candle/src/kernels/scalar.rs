@@ -9,7 +9,8 @@
 //! exact, so the same order of float operations gives the same bits.
 
 use super::{
-    BLOCK, BlockType, GROUP, Q8_0_BYTES, QuantizedRow, checked_blocks, f16_at, unpacked_block,
+    BLOCK, BlockType, CacheValue, GROUP, HeadCache, Q8_0_BYTES, QuantizedRow, checked_blocks,
+    f16_at, unpacked_block,
 };
 
 /// Lanes of a 256-bit register of `f32`.
@@ -79,5 +80,38 @@ fn dot_blocks(kind: BlockType, x: QuantizedRow<'_>, fill: impl Fn(usize, &mut [u
     match kind {
         BlockType::Q4_1 => reduce(acc) + offsets,
         BlockType::Q8_0 => reduce(acc),
+    }
+}
+
+/// Attention in plain Rust: scores, softmax, weighted sum, one query head
+/// after another, the cache widened to f32 as it is read.
+pub(super) fn attend<T: CacheValue>(
+    queries: &[f32],
+    cache: HeadCache<'_, T>,
+    dim: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    use crate::native::math;
+    let mut row = vec![0f32; dim];
+    for (q, out) in queries.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        scores.clear();
+        for p in 0..cache.positions {
+            widen(cache.key(p, dim), &mut row);
+            scores.push(math::dot(q, &row) * scale);
+        }
+        math::softmax(scores);
+        out.fill(0.0);
+        for (p, &weight) in scores.iter().enumerate() {
+            widen(cache.value(p, dim), &mut row);
+            math::axpy(out, weight, &row);
+        }
+    }
+}
+
+fn widen<T: CacheValue>(values: &[T], out: &mut [f32]) {
+    for (out, v) in out.iter_mut().zip(values) {
+        *out = v.to_f32();
     }
 }

@@ -11,18 +11,12 @@
 //! read, whose bounds are checked.
 #![allow(unsafe_code)]
 
-use std::arch::x86_64::{
-    __m128, __m256, __m256i, _mm_add_ps, _mm_cvtph_ps, _mm_cvtss_f32, _mm_loadl_epi64,
-    _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_mul_ps, _mm_permute_ps, _mm_set1_ps,
-    _mm_setzero_ps, _mm_srli_epi16, _mm_storeu_ps, _mm256_and_si256, _mm256_broadcastss_ps,
-    _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
-    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_si256, _mm256_madd_epi16,
-    _mm256_maddubs_epi16, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_setzero_ps,
-    _mm256_setzero_si256, _mm256_sign_epi8,
-};
+// The intrinsics, by their Intel names.
+use std::arch::x86_64::*;
 
 use super::{
-    BLOCK, BlockType, GROUP, Kernels, Q4_1_BYTES, Q8_0_BYTES, QuantizedRow, checked_blocks,
+    BLOCK, BlockType, GROUP, HeadCache, Kernels, Q4_1_BYTES, Q8_0_BYTES, QuantizedRow,
+    checked_blocks, scalar,
 };
 
 /// The best kernels this CPU runs, if it has AVX2, FMA and F16C.
@@ -53,16 +47,11 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ps(sums, high))
 }
 
-/// Lane `R` of `v` in all eight lanes.
+/// Lane `r` of `v` in all eight lanes (`r` is a constant once unrolled).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn lane<const R: i32>(v: __m128) -> __m256 {
-    _mm256_broadcastss_ps(_mm_permute_ps::<R>(v))
-}
-
-/// `R * 0b01010101`: the shuffle that selects lane `R` everywhere.
-const fn all(r: i32) -> i32 {
-    r * 0b0101_0101
+fn lane(v: __m128, r: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32))
 }
 
 /// The 32 four-bit weights of a Q4_1 block as 32 bytes, in value order: the
@@ -128,6 +117,176 @@ fn signed_pair(weights: __m256i, activations: __m256i) -> (__m256i, __m256i) {
     )
 }
 
+/// Eight f16 of `values` (which must hold at least eight), widened.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load8_f16(values: &[half::f16]) -> __m256 {
+    let values: &[half::f16; 8] = values[..8].try_into().expect("eight halves");
+    // SAFETY: `values` holds the 16 bytes read.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(values.as_ptr().cast()) })
+}
+
+/// Eight floats of `values` (which must hold at least eight).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load8(values: &[f32]) -> __m256 {
+    let values: &[f32; 8] = values[..8].try_into().expect("eight floats");
+    // SAFETY: `values` holds the eight floats read.
+    unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Stores eight floats into `out` (which must hold at least eight).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn store8(out: &mut [f32], v: __m256) {
+    let out: &mut [f32; 8] = (&mut out[..8]).try_into().expect("eight floats");
+    // SAFETY: `out` holds the eight floats written.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
+}
+
+/// `e^x` lane by lane, the same polynomial as `math::exp`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.3),
+    );
+    let round = _mm256_set1_ps(12_582_912.0);
+    let n = _mm256_sub_ps(
+        _mm256_add_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            round,
+        ),
+        round,
+    );
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4))),
+        _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)),
+    );
+    let r2 = _mm256_mul_ps(r, r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+    }
+    let e_r = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, r2), r), _mm256_set1_ps(1.0));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(e_r, _mm256_castsi256_ps(bits))
+}
+
+/// Softmax in place: `e^(x - max) / Σ`.
+#[target_feature(enable = "avx2,fma")]
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let shift = _mm256_set1_ps(max);
+    let mut sums = _mm256_setzero_ps();
+    let mut chunks = x.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let e = exp8(_mm256_sub_ps(load8(chunk), shift));
+        sums = _mm256_add_ps(sums, e);
+        store8(chunk, e);
+    }
+    let mut tail = 0f64;
+    for v in chunks.into_remainder() {
+        *v = crate::native::math::exp(*v - max);
+        tail += f64::from(*v);
+    }
+    let mut lanes = [0f32; 8];
+    store8(&mut lanes, sums);
+    let sum = lanes.iter().map(|&v| f64::from(v)).sum::<f64>() + tail;
+    let inverse = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inverse);
+}
+
+/// Stamps out attention over a cache of `$value`s, read with `$load`: each
+/// key row is read once for all the query heads that share it, and each
+/// head's weighted sum of values stays in registers, 64 values at a time.
+macro_rules! attention {
+    ($attend:ident, $simd:ident, $value:ty, $load:ident) => {
+        fn $attend(
+            queries: &[f32],
+            cache: HeadCache<'_, $value>,
+            dim: usize,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            if !dim.is_multiple_of(8) {
+                return scalar::attend(queries, cache, dim, scale, scores, out);
+            }
+            // SAFETY: only the kernel sets that checked for AVX2, FMA and
+            // F16C hand this out; `Kernels::attend` checked the cache's bounds.
+            unsafe { $simd(queries, cache, dim, scale, scores, out) }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $simd(
+            queries: &[f32],
+            cache: HeadCache<'_, $value>,
+            dim: usize,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            let heads = queries.len() / dim;
+            let n = cache.positions;
+            scores.clear();
+            scores.resize(heads * n, 0.0);
+            for p in 0..n {
+                let k = cache.key(p, dim);
+                for (h, q) in queries.chunks_exact(dim).enumerate() {
+                    let mut acc = _mm256_setzero_ps();
+                    for c in (0..dim).step_by(8) {
+                        acc = _mm256_fmadd_ps(load8(&q[c..]), $load(&k[c..]), acc);
+                    }
+                    scores[h * n + p] = hsum(acc) * scale;
+                }
+            }
+            for (weights, out) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(dim)) {
+                softmax(weights);
+                for start in (0..dim).step_by(64) {
+                    let out = &mut out[start..dim.min(start + 64)];
+                    if out.len() == 64 {
+                        // Eight accumulators, unrolled, kept in registers.
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for (p, &w) in weights.iter().enumerate() {
+                            let v = &cache.value(p, dim)[start..start + 64];
+                            let w = _mm256_set1_ps(w);
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                *acc = _mm256_fmadd_ps(w, $load(&v[8 * r..]), *acc);
+                            }
+                        }
+                        for (r, acc) in acc.into_iter().enumerate() {
+                            store8(&mut out[8 * r..], acc);
+                        }
+                    } else {
+                        out.fill(0.0);
+                        for (p, &w) in weights.iter().enumerate() {
+                            let v = &cache.value(p, dim)[start..start + out.len()];
+                            for (out, v) in out.chunks_exact_mut(8).zip(v.chunks_exact(8)) {
+                                let sum = _mm256_fmadd_ps(_mm256_set1_ps(w), $load(v), load8(out));
+                                store8(out, sum);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+attention!(attend_f16, attend_simd_f16, half::f16, load8_f16);
+attention!(attend_f32, attend_simd_f32, f32, load8);
+
 /// Stamps out the kernels for one set of target features and one way of
 /// forming the products.
 macro_rules! kernel_set {
@@ -138,6 +297,8 @@ macro_rules! kernel_set {
             pub(in super::super) const KERNELS: Kernels = Kernels {
                 q4_1,
                 q8_0,
+                attend_f16: super::attend_f16,
+                attend_f32: super::attend_f32,
                 name: $name,
             };
 
@@ -173,26 +334,10 @@ macro_rules! kernel_set {
                             .try_into()
                             .expect("16 bytes")
                     };
-                    acc[0] = _mm256_fmadd_ps(
-                        lane::<{ all(0) }>(scales),
-                        $products(unpack_q4(row(0)), a),
-                        acc[0],
-                    );
-                    acc[1] = _mm256_fmadd_ps(
-                        lane::<{ all(1) }>(scales),
-                        $products(unpack_q4(row(1)), a),
-                        acc[1],
-                    );
-                    acc[2] = _mm256_fmadd_ps(
-                        lane::<{ all(2) }>(scales),
-                        $products(unpack_q4(row(2)), a),
-                        acc[2],
-                    );
-                    acc[3] = _mm256_fmadd_ps(
-                        lane::<{ all(3) }>(scales),
-                        $products(unpack_q4(row(3)), a),
-                        acc[3],
-                    );
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let products = $products(unpack_q4(row(r)), a);
+                        *acc = _mm256_fmadd_ps(lane(scales, r), products, *acc);
+                    }
                 }
                 let mut offset = [0f32; GROUP];
                 // SAFETY: `offset` holds the four floats stored.
@@ -219,10 +364,9 @@ macro_rules! kernel_set {
                         let (unsigned, signed) = signed_pair(load32(row(r)), a);
                         $products(unsigned, signed)
                     };
-                    acc[0] = _mm256_fmadd_ps(lane::<{ all(0) }>(scales), product(0), acc[0]);
-                    acc[1] = _mm256_fmadd_ps(lane::<{ all(1) }>(scales), product(1), acc[1]);
-                    acc[2] = _mm256_fmadd_ps(lane::<{ all(2) }>(scales), product(2), acc[2]);
-                    acc[3] = _mm256_fmadd_ps(lane::<{ all(3) }>(scales), product(3), acc[3]);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(lane(scales, r), product(r), *acc);
+                    }
                 }
                 std::array::from_fn(|r| hsum(acc[r]))
             }

@@ -23,9 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::{GgmlDType, gguf_file};
+use half::f16;
 use runtime_core::{Error, Result};
 
-use crate::kernels::{self, BLOCK, BlockType, GROUP, Kernels, Quantized};
+use crate::CacheType;
+use crate::kernels::{self, BLOCK, BlockType, CacheValue, GROUP, HeadCache, Kernels, Quantized};
 use pool::Pool;
 
 /// Prompt tokens one forward pass takes at most (llama.cpp's default micro-batch).
@@ -452,10 +454,69 @@ pub(crate) struct Step<'a> {
 }
 
 /// A slot's keys and values, per layer: `position × kv_dim` values each.
-#[derive(Debug, Default)]
-struct SlotCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+#[derive(Debug)]
+struct SlotCache<T> {
+    keys: Vec<Vec<T>>,
+    values: Vec<Vec<T>>,
+}
+
+impl<T: CacheValue> SlotCache<T> {
+    fn new(layers: usize) -> Self {
+        Self {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+        }
+    }
+
+    /// Positions held.
+    fn positions(&self, kv_dim: usize) -> usize {
+        self.keys[0].len() / kv_dim
+    }
+
+    /// Frees all but `keep` values of each layer's memory.
+    fn release(&mut self, keep: usize) {
+        for v in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            v.clear();
+            v.shrink_to(keep);
+        }
+    }
+}
+
+/// The slots' caches, in the precision configured.
+#[derive(Debug)]
+enum Caches {
+    F16(Vec<SlotCache<f16>>),
+    F32(Vec<SlotCache<f32>>),
+}
+
+impl Caches {
+    fn new(cache: CacheType, slots: usize, layers: usize) -> Self {
+        match cache {
+            CacheType::F32 => Self::F32((0..slots).map(|_| SlotCache::new(layers)).collect()),
+            _ => Self::F16((0..slots).map(|_| SlotCache::new(layers)).collect()),
+        }
+    }
+
+    fn slots(&self) -> usize {
+        match self {
+            Self::F16(s) => s.len(),
+            Self::F32(s) => s.len(),
+        }
+    }
+
+    fn positions(&self, slot: usize, kv_dim: usize) -> usize {
+        match self {
+            Self::F16(s) => s[slot].positions(kv_dim),
+            Self::F32(s) => s[slot].positions(kv_dim),
+        }
+    }
+
+    fn release(&mut self, slot: usize, keep: usize) {
+        match self {
+            Self::F16(s) => s[slot].release(keep),
+            Self::F32(s) => s[slot].release(keep),
+        }
+    }
 }
 
 /// Buffers of one forward pass, kept between passes.
@@ -485,7 +546,7 @@ struct Scratch {
 pub(crate) struct Runner {
     model: Arc<GgufLlama>,
     pool: Pool,
-    slots: Vec<SlotCache>,
+    slots: Caches,
     scratch: Scratch,
     stop: Arc<AtomicBool>,
 }
@@ -502,17 +563,12 @@ impl Runner {
         model: Arc<GgufLlama>,
         slots: usize,
         threads: usize,
+        cache: CacheType,
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
         let pool = Pool::new(threads)
             .map_err(|err| Error::io("error starting the compute threads", err))?;
-        let layers = model.hyper.layers;
-        let slots = (0..slots)
-            .map(|_| SlotCache {
-                keys: vec![Vec::new(); layers],
-                values: vec![Vec::new(); layers],
-            })
-            .collect();
+        let slots = Caches::new(cache, slots, model.hyper.layers);
         Ok(Self {
             model,
             pool,
@@ -526,11 +582,7 @@ impl Runner {
     pub(crate) fn release(&mut self, slot: usize) {
         const KEEP_POSITIONS: usize = 1024;
         let keep = KEEP_POSITIONS * self.model.hyper.kv_dim();
-        let cache = &mut self.slots[slot];
-        for v in cache.keys.iter_mut().chain(cache.values.iter_mut()) {
-            v.clear();
-            v.shrink_to(keep);
-        }
+        self.slots.release(slot, keep);
     }
 
     /// Runs `steps` (each slot at most once) and returns the logits wanted,
@@ -586,20 +638,10 @@ impl Runner {
                 &mut scratch.qkv,
                 &mut scratch.transposed,
             );
-            for (t, row) in scratch.qkv.chunks_exact_mut(qkv_width).enumerate() {
-                let rope = &scratch.rope[t * h.head_dim..(t + 1) * h.head_dim];
-                let (q, kv) = row.split_at_mut(qd);
-                rotate(&mut q[..], rope, h.head_dim);
-                rotate(&mut kv[..kvd], rope, h.head_dim);
-                let (slot, position) = scratch.tokens[t];
-                let cache = &mut slots[slot];
-                let (keys, values) = (&mut cache.keys[index], &mut cache.values[index]);
-                keys.truncate(position * kvd);
-                values.truncate(position * kvd);
-                keys.extend_from_slice(&kv[..kvd]);
-                values.extend_from_slice(&kv[kvd..]);
+            match slots {
+                Caches::F16(slots) => store_and_attend(pool, model, index, slots, scratch),
+                Caches::F32(slots) => store_and_attend(pool, model, index, slots, scratch),
             }
-            attend(pool, &h, index, slots, scratch);
             scratch.acts.clear();
             for row in scratch.attention.chunks_exact(qd) {
                 scratch.acts.push(row);
@@ -692,13 +734,13 @@ impl Runner {
         scratch.tokens.clear();
         scratch.last.clear();
         for (i, step) in steps.iter().enumerate() {
-            if step.slot >= self.slots.len() || steps[..i].iter().any(|s| s.slot == step.slot) {
+            if step.slot >= self.slots.slots() || steps[..i].iter().any(|s| s.slot == step.slot) {
                 return Err(Error::engine(
                     "a batch names a slot twice or one that does not exist",
                     std::io::Error::other(format!("slot {}", step.slot)),
                 ));
             }
-            let cached = self.slots[step.slot].keys[0].len() / h.kv_dim();
+            let cached = self.slots.positions(step.slot, h.kv_dim());
             if step.position > cached
                 || step.position + step.tokens.len() > h.context
                 || step.tokens.is_empty()
@@ -776,31 +818,52 @@ fn norm_and_quantize(
     }
 }
 
-/// Each token's attention over its slot's cache, one (token, head) per task.
-fn attend(pool: &mut Pool, h: &Hyper, layer: usize, slots: &[SlotCache], scratch: &mut Scratch) {
+/// Rotates each token's queries and keys, stores its keys and values in its
+/// slot's cache, then runs each token's attention over its slot's cache, one
+/// (token, key-value head) per task: the query heads sharing a key-value
+/// head read its cache once.
+fn store_and_attend<T: CacheValue>(
+    pool: &mut Pool,
+    model: &GgufLlama,
+    layer: usize,
+    slots: &mut [SlotCache<T>],
+    scratch: &mut Scratch,
+) {
+    let h = &model.hyper;
     let (d, qd, kvd) = (h.head_dim, h.q_dim(), h.kv_dim());
     let qkv_width = qd + 2 * kvd;
+    for (t, row) in scratch.qkv.chunks_exact_mut(qkv_width).enumerate() {
+        let rope = &scratch.rope[t * d..(t + 1) * d];
+        let (q, kv) = row.split_at_mut(qd);
+        rotate(&mut q[..], rope, d);
+        rotate(&mut kv[..kvd], rope, d);
+        let (slot, position) = scratch.tokens[t];
+        let cache = &mut slots[slot];
+        let (keys, values) = (&mut cache.keys[layer], &mut cache.values[layer]);
+        keys.truncate(position * kvd);
+        values.truncate(position * kvd);
+        keys.extend(kv[..kvd].iter().map(|&v| T::from_f32(v)));
+        values.extend(kv[kvd..].iter().map(|&v| T::from_f32(v)));
+    }
+
     let group = h.heads / h.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let (tokens, qkv) = (&scratch.tokens, &scratch.qkv);
-    let heads = h.heads;
-    pool.for_each_chunk_mut(&mut scratch.attention, d, |i, out| {
-        let (t, head) = (i / heads, i % heads);
+    let (tokens, qkv, kernels) = (&scratch.tokens, &scratch.qkv, &model.kernels);
+    let kv_heads = h.kv_heads;
+    let slots = &*slots;
+    pool.for_each_chunk_mut(&mut scratch.attention, group * d, |i, out| {
+        let (t, kv_head) = (i / kv_heads, i % kv_heads);
         let (slot, position) = tokens[t];
-        let q = &qkv[t * qkv_width + head * d..][..d];
-        let offset = (head / group) * d;
-        let (keys, values) = (&slots[slot].keys[layer], &slots[slot].values[layer]);
+        let queries = &qkv[t * qkv_width + kv_head * group * d..][..group * d];
+        let cache = HeadCache {
+            keys: &slots[slot].keys[layer],
+            values: &slots[slot].values[layer],
+            stride: kvd,
+            offset: kv_head * d,
+            positions: position + 1,
+        };
         SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
-            scores.clear();
-            scores.extend(
-                (0..=position).map(|p| math::dot(q, &keys[p * kvd + offset..][..d]) * scale),
-            );
-            math::softmax(&mut scores);
-            out.fill(0.0);
-            for (p, &weight) in scores.iter().enumerate() {
-                math::axpy(out, weight, &values[p * kvd + offset..][..d]);
-            }
+            kernels.attend(queries, cache, d, scale, &mut scores.borrow_mut(), out);
         });
     });
 }

@@ -5,14 +5,16 @@
 //! takes tens of microseconds while generating), so waking a sleeping thread
 //! for each would cost more than the work; llama.cpp spins for the same
 //! reason. A helper that finds no work for a few milliseconds parks, and a
-//! parked helper is never waited for: the next job runs without it and wakes
-//! it for the one after. Tasks are claimed one at a time from a shared
-//! counter, so a helper the OS delays leaves its share to the others instead
-//! of stalling them.
+//! parked helper is never waited for: a job starts without it, wakes it, and
+//! it joins the job as soon as it runs. Tasks are claimed one at a time from
+//! a shared counter, so a helper the OS delays leaves its share to the others
+//! instead of stalling them.
 //!
 //! `unsafe` here hands helpers a closure that borrows the caller's stack. It
-//! is sound because [`Pool::run`] does not return, or unwind, until every
-//! helper that took the job has let go of it (see `Finish`).
+//! is sound because a helper only takes the job while holding the job's lock
+//! and the job is there, and [`Pool::run`] takes the job away under the same
+//! lock, then waits for every helper that took it to let go, before it
+//! returns or unwinds (see `Finish`).
 #![allow(unsafe_code)]
 
 use std::any::Any;
@@ -29,7 +31,7 @@ const SPIN: Duration = Duration::from_millis(3);
 const SPINNING: u8 = 0;
 /// A helper asleep; jobs run without it.
 const PARKED: u8 = 1;
-/// A helper given the current job; the caller waits for it.
+/// A helper given the current job, or that joined it; the caller waits for it.
 const BUSY: u8 = 2;
 
 /// The calling thread and its helpers.
@@ -129,6 +131,7 @@ impl Pool {
         shared.next.store(0, Ordering::Relaxed);
         shared.tasks.store(tasks, Ordering::Relaxed);
 
+        let finish = Finish(shared);
         let mut parked = false;
         for state in shared.states.iter() {
             // AcqRel: the job, counters and inputs written above become
@@ -142,9 +145,9 @@ impl Pool {
             }
         }
         if parked {
+            // They join this job once awake (`try_join`).
             shared.unpark_all();
         }
-        let finish = Finish(shared);
         claim_tasks(shared, task, tasks);
         drop(finish);
         let panic = shared
@@ -196,11 +199,15 @@ impl<T> DataPtr<T> {
 // SAFETY: each piece goes to one thread only (see `for_each_chunk_mut`), and `T` is `Send`.
 unsafe impl<T: Send> Sync for DataPtr<T> {}
 
-/// Waits, even while unwinding, until no helper holds the current job.
+/// Takes the job away, then waits, even while unwinding, until no helper
+/// holds it.
 struct Finish<'a>(&'a Shared);
 
 impl Drop for Finish<'_> {
     fn drop(&mut self) {
+        // Under the lock: a helper joining now finds no job; one that joined
+        // before is BUSY, and waited for below.
+        *self.0.job.lock().unwrap_or_else(PoisonError::into_inner) = None;
         let mut spins = 0u32;
         for state in self.0.states.iter() {
             while state.0.load(Ordering::Acquire) == BUSY {
@@ -212,7 +219,6 @@ impl Drop for Finish<'_> {
                 }
             }
         }
-        *self.0.job.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
@@ -297,8 +303,18 @@ fn helper(shared: &Shared, index: usize) {
                 }
                 drop(guard);
                 idle_since = Instant::now();
+                try_join(shared, state);
             }
         }
+    }
+}
+
+/// Joins the job running now, if there is one: BUSY is only taken while the
+/// job is there, under its lock (see `Finish`).
+fn try_join(shared: &Shared, state: &AtomicU8) {
+    let job = shared.job.lock().unwrap_or_else(PoisonError::into_inner);
+    if job.is_some() {
+        let _ = state.compare_exchange(SPINNING, BUSY, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -367,6 +383,26 @@ mod tests {
         let mut out = vec![0u8; 10];
         pool.for_each_chunk_mut(&mut out, 2, |_, v| v.fill(1));
         assert_eq!(out, vec![1; 10]);
+    }
+
+    #[test]
+    fn a_parked_helper_joins_the_job_that_woke_it() {
+        let mut pool = Pool::new(2).unwrap();
+        std::thread::sleep(SPIN * 4);
+        // One long job: the caller alone would take 40 × 2 ms; the woken
+        // helper takes tasks too.
+        let helper_tasks = AtomicUsize::new(0);
+        let caller = std::thread::current().id();
+        pool.run(40, &|_| {
+            if std::thread::current().id() != caller {
+                helper_tasks.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        });
+        assert!(
+            helper_tasks.load(Ordering::Relaxed) > 0,
+            "the helper never joined"
+        );
     }
 
     #[test]

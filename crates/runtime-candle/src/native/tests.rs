@@ -126,7 +126,14 @@ fn load(bytes: &[u8]) -> std::result::Result<GgufLlama, Unsupported> {
 }
 
 fn runner(model: &Arc<GgufLlama>, threads: usize) -> Runner {
-    Runner::new(model.clone(), 3, threads, Arc::new(AtomicBool::new(false))).unwrap()
+    Runner::new(
+        model.clone(),
+        3,
+        threads,
+        CacheType::F16,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap()
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
@@ -155,7 +162,9 @@ fn the_forward_pass_agrees_with_candles_quantized_llama() {
     for matrix_type in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let bytes = tiny_gguf(matrix_type);
         let model = Arc::new(load(&bytes).expect("the tiny model is covered"));
-        let mut ours = runner(&model, 2);
+        // An f32 cache, as candle's.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut ours = Runner::new(model.clone(), 1, 2, CacheType::F32, stop).unwrap();
         let mut reader = Cursor::new(&bytes[..]);
         let content = gguf_file::Content::read(&mut reader).unwrap();
         let mut theirs = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
@@ -183,7 +192,8 @@ fn the_forward_pass_agrees_with_candles_quantized_llama() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             // Q8_0 has one way to compute; candle's Q4_1 path keeps the
-            // activations' `d·Σq` at another precision than llama.cpp's, which we follow.
+            // activations' `d·Σq` at another precision than llama.cpp's,
+            // which we follow.
             let tolerance = if matrix_type == GgmlDType::Q8_0 {
                 1e-5
             } else {
@@ -313,7 +323,7 @@ fn steps_outside_the_context_the_vocabulary_or_the_slots_are_errors() {
 fn a_stop_ends_the_forward_pass_with_shut_down() {
     let model = Arc::new(load(&tiny_gguf(GgmlDType::Q4_1)).unwrap());
     let stop = Arc::new(AtomicBool::new(true));
-    let mut runner = Runner::new(model, 1, 1, stop).unwrap();
+    let mut runner = Runner::new(model, 1, 1, CacheType::F16, stop).unwrap();
     let err = runner.forward(&[step(0, 0, &[1, 2, 3])]).unwrap_err();
     assert!(matches!(err, Error::ShutDown), "{err:?}");
 }
