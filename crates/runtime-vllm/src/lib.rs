@@ -455,15 +455,15 @@ fn check_cpu_build(options: &VllmOptions) -> Result<()> {
     Ok(())
 }
 
-/// The CPU build's `VLLM_CPU_OMP_THREADS_BIND` for several ranks: as
-/// configured, or the CPUs we may use (at most `threads` of them) split
-/// evenly between the ranks. `None` for one rank.
+/// The CPU build's `VLLM_CPU_OMP_THREADS_BIND`: as configured, or the CPUs
+/// we may use (at most `threads` of them) split evenly between the ranks.
+/// `None` for one rank without `threads`: vLLM then binds every CPU it may.
 fn threads_bind(config: &RuntimeConfig, options: &VllmOptions) -> Result<Option<String>> {
     if let Some(bind) = &options.cpu_omp_threads_bind {
         return Ok(Some(bind.clone()));
     }
-    let ranks = options.world_size() / options.nnodes.unwrap_or(1).max(1);
-    if ranks <= 1 {
+    let ranks = (options.world_size() / options.nnodes.unwrap_or(1).max(1)).max(1);
+    if ranks <= 1 && config.threads.is_none() {
         return Ok(None);
     }
     let mut cpus = allowed_cpus();
@@ -787,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_builds_thread_binding_splits_the_cpus_between_ranks() {
+    fn the_cpu_builds_thread_binding_follows_threads_and_splits_the_cpus_between_ranks() {
         let config = RuntimeConfig::new("/m").with_threads(2);
         let two = VllmOptions::new().with_pipeline_parallel_size(2);
         let cpus = allowed_cpus();
@@ -795,7 +795,13 @@ mod tests {
             let bind = threads_bind(&config, &two).unwrap().unwrap();
             assert_eq!(bind, format!("{}|{}", cpus[0], cpus[1]));
         }
-        assert_eq!(threads_bind(&config, &VllmOptions::new()).unwrap(), None);
+        // One rank: `threads` of the CPUs, or vLLM's own choice without it.
+        if cpus.len() >= 2 {
+            let one = threads_bind(&config, &VllmOptions::new()).unwrap().unwrap();
+            assert_eq!(one, format!("{},{}", cpus[0], cpus[1]));
+        }
+        let unset = RuntimeConfig::new("/m");
+        assert_eq!(threads_bind(&unset, &VllmOptions::new()).unwrap(), None);
         let given = two.clone().with_cpu_omp_threads_bind("0-3|4-7");
         assert_eq!(threads_bind(&config, &given).unwrap().unwrap(), "0-3|4-7");
         let too_many = VllmOptions::new().with_pipeline_parallel_size(4);
