@@ -50,8 +50,8 @@ pub struct ClientOptions {
     pub timeouts: ClientTimeouts,
     /// Keep connections for reuse. Off for loopback engines, which close
     /// idle connections on their own schedule (a request written to one that
-    /// is closing cannot be retried safely); on for remote servers, where a
-    /// TLS handshake per request would cost.
+    /// is closing cannot be retried safely); on for remote servers over
+    /// HTTPS, where a TLS handshake per request would cost.
     pub pooled: bool,
     /// How many times to try again a request whose connection could not be
     /// made: it provably never reached the server. Nothing else is retried.
@@ -70,12 +70,16 @@ impl ClientOptions {
         }
     }
 
-    /// Pooled connections and two retries of a failed connect: for a server
-    /// elsewhere.
-    pub fn remote(timeouts: ClientTimeouts) -> Self {
+    /// Two retries of a failed connect, for a server elsewhere; connections
+    /// pooled when the URL is `https` (a TLS handshake per request costs
+    /// round trips), fresh ones over plain HTTP, where a new connection
+    /// costs one and pooling loses more with servers that close connections
+    /// after each response (llama-server: about 100 ms a request, measured by
+    /// `cargo xtask bench distributed`).
+    pub fn remote(base_url: &str, timeouts: ClientTimeouts) -> Self {
         Self {
             timeouts,
-            pooled: true,
+            pooled: base_url.starts_with("https://"),
             connect_retries: 2,
             root_certificates: Vec::new(),
         }

@@ -4,7 +4,7 @@
 //! checking at `initialize` that it answers and lists the model, probing its
 //! health, and leaving it alone at `shutdown` (only our own streams are
 //! closed). The protocol is `runtime-openai`'s client, here with pooled
-//! connections, TLS (rustls; the system's roots plus
+//! connections over HTTPS (fresh ones over plain HTTP), TLS (rustls; the system's roots plus
 //! [`RemoteOptions::ca_certificate`]), a request retried only when its
 //! connection could not be made, and per-request and idle timeouts.
 //!
@@ -188,7 +188,7 @@ impl ModelRuntime for RemoteRuntime {
         timeouts.request = Some(Duration::from_secs_f64(
             options.request_timeout.unwrap_or(60.0),
         ));
-        let mut client_options = ClientOptions::remote(timeouts);
+        let mut client_options = ClientOptions::remote(&base_url, timeouts);
         client_options.connect_retries = options.connect_retries.unwrap_or(2);
         if let Some(path) = &options.ca_certificate {
             let pem = std::fs::read(path).map_err(|err| {
