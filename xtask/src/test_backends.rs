@@ -18,6 +18,7 @@ pub(crate) const BACKENDS: &[&str] = &["llamacpp", "candle", "vllm"];
 const EXTRA_SUITES: &[(&str, &[&str])] = &[
     ("rpc", &["llamacpp"]),
     ("vllm_parallel", &["vllm"]),
+    ("candle_native", &["candle"]),
     ("cross_engine", &["candle", "llamacpp"]),
     ("cli", &["candle", "llamacpp"]),
     ("gateway", &["candle", "llamacpp"]),
