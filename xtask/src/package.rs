@@ -18,6 +18,7 @@ pub(crate) fn run(args: &[String]) -> Result {
         return Err(format!("`package` takes no arguments, got {args:?}"));
     }
     step("cargo package --workspace (each crate built from its tarball)");
+    forget_unpacked_tarballs()?;
     run_checked(cargo().args(["package", "--workspace", "--locked"]))?;
 
     let packages = target_dir().join("package");
@@ -69,30 +70,74 @@ pub(crate) fn run(args: &[String]) -> Result {
     )
 }
 
-/// `(name, path)` of the newest tarball of each crate in `dir`.
-fn packaged_crates(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// Removes the copies that an earlier `cargo package --workspace` unpacked.
+///
+/// To build one crate against the tarball of another, cargo lays a local
+/// registry over crates.io and unpacks each tarball under
+/// `$CARGO_HOME/registry/src/<source>/<name>-<version>`. It unpacks a
+/// name and version only once: a later run with changed sources but the same
+/// version builds against the old copy and fails (or, worse, passes) on code
+/// that no longer exists. Removing those directories makes cargo unpack the
+/// fresh tarballs. The crates.io source is left alone.
+fn forget_unpacked_tarballs() -> Result {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .ok_or("neither CARGO_HOME nor HOME is set")?;
+    let Ok(sources) = fs::read_dir(cargo_home.join("registry").join("src")) else {
+        return Ok(()); // nothing was ever unpacked
+    };
+    let members = workspace_crates()?;
+    for source in sources.flatten() {
+        if source
+            .file_name()
+            .to_string_lossy()
+            .starts_with("index.crates.io")
+        {
+            continue;
+        }
+        for (name, version) in &members {
+            let unpacked = source.path().join(format!("{name}-{version}"));
+            if unpacked.is_dir() {
+                fs::remove_dir_all(&unpacked)
+                    .map_err(|e| format!("removing {}: {e}", unpacked.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(name, version)` of every crate under `crates/` in the workspace.
+fn workspace_crates() -> Result<Vec<(String, String)>> {
     let manifest = fs::read_to_string(project_root().join("Cargo.toml"))
         .map_err(|e| format!("reading Cargo.toml: {e}"))?;
-    let mut crates = Vec::new();
+    let mut crates: Vec<(String, String)> = Vec::new();
     for member in manifest
         .lines()
         .filter_map(|line| line.trim().strip_prefix("\"crates/"))
         .filter_map(|rest| rest.strip_suffix("\","))
     {
-        if crates
-            .iter()
-            .any(|(name, _): &(String, PathBuf)| name == member)
-        {
+        if crates.iter().any(|(name, _)| name == member) {
             continue;
         }
-        let version = crate_version(member)?;
-        let tarball = dir.join(format!("{member}-{version}.crate"));
-        if !tarball.is_file() {
-            return Err(format!("{} was not packaged", tarball.display()));
-        }
-        crates.push((member.to_owned(), tarball));
+        crates.push((member.to_owned(), crate_version(member)?));
     }
     Ok(crates)
+}
+
+/// `(name, path)` of the newest tarball of each crate in `dir`.
+fn packaged_crates(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    workspace_crates()?
+        .into_iter()
+        .map(|(name, version)| {
+            let tarball = dir.join(format!("{name}-{version}.crate"));
+            if tarball.is_file() {
+                Ok((name, tarball))
+            } else {
+                Err(format!("{} was not packaged", tarball.display()))
+            }
+        })
+        .collect()
 }
 
 /// The `version` line of `crates/NAME/Cargo.toml`.
