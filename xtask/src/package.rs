@@ -18,10 +18,17 @@ pub(crate) fn run(args: &[String]) -> Result {
         return Err(format!("`package` takes no arguments, got {args:?}"));
     }
     step("cargo package --workspace (each crate built from its tarball)");
-    forget_unpacked_tarballs()?;
-    run_checked(cargo().args(["package", "--workspace", "--locked"]))?;
+    // One target directory for both steps, reused between runs and kept
+    // apart from the workspace's own builds.
+    let check_target = target_dir().join("package-check");
+    forget_earlier_packages(&check_target)?;
+    run_checked(
+        cargo()
+            .args(["package", "--workspace", "--locked"])
+            .env("CARGO_TARGET_DIR", &check_target),
+    )?;
 
-    let packages = target_dir().join("package");
+    let packages = check_target.join("package");
     let crates = packaged_crates(&packages)?;
     let scratch = std::env::temp_dir().join("model-runtime-package-check");
     if scratch.exists() {
@@ -65,21 +72,30 @@ pub(crate) fn run(args: &[String]) -> Result {
         cargo()
             .current_dir(&scratch)
             .args(["test", "--workspace"])
-            // Reused between runs; kept apart from the workspace's own builds.
-            .env("CARGO_TARGET_DIR", target_dir().join("package-check")),
+            .env("CARGO_TARGET_DIR", &check_target),
     )
 }
 
-/// Removes the copies that an earlier `cargo package --workspace` unpacked.
+/// Forgets what an earlier `cargo package --workspace` unpacked and built.
 ///
 /// To build one crate against the tarball of another, cargo lays a local
 /// registry over crates.io and unpacks each tarball under
-/// `$CARGO_HOME/registry/src/<source>/<name>-<version>`. It unpacks a
-/// name and version only once: a later run with changed sources but the same
-/// version builds against the old copy and fails (or, worse, passes) on code
-/// that no longer exists. Removing those directories makes cargo unpack the
-/// fresh tarballs. The crates.io source is left alone.
-fn forget_unpacked_tarballs() -> Result {
+/// `$CARGO_HOME/registry/src/<source>/<name>-<version>`. Cargo treats a
+/// registry crate as immutable: it unpacks a name and version once and never
+/// rebuilds it, so a later run with changed sources but the same version
+/// builds against the old code and fails (or, worse, passes) on code that no
+/// longer exists. Removing the unpacked copies and our crates' artifacts in
+/// `check_target` makes cargo use the fresh tarballs; the crates.io source
+/// and every other crate's artifacts are left alone.
+fn forget_earlier_packages(check_target: &Path) -> Result {
+    let members = workspace_crates()?;
+    let mut clean = cargo();
+    clean.arg("clean").env("CARGO_TARGET_DIR", check_target);
+    for (name, _) in &members {
+        clean.args(["-p", name]);
+    }
+    run_checked(&mut clean)?;
+
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
@@ -87,7 +103,6 @@ fn forget_unpacked_tarballs() -> Result {
     let Ok(sources) = fs::read_dir(cargo_home.join("registry").join("src")) else {
         return Ok(()); // nothing was ever unpacked
     };
-    let members = workspace_crates()?;
     for source in sources.flatten() {
         if source
             .file_name()
