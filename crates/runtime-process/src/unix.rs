@@ -283,12 +283,25 @@ mod tests {
 
     #[test]
     fn the_watcher_terminates_then_kills_the_group_when_its_owner_dies() {
-        // A leader that ignores SIGTERM, as a stalled engine would.
+        // A leader that ignores SIGTERM, as a stalled engine would. It says so
+        // once the trap is set: a SIGTERM sent before that would end it and
+        // prove nothing about the SIGKILL that must follow.
         let mut leader = Command::new("/bin/sh")
-            .args(["-c", "trap '' TERM; while :; do sleep 1; done"])
+            .args([
+                "-c",
+                "trap '' TERM; echo trapped; while :; do sleep 1; done",
+            ])
             .process_group(0)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut trapped = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+            &mut trapped,
+        )
+        .unwrap();
+        assert_eq!(trapped, "trapped\n");
         let pgid = leader.id();
         // The owner dies at once, before the watcher has even started reading:
         // the kernel closing its end of the pipe is what the watcher waits for.
