@@ -373,8 +373,9 @@ fn gateway_config(what: &Served) -> Result<GatewayConfig, Error> {
             let runtime = config_of(args)?;
             let (backend, why) = choose(args.engine.backend, &runtime)?;
             eprintln!("model-runtime: using {backend} ({why})");
+            // The backend just chosen and reported, not a second choice.
             let spec = ModelSpec::from_runtime_config(runtime.model_name(), &runtime)
-                .with_backend(args.engine.backend);
+                .with_backend(backend.into());
             Ok(GatewayConfig::single(spec))
         }
     }
@@ -615,12 +616,7 @@ async fn backends() {
 
 /// One readable paragraph: the error, its causes, what to do, the engine's last words.
 fn render_error(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
+    let mut text = err.with_sources().to_string();
     let hint = match err {
         Error::ModelNotFound { .. } => {
             Some("check the path; `cargo xtask provision models` fetches the demo model")

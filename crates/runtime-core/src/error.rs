@@ -259,6 +259,27 @@ impl Error {
             _ => false,
         }
     }
+
+    /// The message followed by each of its sources, `: `-separated, on one
+    /// line: what a log line or a terminal shows of an error.
+    pub fn with_sources(&self) -> impl fmt::Display + '_ {
+        WithSources(self)
+    }
+}
+
+/// See [`Error::with_sources`].
+struct WithSources<'a>(&'a Error);
+
+impl fmt::Display for WithSources<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// Shows the last non-empty log line after an error message, if there is one.
@@ -304,6 +325,10 @@ mod tests {
         assert_eq!(err.to_string(), "error spawning llama-server");
         let source = std::error::Error::source(&err).expect("source is chained");
         assert_eq!(source.to_string(), "permission denied");
+        assert_eq!(
+            err.with_sources().to_string(),
+            "error spawning llama-server: permission denied"
+        );
     }
 
     #[test]

@@ -123,6 +123,18 @@ impl BackendChoice {
     }
 }
 
+impl From<Backend> for BackendChoice {
+    /// That backend, as asked (no choosing left to do).
+    fn from(backend: Backend) -> Self {
+        match backend {
+            Backend::LlamaCpp => Self::LlamaCpp,
+            Backend::Vllm => Self::Vllm,
+            Backend::Candle => Self::Candle,
+            Backend::Remote => Self::Remote,
+        }
+    }
+}
+
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -347,6 +359,7 @@ mod tests {
         }
         assert!("llama.cpp".parse::<BackendChoice>().is_err());
         assert_eq!(BackendChoice::LlamaCpp.backend(), Some(Backend::LlamaCpp));
+        assert_eq!(BackendChoice::from(Backend::Vllm), BackendChoice::Vllm);
     }
 
     #[test]

@@ -449,6 +449,16 @@ fn rename(err: Error, at: &dyn Fn(&str) -> String) -> Error {
     }
 }
 
+/// `"1.5GiB"` as `(1.5, "GiB")`: the leading number and the unit after it
+/// (`""` when there is none); `None` when it does not start with a number.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    Some((number.parse().ok()?, unit.trim()))
+}
+
 /// Durations written as `"500ms"`, `"30s"`, `"5m"`, `"1h"`, or a number of
 /// seconds.
 pub(crate) mod duration {
@@ -463,14 +473,9 @@ pub(crate) mod duration {
 
     pub(crate) fn parse(text: &str) -> std::result::Result<Duration, String> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a duration like \"30s\" or \"5m\""))?;
-        let seconds = match unit.trim() {
+        let (number, unit) = number_and_unit(text)
+            .ok_or_else(|| format!("{text:?} is not a duration like \"30s\" or \"5m\""))?;
+        let seconds = match unit {
             "ms" => number / 1000.0,
             "" | "s" => number,
             "m" => number * 60.0,
@@ -519,14 +524,9 @@ pub(crate) mod bytes {
 
     pub(crate) fn parse(text: &str) -> std::result::Result<u64, String> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let number: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a size like \"4GiB\""))?;
-        let scale: f64 = match unit.trim() {
+        let (number, unit) =
+            number_and_unit(text).ok_or_else(|| format!("{text:?} is not a size like \"4GiB\""))?;
+        let scale: f64 = match unit {
             "" | "B" => 1.0,
             "KB" => 1e3,
             "MB" => 1e6,

@@ -463,13 +463,11 @@ impl Inner {
             Some(model) => Ok(model.clone()),
             None => Err(Error::ModelNotServed {
                 requested: wanted.unwrap_or_else(|| "(none)".to_owned()),
-                available: routes
-                    .names
-                    .keys()
-                    .cloned()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect(),
+                available: {
+                    let mut names: Vec<String> = routes.names.keys().cloned().collect();
+                    names.sort_unstable();
+                    names
+                },
             }),
         }
     }
@@ -533,13 +531,15 @@ impl Inner {
                     State::Loaded { served, .. } => match served.lease() {
                         Ok(lease) => return Ok(lease),
                         // Being retired (unloaded or crashed): start anew.
-                        Err(_) => self.begin_loading(model, &mut state),
+                        Err(_) => self.begin_loading(model, &mut state, false),
                     },
                     State::Loading(loading) => loading.clone(),
                     State::Failed(failure) if failure.at.elapsed() < failure.retry_after => {
                         return Err(failure.error(model.name()));
                     }
-                    State::Unloaded | State::Failed(_) => self.begin_loading(model, &mut state),
+                    State::Unloaded | State::Failed(_) => {
+                        self.begin_loading(model, &mut state, false)
+                    }
                 }
             };
             if let Err(failure) = loading.await {
@@ -549,13 +549,15 @@ impl Inner {
     }
 
     /// Starts loading `model` in a task of its own (so a caller that goes
-    /// away does not cancel the start others wait for).
+    /// away does not cancel the start others wait for). `beside`: next to the
+    /// model's running runtime, outside the capacity limits.
     fn begin_loading(
         self: &Arc<Self>,
         model: &Arc<Model>,
         state: &mut State,
+        beside: bool,
     ) -> Shared<BoxFuture<'static, std::result::Result<(), Failure>>> {
-        let task = tokio::spawn(self.clone().load(model.clone(), false));
+        let task = tokio::spawn(self.clone().load(model.clone(), beside));
         let loading = async move {
             task.await.unwrap_or_else(|err| {
                 Err(Failure {
@@ -574,23 +576,7 @@ impl Inner {
     /// Starts a changed model's runtime beside the running one, outside the
     /// capacity limits (the two overlap only until the swap).
     async fn start_beside(self: &Arc<Self>, model: &Arc<Model>) -> Result<()> {
-        let loading = {
-            let mut state = model.state();
-            let task = tokio::spawn(self.clone().load(model.clone(), true));
-            let loading = async move {
-                task.await.unwrap_or_else(|err| {
-                    Err(Failure {
-                        reason: format!("its start was interrupted ({err})"),
-                        at: Instant::now(),
-                        retry_after: FIRST_BACKOFF,
-                    })
-                })
-            }
-            .boxed()
-            .shared();
-            *state = State::Loading(loading.clone());
-            loading
-        };
+        let loading = self.begin_loading(model, &mut model.state(), true);
         loading.await.map_err(|failure| failure.error(model.name()))
     }
 
@@ -617,7 +603,7 @@ impl Inner {
             }
             Err(err) => {
                 let retry_after = model.next_backoff(FIRST_BACKOFF);
-                tracing::warn!(model = model.name(), error = %chain(&err), retry_after_ms = retry_after.as_millis() as u64, "the model failed to start");
+                tracing::warn!(model = model.name(), error = %err.with_sources(), retry_after_ms = retry_after.as_millis() as u64, "the model failed to start");
                 let failure = Failure {
                     reason: describe_start_failure(&err),
                     at: Instant::now(),
@@ -681,7 +667,7 @@ impl Inner {
             }
             let victim = others
                 .iter()
-                .filter_map(|other| other.idle_runtime().map(|_| other))
+                .filter(|other| other.idle_runtime().is_some())
                 .max_by_key(|other| other.idle_for());
             match victim {
                 Some(victim) => {
@@ -909,16 +895,6 @@ fn describe_start_failure(err: &Error) -> String {
         _ => "it failed to start",
     };
     format!("{what}; the server log says more")
-}
-
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 /// A request's stream, with its slot held and its outcome counted.

@@ -338,7 +338,7 @@ impl ApiError {
     fn body(&self) -> ErrorBody {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %chain(&self.0), "request failed");
+            tracing::warn!(status = status.as_u16(), error = %self.0.with_sources(), "request failed");
             let message = match &self.0 {
                 // Its reason is written for clients.
                 Error::ModelUnavailable { .. } => self.0.to_string(),
@@ -390,17 +390,6 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// An error and its sources on one line.
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 fn refusal(status: StatusCode, message: &str, kind: &str) -> Response {

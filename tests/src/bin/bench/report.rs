@@ -357,10 +357,11 @@ fn speed_tables(md: &mut String, r: &Results) {
     let _ = writeln!(md, "|---|{}", "---:|".repeat(columns - 1));
     for row in &r.speed {
         let ratios = baseline.map_or_else(String::new, |baseline| {
-            let base = r
-                .speed
-                .iter()
-                .find(|b| b.engine == baseline && b.threads == row.threads && same_length(b, row));
+            let base = r.speed.iter().find(|b| {
+                b.engine == baseline
+                    && b.threads == row.threads
+                    && same_prompt(b.prompt_tokens, row.prompt_tokens)
+            });
             let ratio = |metric: Metric| {
                 base.map_or_else(String::new, |b| {
                     format!("{:.2}", metric.of(row).median / metric.of(b).median)
@@ -382,9 +383,10 @@ fn speed_tables(md: &mut String, r: &Results) {
     let _ = writeln!(md);
 }
 
-/// Whether two rows are the same prompt (engines count a few tokens apart).
-fn same_length(a: &SpeedRow, b: &SpeedRow) -> bool {
-    a.prompt_tokens.abs_diff(b.prompt_tokens) * 10 <= a.prompt_tokens.max(b.prompt_tokens)
+/// Whether two prompt lengths are the same prompt (engines count a few
+/// tokens apart).
+fn same_prompt(a: u64, b: u64) -> bool {
+    a.abs_diff(b) * 10 <= a.max(b)
 }
 
 const COLORS: [RGBColor; 4] = [
@@ -400,11 +402,15 @@ type Drawn = Result<(), Box<dyn std::error::Error>>;
 /// spread as a whisker.
 fn speed_chart(path: &Path, r: &Results, metric: Metric, title: &str) -> Drawn {
     let names = engines(r.speed.iter().map(|s| s.engine.as_str()));
+    // One group of bars per thread count and prompt.
+    let group_of = |groups: &[(u32, u64)], row: &SpeedRow| {
+        groups
+            .iter()
+            .position(|&(t, p)| t == row.threads && same_prompt(p, row.prompt_tokens))
+    };
     let mut groups: Vec<(u32, u64)> = Vec::new();
     for row in &r.speed {
-        if !groups.iter().any(|(t, p)| {
-            *t == row.threads && p.abs_diff(row.prompt_tokens) * 10 <= row.prompt_tokens
-        }) {
+        if group_of(&groups, row).is_none() {
             groups.push((row.threads, row.prompt_tokens));
         }
     }
@@ -448,9 +454,7 @@ fn speed_chart(path: &Path, r: &Results, metric: Metric, title: &str) -> Drawn {
             .iter()
             .filter(|row| row.engine == *engine)
             .filter_map(|row| {
-                let g = groups.iter().position(|(t, p)| {
-                    *t == row.threads && p.abs_diff(row.prompt_tokens) * 10 <= row.prompt_tokens
-                })?;
+                let g = group_of(&groups, row)?;
                 Some(((g * width + e) as f64, metric.of(row)))
             })
             .collect();
