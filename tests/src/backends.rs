@@ -39,6 +39,7 @@ pub fn llamacpp() -> Backend {
         activity: Activity::Slots,
         trusted_certificate: None,
         hold_runtime: None,
+        shared: None,
     }
 }
 
@@ -60,6 +61,7 @@ pub fn candle() -> Backend {
         activity: Activity::CandleMetrics,
         trusted_certificate: None,
         hold_runtime: None,
+        shared: None,
     }
 }
 
@@ -97,6 +99,7 @@ pub fn vllm() -> Backend {
         activity: Activity::VllmMetrics,
         trusted_certificate: None,
         hold_runtime: None,
+        shared: None,
     }
 }
 

@@ -1,5 +1,7 @@
-//! The checks, one function per group. Each starts its own engine (or several,
-//! where the group is about starting), and leaves nothing running.
+//! The checks, one function per group. Those declared `shared` in
+//! [`CONFORMANCE`] run on the suite's one running engine and leave it idle
+//! and healthy; the others start their own (or several, where the group is
+//! about starting) and leave nothing running.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,32 @@ use crate::wire::{self, SseAnswer};
 use crate::{Activity, Backend, not_applicable, procs};
 
 const QUESTION: &str = "What is the capital of France?";
+
+/// Every check of the conformance suite, in the order they run. `shared`
+/// checks only need a running engine; `own` ones start, stop, break or
+/// configure their engine, which is what they check.
+pub const CONFORMANCE: &[crate::harness::Check] = &[
+    crate::check!(lifecycle, own),
+    crate::check!(generation, shared),
+    crate::check!(streaming_utf8, shared),
+    crate::check!(concurrency, shared),
+    crate::check!(cancellation, shared),
+    crate::check!(bad_requests, shared),
+    crate::check!(http_surface, shared),
+    crate::check!(shutdown_in_flight, own),
+    crate::check!(fault_bad_models, own),
+    crate::check!(fault_bad_options, own),
+    crate::check!(fault_missing_binary, own),
+    crate::check!(fault_port_taken, shared),
+    crate::check!(fault_port_squatted, own),
+    crate::check!(fault_engine_killed, own),
+    crate::check!(fault_engine_hung, own),
+    crate::check!(fault_dropped_runtime, own),
+    crate::check!(fault_owner_killed, own),
+    crate::check!(slow_readers, own),
+    crate::check!(secrets, own),
+    crate::check!(gateway_load, own),
+];
 
 /// Long enough to be still generating when a check interrupts it, short
 /// enough to fit the suite's 1024-token context with the prompt (vLLM refuses
@@ -205,18 +233,28 @@ fn pids(procs: &[procs::Proc]) -> Vec<i32> {
     procs.iter().map(|p| p.pid).collect()
 }
 
-/// Runs after every check: no process of the engine binary may be left.
+/// Runs after every check: no process of the engine binary may be left but
+/// the suite's shared engine ([`crate::harness::shared_runtime`]).
 pub async fn assert_no_engine_left(backend: &Backend) {
     let Some(server) = &backend.server else {
         return;
     };
-    let mut left = pids(&procs::running(&server.binary));
-    left.extend(
-        procs::all()
-            .iter()
-            .filter(|p| server.process_markers.iter().any(|m| p.cmdline.contains(m)))
-            .map(|p| p.pid),
-    );
+    let shared = backend
+        .shared
+        .as_ref()
+        .map(|shared| shared.groups())
+        .unwrap_or_default();
+    let left: Vec<i32> = procs::all()
+        .iter()
+        .filter(|p| {
+            p.args
+                .first()
+                .is_some_and(|program| std::path::Path::new(program) == server.binary)
+                || server.process_markers.iter().any(|m| p.cmdline.contains(m))
+        })
+        .filter(|p| !shared.contains(&p.pgid))
+        .map(|p| p.pid)
+        .collect();
     let still = procs::wait_gone(&left, Duration::from_secs(5)).await;
     assert!(
         still.is_empty(),
@@ -379,7 +417,7 @@ pub async fn lifecycle(backend: &Backend) {
 /// Content, finish reason and usage; determinism; streamed equals plain;
 /// max_tokens; stop strings; seeds.
 pub async fn generation(backend: &Backend) {
-    let runtime = start(backend).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
     let request = greedy(QUESTION, 24);
 
     let first = runtime.generate(request.clone()).await.expect("generate");
@@ -401,9 +439,7 @@ pub async fn generation(backend: &Backend) {
         "temperature 0 is deterministic"
     );
 
-    let streamed = collect_stream(runtime.as_ref(), request.clone())
-        .await
-        .concat();
+    let streamed = collect_stream(runtime, request.clone()).await.concat();
     assert_eq!(
         streamed, first.content,
         "streamed deltas concatenate to the plain answer"
@@ -484,7 +520,7 @@ pub async fn generation(backend: &Backend) {
 
 /// Non-ASCII output arrives as valid UTF-8 deltas with no replacement characters.
 pub async fn streaming_utf8(backend: &Backend) {
-    let runtime = start(backend).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
     let mut non_ascii = false;
     for prompt in [
         QUESTION,
@@ -493,7 +529,7 @@ pub async fn streaming_utf8(backend: &Backend) {
         "Reply with three emoji that describe happiness.",
     ] {
         let request = greedy(prompt, 32);
-        let deltas = collect_stream(runtime.as_ref(), request.clone()).await;
+        let deltas = collect_stream(runtime, request.clone()).await;
         let streamed = deltas.concat();
         assert!(
             !streamed.contains('\u{fffd}'),
@@ -512,7 +548,7 @@ pub async fn streaming_utf8(backend: &Backend) {
 /// Four requests at once all succeed, each with the answer the same request
 /// gets alone.
 pub async fn concurrency(backend: &Backend) {
-    let runtime = start(backend).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
     let prompts = [
         "Name a color.",
         "Name an animal.",
@@ -544,7 +580,7 @@ pub async fn concurrency(backend: &Backend) {
     let streams = futures::future::join_all(
         prompts
             .iter()
-            .map(|prompt| collect_stream(runtime.as_ref(), greedy(prompt, 16))),
+            .map(|prompt| collect_stream(runtime, greedy(prompt, 16))),
     )
     .await;
     for ((prompt, deltas), expected) in prompts.iter().zip(streams).zip(&alone) {
@@ -554,21 +590,21 @@ pub async fn concurrency(backend: &Backend) {
 
 /// Dropping a stream after a few deltas cancels the generation in the engine.
 pub async fn cancellation(backend: &Backend) {
-    let runtime = start(backend).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
     let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     for _ in 0..3 {
         stream.next().await.expect("a delta").expect("a delta");
     }
     assert_eq!(
-        engine_activity(backend, runtime.as_ref()).await,
+        engine_activity(backend, runtime).await,
         1,
         "the engine reports the generation running"
     );
     let dropped = Instant::now();
     drop(stream);
 
-    let idle_after = wait_engine_idle(backend, runtime.as_ref(), Duration::from_secs(3)).await;
+    let idle_after = wait_engine_idle(backend, runtime, Duration::from_secs(3)).await;
     assert!(
         idle_after.is_some(),
         "the engine kept generating after the stream was dropped"
@@ -617,7 +653,7 @@ pub async fn shutdown_in_flight(backend: &Backend) {
 /// Empty messages, max_tokens 0 and a prompt over the context are typed errors,
 /// and the engine stays healthy.
 pub async fn bad_requests(backend: &Backend) {
-    let runtime = start(backend).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
     let empty = InferenceRequest::new(Vec::new());
     assert!(matches!(
         runtime.generate(empty.clone()).await,
@@ -790,7 +826,9 @@ pub async fn fault_port_taken(backend: &Backend) {
     );
     drop(listener);
 
-    let runtime = start(backend).await;
+    // The suite's engines are configured with port 0: it found a free one.
+    assert_eq!(backend.config.port, 0);
+    let runtime = crate::harness::shared_runtime(backend).await;
     assert_ne!(procs::port_of(&runtime.base_url()), 0);
 }
 
@@ -1140,8 +1178,8 @@ pub async fn http_surface(backend: &Backend) {
         );
         return;
     }
-    let runtime = start(backend).await;
-    check_http_surface(&runtime.completions_url(), &crate::bearer(runtime.as_ref())).await;
+    let runtime = crate::harness::shared_runtime(backend).await;
+    check_http_surface(&runtime.completions_url(), &crate::bearer(runtime)).await;
 }
 
 /// What every HTTP server of ours must refuse and honour (used for candle's

@@ -14,6 +14,7 @@
 pub mod backends;
 pub mod checks;
 pub mod gateway;
+pub mod harness;
 pub mod identity;
 pub mod log_capture;
 pub mod procs;
@@ -52,6 +53,8 @@ pub struct Backend {
     pub trusted_certificate: Option<String>,
     /// The `hold-runtime` helper binary; [`suite!`] fills it in.
     pub hold_runtime: Option<&'static str>,
+    /// The engine the suite's sharing checks run on; [`harness::run`] sets it.
+    pub shared: Option<std::sync::Arc<harness::SharedEngine>>,
 }
 
 /// What the suite knows about a server backend's engine process.
@@ -131,7 +134,7 @@ pub fn not_applicable(backend: &Backend, check: &str, why: &str) {
         .create(true)
         .append(true)
         .open(&path)
-        .and_then(|mut file| writeln!(file, "{check}"));
+        .and_then(|mut file| writeln!(file, "{check}\t{why}"));
     if let Err(err) = written {
         panic!(
             "recording that {check} is n/a in {}: {err}",
@@ -140,49 +143,19 @@ pub fn not_applicable(backend: &Backend, check: &str, why: &str) {
     }
 }
 
-/// Generates one `#[tokio::test]` per check group for the backend that `$backend()` returns.
+/// The `main` of a conformance suite: every check of [`checks::CONFORMANCE`]
+/// against the backend that `$backend()` returns, through [`harness::run`].
+/// The suite's test target sets `harness = false`.
 #[macro_export]
 macro_rules! suite {
     ($backend:path) => {
-        $crate::suite!(@checks $backend;
-            lifecycle,
-            generation,
-            streaming_utf8,
-            concurrency,
-            cancellation,
-            shutdown_in_flight,
-            bad_requests,
-            fault_bad_models,
-            fault_bad_options,
-            fault_missing_binary,
-            fault_port_taken,
-            fault_port_squatted,
-            fault_engine_killed,
-            fault_engine_hung,
-            fault_dropped_runtime,
-            fault_owner_killed,
-            slow_readers,
-            secrets,
-            http_surface,
-            gateway_load,
-        );
-    };
-    (@checks $backend:path; $($check:ident,)*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                $crate::init_tracing();
-                let mut backend = $backend();
-                backend.hold_runtime = Some(env!("CARGO_BIN_EXE_hold-runtime"));
-                // A hang fails the check instead of blocking the run.
-                let bound = $crate::CHECK_TIMEOUT;
-                if tokio::time::timeout(bound, $crate::checks::$check(&backend)).await.is_err() {
-                    $crate::checks::assert_no_engine_left(&backend).await;
-                    panic!("{} did not finish within {bound:?}", stringify!($check));
-                }
-                $crate::checks::assert_no_engine_left(&backend).await;
-            }
-        )*
+        fn main() -> ::std::process::ExitCode {
+            $crate::harness::run(
+                $backend,
+                env!("CARGO_BIN_EXE_hold-runtime"),
+                $crate::checks::CONFORMANCE,
+            )
+        }
     };
 }
 

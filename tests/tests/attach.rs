@@ -45,6 +45,7 @@ fn attached(name: &'static str, config: RuntimeConfig, activity: Activity) -> Ba
         activity,
         trusted_certificate: None,
         hold_runtime: None,
+        shared: None,
     }
 }
 

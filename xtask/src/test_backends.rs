@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use crate::{Result, cargo, provision, run_checked, step};
 
@@ -27,12 +28,22 @@ const EXTRA_SUITES: &[(&str, &[&str])] = &[
 ];
 
 /// A check's outcome in the table.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 enum Outcome {
     Passed,
     Failed,
-    /// Passed by recording that it does not apply to the backend.
-    NotApplicable,
+    /// Declared by the suite, but no result was reported: it did not run.
+    Missing,
+    /// Passed by recording that it does not apply to the backend, and why.
+    NotApplicable(String),
+}
+
+/// One suite's results: every check it declares, in its order.
+struct SuiteResult {
+    name: String,
+    checks: Vec<(String, Outcome)>,
+    ok: bool,
+    took: Duration,
 }
 
 pub(crate) fn run(args: &[String]) -> Result {
@@ -52,25 +63,37 @@ pub(crate) fn run(args: &[String]) -> Result {
         crate::target_dir().join("debug/model-runtime").into(),
     ));
 
-    let mut results: Vec<(&str, BTreeMap<String, Outcome>, bool)> = Vec::new();
+    let mut results = Vec::new();
+    let mut skipped = Vec::new();
     for backend in &selected {
         step(&format!("conformance suite: {backend}"));
-        let (checks, ok) = run_suite(backend, &env)?;
-        results.push((backend, checks, ok));
+        results.push(run_suite(backend, &env)?);
     }
     for (suite, needs) in EXTRA_SUITES {
-        if needs.iter().all(|backend| selected.contains(backend)) {
+        let missing: Vec<&str> = needs
+            .iter()
+            .copied()
+            .filter(|backend| !selected.contains(backend))
+            .collect();
+        if missing.is_empty() {
             step(&format!("suite {suite}: {}", needs.join(" and ")));
-            let (checks, ok) = run_suite(suite, &env)?;
-            results.push((suite, checks, ok));
+            results.push(run_suite(suite, &env)?);
+        } else {
+            skipped.push(format!(
+                "{suite} (needs {}, not selected)",
+                missing.join(", ")
+            ));
         }
     }
 
     print_table(&results);
+    if !skipped.is_empty() {
+        println!("suites not run: {}", skipped.join("; "));
+    }
     let failed: Vec<&str> = results
         .iter()
-        .filter(|(_, _, ok)| !ok)
-        .map(|(backend, _, _)| *backend)
+        .filter(|suite| !suite.ok)
+        .map(|suite| suite.name.as_str())
         .collect();
     if failed.is_empty() {
         Ok(())
@@ -120,55 +143,93 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
     Ok(env)
 }
 
-/// Runs one backend's suite, echoing its output and reading each check's result.
-fn run_suite(
-    backend: &str,
-    env: &[(OsString, OsString)],
-) -> Result<(BTreeMap<String, Outcome>, bool)> {
-    // Checks that do not apply to a backend say so in this file.
-    let not_applicable = crate::target_dir().join(format!("conformance-{backend}.not-applicable"));
+fn suite_command(suite: &str) -> std::process::Command {
+    let mut command = cargo();
+    command.args(["test", "-p", "conformance", "--test", suite, "--"]);
+    command
+}
+
+/// The checks `suite` declares (`--list`), in its order.
+fn declared_checks(suite: &str, env: &[(OsString, OsString)]) -> Result<Vec<String>> {
+    let output = suite_command(suite)
+        .args(["--list", "--format", "terse"])
+        .envs(env.iter().cloned())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("listing the {suite} suite's checks: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "listing the {suite} suite's checks failed ({})",
+            output.status
+        ));
+    }
+    let checks: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect();
+    if checks.is_empty() {
+        return Err(format!("the {suite} suite declares no checks"));
+    }
+    Ok(checks)
+}
+
+/// Runs one suite, echoing its output and reading each check's result; a
+/// declared check that reports nothing is `Missing`, which fails the suite.
+fn run_suite(suite: &str, env: &[(OsString, OsString)]) -> Result<SuiteResult> {
+    let declared = declared_checks(suite, env)?;
+    let started = Instant::now();
+    // Checks that do not apply to a backend say so (and why) in this file.
+    let not_applicable = crate::target_dir().join(format!("conformance-{suite}.not-applicable"));
     let _ = std::fs::remove_file(&not_applicable);
-    let mut child = cargo()
-        .args([
-            "test",
-            "-p",
-            "conformance",
-            "--test",
-            backend,
-            "--",
-            "--test-threads=1",
-        ])
+    let mut child = suite_command(suite)
+        .arg("--test-threads=1")
         .envs(env.iter().cloned())
         .env("CONFORMANCE_NOT_APPLICABLE", &not_applicable)
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running the {backend} suite: {e}"))?;
+        .map_err(|e| format!("running the {suite} suite: {e}"))?;
     let stdout = child.stdout.take().expect("stdout is piped");
-    let mut checks = BTreeMap::new();
+    let mut reported = BTreeMap::new();
     for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| format!("reading the {backend} suite's output: {e}"))?;
+        let line = line.map_err(|e| format!("reading the {suite} suite's output: {e}"))?;
         println!("{line}");
         if let Some((name, outcome)) = parse_result(&line) {
-            checks.insert(name.to_owned(), outcome);
+            reported.insert(name.to_owned(), outcome);
         }
     }
     let status = child
         .wait()
-        .map_err(|e| format!("waiting for the {backend} suite: {e}"))?;
-    for check in std::fs::read_to_string(&not_applicable)
-        .unwrap_or_default()
-        .lines()
-    {
-        if let Some(outcome @ Outcome::Passed) = checks.get_mut(check) {
-            *outcome = Outcome::NotApplicable;
-        }
-    }
-    let ok =
-        status.success() && !checks.is_empty() && checks.values().all(|o| *o != Outcome::Failed);
-    Ok((checks, ok))
+        .map_err(|e| format!("waiting for the {suite} suite: {e}"))?;
+    let reasons =
+        parse_not_applicable(&std::fs::read_to_string(&not_applicable).unwrap_or_default());
+    let checks: Vec<(String, Outcome)> = declared
+        .into_iter()
+        .map(|name| {
+            let outcome = match reported.remove(&name) {
+                Some(Outcome::Passed) => match reasons.get(&name) {
+                    Some(why) => Outcome::NotApplicable(why.clone()),
+                    None => Outcome::Passed,
+                },
+                Some(other) => other,
+                None => Outcome::Missing,
+            };
+            (name, outcome)
+        })
+        .collect();
+    let ok = status.success()
+        && checks
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Passed | Outcome::NotApplicable(_)));
+    Ok(SuiteResult {
+        name: suite.to_owned(),
+        checks,
+        ok,
+        took: started.elapsed(),
+    })
 }
 
-/// `test lifecycle ... ok` → (`lifecycle`, Passed).
+/// `test lifecycle    ... ok` → (`lifecycle`, Passed).
 fn parse_result(line: &str) -> Option<(&str, Outcome)> {
     let rest = line.strip_prefix("test ")?;
     let (name, result) = rest.split_once(" ... ")?;
@@ -177,13 +238,23 @@ fn parse_result(line: &str) -> Option<(&str, Outcome)> {
         "FAILED" => Outcome::Failed,
         _ => return None,
     };
-    Some((name, outcome))
+    Some((name.trim(), outcome))
 }
 
-fn print_table(results: &[(&str, BTreeMap<String, Outcome>, bool)]) {
+/// The not-applicable file: one `check<TAB>reason` per line.
+fn parse_not_applicable(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (check, why) = line.split_once('\t').unwrap_or((line, "no reason given"));
+            (!check.is_empty()).then(|| (check.to_owned(), why.to_owned()))
+        })
+        .collect()
+}
+
+fn print_table(results: &[SuiteResult]) {
     let mut columns: Vec<&str> = Vec::new();
-    for (_, checks, _) in results {
-        for name in checks.keys() {
+    for suite in results {
+        for (name, _) in &suite.checks {
             if !columns.contains(&name.as_str()) {
                 columns.push(name);
             }
@@ -191,32 +262,52 @@ fn print_table(results: &[(&str, BTreeMap<String, Outcome>, bool)]) {
     }
     let width = results
         .iter()
-        .map(|(b, _, _)| b.len())
+        .map(|suite| suite.name.len())
         .max()
         .unwrap_or(7)
         .max(7);
     println!();
-    println!("conformance (rows: backends, columns: check groups)");
+    println!("conformance (rows: suites, columns: checks; `-`: not a check of that suite)");
     for (index, column) in columns.iter().enumerate() {
         println!("  {:>2}  {column}", index + 1);
     }
-    print!("{:<width$}", "backend");
+    print!("{:<width$}", "suite");
     for index in 0..columns.len() {
         print!(" {:>4}", index + 1);
     }
     println!("  result");
-    for (backend, checks, ok) in results {
-        print!("{backend:<width$}");
+    for suite in results {
+        print!("{:<width$}", suite.name);
         for column in &columns {
-            let cell = match checks.get(*column) {
-                Some(Outcome::Passed) => "ok",
-                Some(Outcome::Failed) => "FAIL",
-                Some(Outcome::NotApplicable) => "n/a",
+            let cell = match suite.checks.iter().find(|(name, _)| name == column) {
+                Some((_, Outcome::Passed)) => "ok",
+                Some((_, Outcome::Failed)) => "FAIL",
+                Some((_, Outcome::Missing)) => "MISS",
+                Some((_, Outcome::NotApplicable(_))) => "n/a",
                 None => "-",
             };
             print!(" {cell:>4}");
         }
-        println!("  {}", if *ok { "passed" } else { "FAILED" });
+        println!(
+            "  {} ({:.0} s)",
+            if suite.ok { "passed" } else { "FAILED" },
+            suite.took.as_secs_f64()
+        );
+    }
+    let mut explained = false;
+    for suite in results {
+        for (name, outcome) in &suite.checks {
+            let note = match outcome {
+                Outcome::NotApplicable(why) => format!("n/a: {why}"),
+                Outcome::Missing => "MISS: declared, but it did not run".to_owned(),
+                _ => continue,
+            };
+            if !explained {
+                println!();
+                explained = true;
+            }
+            println!("  {}/{name}: {note}", suite.name);
+        }
     }
 }
 
@@ -230,11 +321,23 @@ mod tests {
             parse_result("test lifecycle ... ok"),
             Some(("lifecycle", Outcome::Passed))
         ));
+        // libtest-mimic pads the names into a column.
+        assert!(matches!(
+            parse_result("test lifecycle    ... ok"),
+            Some(("lifecycle", Outcome::Passed))
+        ));
         assert!(matches!(
             parse_result("test fault_port_taken ... FAILED"),
             Some(("fault_port_taken", Outcome::Failed))
         ));
         assert!(parse_result("test result: ok. 12 passed").is_none());
         assert!(parse_result("running 12 tests").is_none());
+    }
+
+    #[test]
+    fn not_applicable_lines_carry_their_reason() {
+        let reasons = parse_not_applicable("fault_engine_killed\tin process\nhttp_surface\n");
+        assert_eq!(reasons["fault_engine_killed"], "in process");
+        assert_eq!(reasons["http_surface"], "no reason given");
     }
 }
