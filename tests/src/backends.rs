@@ -5,8 +5,8 @@ use std::time::Duration;
 use runtime_candle::CandleRuntime;
 use runtime_core::{ModelRuntime, RuntimeConfig};
 use runtime_llamacpp::{LlamaCppRuntime, LlamaServer};
+use runtime_managed::{LaunchSpec, ServerEngine};
 use runtime_process::ServerCommand;
-use runtime_server::{LaunchSpec, ServerEngine};
 use runtime_vllm::{VllmOptions, VllmRuntime, VllmServer};
 
 use crate::{Activity, Backend, EngineProcess, MODEL_ENV, VersionSource, required_env};

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use runtime_core::RuntimeConfig;
+use runtime_core::{ModelService, RuntimeConfig};
 use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
-use runtime_openai::{ChatService, ServeLimits, ServeOptions};
+use runtime_openai::{ServeLimits, ServeOptions};
 
 use crate::Backend;
 
@@ -39,7 +39,7 @@ pub async fn start(
 /// gateway's root URL and the server task.
 pub async fn serve(manager: Arc<RuntimeManager>) -> (String, tokio::task::JoinHandle<()>) {
     let router = runtime_openai::router(
-        manager as Arc<dyn ChatService>,
+        manager as Arc<dyn ModelService>,
         ServeOptions::new("conformance"),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -82,7 +82,7 @@ pub async fn serve_tls(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let router = runtime_openai::router(
-        manager as Arc<dyn ChatService>,
+        manager as Arc<dyn ModelService>,
         ServeOptions::new("conformance"),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

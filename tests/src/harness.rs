@@ -210,6 +210,19 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "the check panicked".to_owned())
 }
 
+/// Runs `checks` against `backend` with one engine for those of them that
+/// share one, stopped (and proven gone) at the end: for suites that reuse
+/// the conformance checks outside [`run`] (RPC workers, attached servers).
+pub async fn sharing_an_engine<T>(backend: &Backend, checks: impl AsyncFnOnce(&Backend) -> T) -> T {
+    let mut backend = backend.clone();
+    backend.shared = Some(Arc::new(SharedEngine::default()));
+    let outcome = checks(&backend).await;
+    if let Err(message) = stop_shared(&mut backend).await {
+        panic!("{message}");
+    }
+    outcome
+}
+
 async fn stop_shared(backend: &mut Backend) -> Result<(), String> {
     let Some(shared) = backend.shared.take() else {
         return Ok(());

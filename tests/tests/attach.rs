@@ -9,8 +9,9 @@ use std::time::Duration;
 use conformance::backends::{candle, llamacpp, vllm};
 use conformance::checks::{self, chain};
 use conformance::{Activity, Backend, procs};
+use model_runtime::BackendChoice;
 use runtime_core::{Error, ModelRuntime, RuntimeConfig};
-use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
+use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
 use runtime_process::{ServerProcess, StopPolicy};
 use runtime_remote::{RemoteOptions, RemoteRuntime};
 
@@ -53,11 +54,14 @@ fn attached(name: &'static str, config: RuntimeConfig, activity: Activity) -> Ba
 /// own processes), then: shutdown leaves the server running, and a model it
 /// does not list is refused.
 async fn checks_that_apply(backend: &Backend, server: Option<&ServerProcess>) {
-    checks::generation(backend).await;
-    checks::streaming_utf8(backend).await;
-    checks::concurrency(backend).await;
-    checks::cancellation(backend).await;
-    checks::bad_requests(backend).await;
+    conformance::harness::sharing_an_engine(backend, async |backend| {
+        checks::generation(backend).await;
+        checks::streaming_utf8(backend).await;
+        checks::concurrency(backend).await;
+        checks::cancellation(backend).await;
+        checks::bad_requests(backend).await;
+    })
+    .await;
     checks::fault_bad_options(backend).await;
 
     let mut runtime = checks::start(backend).await;
@@ -155,8 +159,8 @@ async fn a_gateway_routes_a_model_to_an_attached_server_beside_a_local_one() {
     let (server, port) = start_outside(&llama).await;
     let mut elsewhere = ModelSpec::new("elsewhere", format!("http://127.0.0.1:{port}"))
         .with_backend(BackendChoice::Remote);
-    elsewhere.api_key = Some("bench".into());
-    elsewhere.upstream_model = Some("bench".to_owned());
+    elsewhere.runtime.api_key = Some("bench".into());
+    elsewhere.runtime.served_model_name = Some("bench".to_owned());
     let here = ModelSpec::from_runtime_config("here", &candle().config)
         .with_backend(BackendChoice::Candle);
     let mut config = GatewayConfig::default();

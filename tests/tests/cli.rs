@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use conformance::backends::{candle, llamacpp};
 use conformance::{MODEL_ENV, procs, required_env};
+use model_runtime::BackendChoice;
+use runtime_core::ModelService;
 use runtime_core::{Error, InferenceRequest, RuntimeConfig};
-use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
-use runtime_openai::ChatService;
+use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
 
 fn cli() -> tokio::process::Command {
     let mut command = tokio::process::Command::new(required_env("MODEL_RUNTIME_CLI_BIN"));
@@ -339,7 +340,7 @@ async fn a_second_signal_exits_at_once_and_the_engine_still_goes() {
 #[tokio::test]
 async fn requests_to_a_hung_engine_fail_and_health_says_so() {
     conformance::init_tracing();
-    let mut serve = Serve::start(&["--hang-timeout", "2"]).await;
+    let mut serve = Serve::start(&["--hang-timeout", "2s"]).await;
     let http = reqwest::Client::new();
     let engine: Vec<procs::Proc> = procs::all()
         .into_iter()
@@ -624,7 +625,7 @@ async fn hot_swap_under_a_trickle_of_requests_fails_none() {
 
     // A swap that cannot start keeps the current runtime serving.
     let mut broken = on_candle.clone();
-    broken.path = "/nonexistent/model.gguf".into();
+    broken.runtime.model_path = "/nonexistent/model.gguf".into();
     let err = manager.hot_swap(broken).await.unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
     assert!(manager.is_ready().await);

@@ -10,7 +10,8 @@ use conformance::backends::{candle, llamacpp};
 use conformance::wire::{self, SseAnswer};
 use conformance::{procs, required_env};
 use futures::StreamExt;
-use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
+use model_runtime::BackendChoice;
+use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
 use serde_json::Value;
 
 /// The model every entry serves.
@@ -30,7 +31,9 @@ fn candle_spec(name: &str) -> ModelSpec {
 /// the Q8_0 re-quantization), at most two loaded.
 fn three_models() -> GatewayConfig {
     let mut b = candle_spec("candle-b");
-    b.options.insert("requantize".into(), "q8_0".into());
+    b.runtime
+        .extra_config
+        .insert("requantize".into(), "q8_0".into());
     b.aliases = vec!["smol-q8".into()];
     let mut config = GatewayConfig::default();
     config.max_loaded = Some(2);
@@ -221,7 +224,7 @@ async fn an_idle_model_unloads_after_its_ttl_but_never_while_a_stream_is_open() 
     let mut config = three_models();
     config.models[0].ttl = Some(ttl);
     // One slot, so the whole context is the stream's: it outlasts the ttl.
-    config.models[0].parallel = Some(1);
+    config.models[0].runtime.parallel = Some(1);
     config.health_interval = Duration::from_millis(200);
     let gateway = Gateway::start(config).await;
 
@@ -320,7 +323,7 @@ async fn thirty_two_requests_to_a_cold_model_start_one_engine_and_all_succeed() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_overflow_is_429_with_retry_after_and_nothing_else_breaks() {
     let mut config = three_models();
-    config.models[0].parallel = Some(1);
+    config.models[0].runtime.parallel = Some(1);
     config.models[0].queue = Some(2);
     let gateway = Gateway::start(config).await;
     assert_eq!(gateway.chat("llama", 4).await.0, 200, "warm");

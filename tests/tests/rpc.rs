@@ -60,8 +60,11 @@ async fn llama_server_over_two_rpc_workers_passes_lifecycle_generation_and_strea
     let workers = two_workers().await;
     let backend = over(&workers);
     checks::lifecycle(&backend).await;
-    checks::generation(&backend).await;
-    checks::streaming_utf8(&backend).await;
+    conformance::harness::sharing_an_engine(&backend, async |backend| {
+        checks::generation(backend).await;
+        checks::streaming_utf8(backend).await;
+    })
+    .await;
     assert!(
         workers.iter().all(RpcWorker::is_running),
         "the workers served the engine throughout"

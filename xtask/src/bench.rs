@@ -56,7 +56,7 @@ pub(crate) fn run(args: &[String]) -> Result {
                     "--release",
                     "--quiet",
                     "-p",
-                    "conformance",
+                    "bench",
                     "--bin",
                     "bench",
                     "--",

@@ -117,3 +117,21 @@ fn run_checked(command: &mut std::process::Command) -> Result {
         Err(format!("{command:?} failed ({status})"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::project_root;
+
+    #[test]
+    fn the_readmes_library_example_is_the_facades_ask_example_verbatim() {
+        let root = project_root();
+        let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+        let example = std::fs::read_to_string(root.join("crates/model-runtime/examples/ask.rs"))
+            .expect("the ask example");
+        assert!(
+            readme.contains(&format!("```rust\n{example}```")),
+            "README.md's library example must be examples/ask.rs as it is (CI builds the example, \
+             so the README shows code that compiles)"
+        );
+    }
+}

@@ -47,6 +47,9 @@ mod kernels;
 mod model;
 mod native;
 mod options;
+mod runner;
+mod sampling;
+mod scheduler;
 mod stop;
 mod template;
 mod tokenizer;
@@ -57,25 +60,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runtime_core::{
     ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
-    Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+    ModelService, Result, RuntimeConfig, RuntimeMetadata, TextStream, collect_events, text_deltas,
 };
 use runtime_openai::{
-    ChatService, ClientTimeouts, HostPolicy, OpenAiClient, ServeLimits, ServeOptions,
-    http_base_url, random_api_key,
+    ClientTimeouts, HostPolicy, OpenAiClient, ServeLimits, ServeOptions, http_base_url,
+    random_api_key,
 };
 use tokio::sync::oneshot;
 
 use crate::engine::{Engine, EngineOptions};
 use crate::model::LoadedModel;
 pub use crate::model::Requantize;
-pub use crate::options::{CacheType, CandleOptions, MAX_QUEUE};
+pub use crate::options::{CacheType, CandleOptions};
 pub use crate::tokenizer::TextTokenizer;
 
 /// The candle version this crate is built against (pinned exactly in Cargo.toml).
 pub const ENGINE_VERSION: &str = "0.11.1";
-
-const DEFAULT_SLOTS: usize = 4;
-const DEFAULT_QUEUE: u32 = 16;
 
 /// candle, in process, behind the [`ModelRuntime`] trait.
 #[derive(Debug, Default)]
@@ -117,8 +117,8 @@ fn engine_options(config: &RuntimeConfig, options: &CandleOptions) -> EngineOpti
         .map(|n| n as usize)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     EngineOptions {
-        slots: config.parallel.map_or(DEFAULT_SLOTS, |n| n as usize),
-        queue: options.queue.unwrap_or(DEFAULT_QUEUE) as usize,
+        slots: config.parallel.unwrap_or(runtime_core::DEFAULT_PARALLEL) as usize,
+        queue: options.queue.unwrap_or(runtime_core::DEFAULT_QUEUE) as usize,
         threads,
         cache: options.kv_cache,
     }
@@ -166,7 +166,7 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
         None => random_api_key()?,
     };
     let router = runtime_openai::router(
-        engine.clone() as Arc<dyn ChatService>,
+        engine.clone() as Arc<dyn ModelService>,
         ServeOptions::new(config.model_name())
             .with_api_key(Some(api_key.clone()))
             .with_hosts(HostPolicy::for_address(&address)),
@@ -257,7 +257,7 @@ impl ModelRuntime for CandleRuntime {
                     .server
                     .as_ref()
                     .is_some_and(|s| !s.task.is_finished())
-                    && ChatService::is_ready(running.engine.as_ref()).await
+                    && running.engine.is_serving()
             }
             None => false,
         }
@@ -289,7 +289,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
-        ChatService::generate(self.running()?.engine.as_ref(), None, request).await
+        collect_events(self.running()?.engine.submit(request).await?).await
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -299,7 +299,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        ChatService::generate_events(self.running()?.engine.as_ref(), None, request).await
+        self.running()?.engine.submit(request).await
     }
 
     async fn shutdown(&mut self) -> Result<()> {

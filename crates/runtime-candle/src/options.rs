@@ -1,12 +1,9 @@
 //! [`CandleOptions`]: what the candle engine takes beyond [`RuntimeConfig`](runtime_core::RuntimeConfig).
 
-use runtime_core::{BackendOptions, Error, Result};
+use runtime_core::{BackendOptions, Error, MAX_QUEUE, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::Requantize;
-
-/// The most requests [`CandleOptions::queue`] lets wait.
-pub const MAX_QUEUE: u32 = 4096;
 
 /// The candle engine's own settings, beyond the fields of
 /// [`RuntimeConfig`](runtime_core::RuntimeConfig) (`threads` sizes the compute

@@ -1,7 +1,7 @@
 //! `model-runtime`: run, chat with, or serve a local language model.
 //!
-//! The command line only: backends are chosen and runtimes managed by
-//! `runtime-gateway`, served by `runtime-openai`'s router.
+//! The command line only: backends are chosen by `model-runtime`, runtimes
+//! managed by `runtime-gateway` and served by `runtime-openai`'s router.
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -15,10 +15,13 @@ mod progress;
 
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use runtime_core::{ApiKey, ChatMessage, Error, InferenceRequest, ModelRuntime, RuntimeConfig};
-use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager, choose, survey};
-use runtime_llamacpp::{RpcWorker, RpcWorkerConfig};
-use runtime_openai::{ChatService, HostPolicy, ServeLimits, ServeOptions, check_exposure};
+use model_runtime::llamacpp::{RpcWorker, RpcWorkerConfig};
+use model_runtime::{
+    ApiKey, BackendChoice, ChatMessage, Error, InferenceRequest, ModelRuntime, ModelService,
+    RuntimeConfig, choose, survey,
+};
+use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
+use runtime_openai::{HostPolicy, ServeLimits, ServeOptions, check_exposure};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -57,10 +60,10 @@ struct EngineArgs {
     /// CPU threads for generation (default: the engine's).
     #[arg(long)]
     threads: Option<u32>,
-    /// Seconds an engine may leave its health probe unanswered before its
-    /// requests fail (default 15; a slow engine still answers it).
-    #[arg(long, value_name = "SECONDS")]
-    hang_timeout: Option<f64>,
+    /// How long an engine may leave its health probe unanswered before its
+    /// requests fail, like "15s" (default 15s; a slow engine still answers it).
+    #[arg(long, value_name = "DURATION", value_parser = model_runtime::duration::parse)]
+    hang_timeout: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -233,13 +236,8 @@ fn config_of(args: &ModelArgs) -> Result<RuntimeConfig, Error> {
     let engine = &args.engine;
     config.context_size = engine.context_size;
     config.threads = engine.threads;
-    if let Some(secs) = engine.hang_timeout {
-        config.hang_timeout = Duration::try_from_secs_f64(secs).map_err(|_| {
-            Error::invalid_config(
-                "hang_timeout",
-                format!("is {secs}; give a number of seconds"),
-            )
-        })?;
+    if let Some(hang) = engine.hang_timeout {
+        config.hang_timeout = hang;
     }
     config.validate()?;
     Ok(config)
@@ -438,7 +436,7 @@ async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), E
     }
 
     let router = runtime_openai::router(
-        manager.clone() as Arc<dyn ChatService>,
+        manager.clone() as Arc<dyn ModelService>,
         ServeOptions::new(config.default_model.clone().unwrap_or_default())
             .with_api_keys(config.api_keys.clone())
             .with_hosts(HostPolicy::for_address(&address)),

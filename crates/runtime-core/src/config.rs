@@ -16,6 +16,16 @@ pub const MAX_STARTUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
 /// The most requests served at once ([`RuntimeConfig::parallel`]) accepted.
 pub const MAX_PARALLEL: u32 = 1024;
+/// Requests served at once when [`RuntimeConfig::parallel`] is unset, by
+/// the engines of ours (candle's slots, a gateway's model); llama.cpp and
+/// vLLM keep their own defaults.
+pub const DEFAULT_PARALLEL: u32 = 4;
+/// The most requests that may wait for one engine or model, wherever a
+/// queue length is configured.
+pub const MAX_QUEUE: u32 = 4096;
+/// Requests that may wait for one engine or model when no queue length is
+/// configured.
+pub const DEFAULT_QUEUE: u32 = 16;
 
 /// Everything a backend needs to start its engine and load a model.
 ///
@@ -61,22 +71,22 @@ pub struct RuntimeConfig {
     pub served_model_name: Option<String>,
     /// How long [`initialize`](crate::ModelRuntime::initialize) waits for the engine
     /// while its log shows no progress. `None` uses the backend's default.
-    #[serde(with = "opt_duration_secs")]
+    #[serde(with = "crate::duration::serde::optional")]
     pub startup_timeout: Option<Duration>,
     /// How long [`shutdown`](crate::ModelRuntime::shutdown) waits after SIGTERM
     /// before SIGKILL.
-    #[serde(with = "duration_secs")]
+    #[serde(with = "crate::duration::serde")]
     pub shutdown_grace: Duration,
     /// How long a server engine may leave its health probe unanswered while
     /// requests wait on it before they fail with
     /// [`Error::EngineUnresponsive`] (default 15 s). A slow engine (a long
     /// prefill sends no bytes) still answers the probe and is left alone; a
     /// hung or stopped one does not.
-    #[serde(with = "duration_secs")]
+    #[serde(with = "crate::duration::serde")]
     pub hang_timeout: Duration,
     /// The backstop: how long a response may send no bytes at all (not even a
     /// keep-alive) before it fails (default 300 s).
-    #[serde(with = "duration_secs")]
+    #[serde(with = "crate::duration::serde")]
     pub idle_timeout: Duration,
     /// The API key clients must send. Server backends generate a random one per
     /// instance when this is `None`, so other local users cannot use the engine.
@@ -356,45 +366,6 @@ fn within(field: &'static str, value: Duration, range: RangeInclusive<Duration>)
     ))
 }
 
-mod duration_secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(value.as_secs_f64())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_duration_secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(
-        value: &Option<Duration>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(duration) => s.serialize_some(&duration.as_secs_f64()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        Option::<f64>::deserialize(d)?
-            .map(|secs| Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom))
-            .transpose()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,13 +419,14 @@ mod tests {
     }
 
     #[test]
-    fn config_round_trips_through_json_with_durations_in_seconds() {
+    fn config_round_trips_through_json_with_durations_spelled_with_units() {
         let config = RuntimeConfig::new("m.gguf")
             .with_startup_timeout(Duration::from_millis(1500))
             .with_env("A", "b")
             .with_extra_config("tensor_parallel_size", 2);
         let json = serde_json::to_value(&config).unwrap();
-        assert_eq!(json["startup_timeout"], 1.5);
+        assert_eq!(json["startup_timeout"], "1500ms");
+        assert_eq!(json["shutdown_grace"], "5s");
         let back: RuntimeConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back, config);
     }

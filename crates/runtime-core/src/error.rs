@@ -250,20 +250,164 @@ impl Error {
         }
     }
 
-    /// Whether the error means the caller sent something wrong (a 4xx in HTTP terms)
-    /// rather than the engine failing.
-    pub fn is_client_error(&self) -> bool {
+    /// What kind of failure this is: the one table that the HTTP status, the
+    /// client/server split, the wire's error type and metric labels derive
+    /// from.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::InvalidRequest { .. } | Self::ContextExceeded { .. } => true,
-            Self::Api { status, .. } => (400..500).contains(status),
-            _ => false,
+            Self::InvalidRequest { .. } | Self::ContextExceeded { .. } => ErrorKind::InvalidRequest,
+            Self::ModelNotServed { .. } => ErrorKind::NotFound,
+            Self::Busy(_) => ErrorKind::Busy,
+            Self::NotInitialized | Self::ShutDown | Self::ModelUnavailable { .. } => {
+                ErrorKind::Unavailable
+            }
+            Self::EngineExited { .. }
+            | Self::EngineUnresponsive { .. }
+            | Self::Transport(_)
+            | Self::StreamProtocol(_) => ErrorKind::EngineFailed,
+            Self::Api { status, .. } => ErrorKind::of_engine_status(*status),
+            Self::InvalidConfig { .. }
+            | Self::ModelNotFound { .. }
+            | Self::InvalidModel { .. }
+            | Self::UnsupportedFormat { .. }
+            | Self::BinaryNotFound { .. }
+            | Self::Spawn { .. }
+            | Self::StartupTimeout { .. }
+            | Self::AlreadyInitialized
+            | Self::Engine { .. }
+            | Self::Io { .. } => ErrorKind::Internal,
         }
+    }
+
+    /// A short code a client can act on (`engine_exited`, `model_not_found`,
+    /// `busy`): the wire's `code` and a metric label, finer than
+    /// [`kind`](Self::kind).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::ContextExceeded { .. } => "context_exceeded",
+            Self::ModelNotServed { .. } => "model_not_found",
+            Self::Busy(_) => "busy",
+            Self::NotInitialized => "not_ready",
+            Self::ShutDown => "shutting_down",
+            Self::ModelUnavailable { .. } => "model_unavailable",
+            Self::EngineExited { .. } => "engine_exited",
+            Self::EngineUnresponsive { .. } => "engine_unresponsive",
+            Self::Transport(_) | Self::StreamProtocol(_) | Self::Api { .. } => "engine_error",
+            _ => "internal_error",
+        }
+    }
+
+    /// The HTTP status a server answers the error with: its
+    /// [`kind`](Self::kind)'s, except that an engine's own HTTP error keeps
+    /// the engine's exact status.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Api { status, .. } if (400..600).contains(status) => *status,
+            _ => self.kind().http_status(),
+        }
+    }
+
+    /// Whether the error means the caller sent something wrong (a 4xx in
+    /// HTTP terms) rather than the server or the engine failing.
+    pub fn is_client_error(&self) -> bool {
+        self.kind().is_client_error()
     }
 
     /// The message followed by each of its sources, `: `-separated, on one
     /// line: what a log line or a terminal shows of an error.
     pub fn with_sources(&self) -> impl fmt::Display + '_ {
         WithSources(self)
+    }
+}
+
+/// What kind of failure an [`Error`] is ([`Error::kind`]), and what follows
+/// from the kind: the HTTP status a server answers it with, whether the
+/// client is to blame, the label metrics count it under.
+///
+/// ```
+/// use runtime_core::{Error, ErrorKind};
+///
+/// let err = Error::invalid_request("temperature", "must be between 0 and 2");
+/// assert_eq!(err.kind(), ErrorKind::InvalidRequest);
+/// assert_eq!(err.kind().http_status(), 400);
+/// assert!(err.is_client_error());
+/// assert_eq!(Error::Busy("full".into()).kind().http_status(), 429);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request is malformed, out of range, or too long for the context.
+    InvalidRequest,
+    /// The request's credentials were refused.
+    Unauthorized,
+    /// The request names a model (or another thing) not served here.
+    NotFound,
+    /// Too much at once: the same request later may succeed.
+    Busy,
+    /// What the request asks for is not implemented here.
+    Unsupported,
+    /// The model cannot serve now: loading, failed, restarting, shutting down.
+    Unavailable,
+    /// The engine failed while serving: it exited, hangs, broke its
+    /// protocol, or answered with a server error.
+    EngineFailed,
+    /// A failure of our own: configuration, local I/O, an in-process engine.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status a server answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidRequest => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::Busy => 429,
+            Self::Internal => 500,
+            Self::Unsupported => 501,
+            Self::EngineFailed => 502,
+            Self::Unavailable => 503,
+        }
+    }
+
+    /// Whether the client is to blame (a 4xx status).
+    pub fn is_client_error(self) -> bool {
+        (400..500).contains(&self.http_status())
+    }
+
+    /// The kind's name, for metric labels and logs (`invalid_request`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::Busy => "busy",
+            Self::Unsupported => "unsupported",
+            Self::Unavailable => "unavailable",
+            Self::EngineFailed => "engine_failed",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The kind of an engine's HTTP error status, as it would mean it for
+    /// our own clients: its 4xx are the request's fault, its 5xx its own.
+    pub fn of_engine_status(status: u16) -> Self {
+        match status {
+            401 | 403 => Self::Unauthorized,
+            404 => Self::NotFound,
+            429 => Self::Busy,
+            501 => Self::Unsupported,
+            503 => Self::Unavailable,
+            400..=499 => Self::InvalidRequest,
+            _ => Self::EngineFailed,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -329,6 +473,55 @@ mod tests {
             err.with_sources().to_string(),
             "error spawning llama-server: permission denied"
         );
+    }
+
+    #[test]
+    fn every_kind_has_one_status_and_client_errors_are_the_4xx_ones() {
+        let kinds = [
+            ErrorKind::InvalidRequest,
+            ErrorKind::Unauthorized,
+            ErrorKind::NotFound,
+            ErrorKind::Busy,
+            ErrorKind::Unsupported,
+            ErrorKind::Unavailable,
+            ErrorKind::EngineFailed,
+            ErrorKind::Internal,
+        ];
+        let statuses: std::collections::HashSet<u16> =
+            kinds.iter().map(|k| k.http_status()).collect();
+        assert_eq!(statuses.len(), kinds.len(), "one status per kind");
+        for kind in kinds {
+            assert_eq!(kind.is_client_error(), kind.http_status() < 500, "{kind}");
+        }
+        // The router and the gateway's metrics once disagreed on these two.
+        let not_served = Error::ModelNotServed {
+            requested: "x".into(),
+            available: Vec::new(),
+        };
+        assert_eq!(not_served.kind().http_status(), 404);
+        assert!(not_served.is_client_error());
+        assert_eq!(Error::Busy("full".into()).kind().http_status(), 429);
+        assert!(Error::Busy("full".into()).is_client_error());
+    }
+
+    #[test]
+    fn an_engines_status_keeps_its_meaning() {
+        for (status, kind) in [
+            (400, ErrorKind::InvalidRequest),
+            (401, ErrorKind::Unauthorized),
+            (404, ErrorKind::NotFound),
+            (413, ErrorKind::InvalidRequest),
+            (429, ErrorKind::Busy),
+            (500, ErrorKind::EngineFailed),
+            (503, ErrorKind::Unavailable),
+        ] {
+            let err = Error::Api {
+                status,
+                kind: None,
+                message: String::new(),
+            };
+            assert_eq!(err.kind(), kind, "{status}");
+        }
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! - the request, response, configuration and metadata types
 //!   ([`InferenceRequest`], [`InferenceResponse`], [`RuntimeConfig`],
 //!   [`RuntimeMetadata`]);
-//! - [`Error`], one enum whose variants a caller can act on;
+//! - [`ModelService`], what an HTTP front end serves: one runtime, an
+//!   in-process engine or a gateway over many models, by the model a request
+//!   names;
+//! - [`Error`], one enum whose variants a caller can act on, and
+//!   [`ErrorKind`], the one table of what each means (HTTP status, client or
+//!   server fault, metric label);
 //! - [`ModelFormat`] and detection of a model's format from its content;
 //! - [`BackendOptions`]: how a backend's typed options travel in
 //!   [`RuntimeConfig::extra_config`] and are read back strictly.
@@ -51,6 +56,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod duration;
 mod error;
 mod format;
 mod options;
@@ -58,10 +64,14 @@ mod request;
 mod response;
 mod runtime;
 mod secret;
+mod service;
 
 pub use async_trait::async_trait;
-pub use config::{MAX_PARALLEL, MAX_SHUTDOWN_GRACE, MAX_STARTUP_TIMEOUT, RuntimeConfig};
-pub use error::{BoxError, Error, Result};
+pub use config::{
+    DEFAULT_PARALLEL, DEFAULT_QUEUE, MAX_PARALLEL, MAX_QUEUE, MAX_SHUTDOWN_GRACE,
+    MAX_STARTUP_TIMEOUT, RuntimeConfig,
+};
+pub use error::{BoxError, Error, ErrorKind, Result};
 pub use format::ModelFormat;
 pub use options::{BackendOptions, option_keys};
 pub use request::{ChatMessage, InferenceRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, Role};
@@ -70,3 +80,4 @@ pub use runtime::{
     EventStream, ModelRuntime, TextStream, collect_events, ensure_finished, text_deltas,
 };
 pub use secret::ApiKey;
+pub use service::{ModelCard, ModelService};

@@ -28,13 +28,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use runtime_core::{ApiKey, Error, MAX_PARALLEL, Result, RuntimeConfig};
+use runtime_core::{
+    ApiKey, DEFAULT_PARALLEL, DEFAULT_QUEUE, Error, MAX_PARALLEL, MAX_QUEUE, Result, RuntimeConfig,
+};
 use serde::{Deserialize, Deserializer};
 
-use crate::backends::{Backend, BackendChoice, choose};
-
-/// The most requests that may wait for one model.
-pub const MAX_QUEUE: u32 = 4096;
+use model_runtime::{Backend, BackendChoice, choose};
 
 /// The gateway's settings and the models it serves.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -62,20 +61,20 @@ pub struct GatewayConfig {
     /// How long a request may wait for a free slot of its model (default 60 s).
     #[serde(
         default = "default_queue_timeout",
-        deserialize_with = "duration::required"
+        with = "runtime_core::duration::serde"
     )]
     pub queue_timeout: Duration,
     /// How long a model that is removed or replaced may take to finish its
     /// requests (default 30 s).
     #[serde(
         default = "default_drain_timeout",
-        deserialize_with = "duration::required"
+        with = "runtime_core::duration::serde"
     )]
     pub drain_timeout: Duration,
     /// How often loaded engines are checked for a crash or a hang (default 1 s).
     #[serde(
         default = "default_health_interval",
-        deserialize_with = "duration::required"
+        with = "runtime_core::duration::serde"
     )]
     pub health_interval: Duration,
     /// The model that requests naming no model go to.
@@ -86,73 +85,117 @@ pub struct GatewayConfig {
     pub models: Vec<ModelSpec>,
 }
 
-/// One model a gateway serves.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One model a gateway serves: the names clients send, the backend, how
+/// requests queue and how long it stays loaded, and the [`RuntimeConfig`]
+/// its engine starts with.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ModelSpec {
     /// What clients send as `model`.
     pub name: String,
     /// Other names clients may send.
-    #[serde(default)]
     pub aliases: Vec<String>,
-    /// The model: a GGUF file or a Hugging Face directory.
-    pub path: PathBuf,
     /// Which backend runs it (default `auto`).
-    #[serde(default)]
     pub backend: BackendChoice,
-    /// The backend's typed options (the keys of `LlamaCppOptions`,
-    /// `VllmOptions`, `CandleOptions`).
-    #[serde(default)]
-    pub options: BTreeMap<String, serde_json::Value>,
-    /// Context window in tokens.
-    #[serde(default)]
-    pub context_size: Option<u32>,
-    /// CPU threads.
-    #[serde(default)]
-    pub threads: Option<u32>,
-    /// Requests run at once in the engine (default 4).
-    #[serde(default)]
-    pub parallel: Option<u32>,
-    /// Requests that may wait for a slot before more get 429 (default 16).
-    #[serde(default)]
+    /// How its engine starts: the model, sizes, timeouts, the backend's
+    /// options. Its `parallel` is how many requests run at once (default
+    /// [`DEFAULT_PARALLEL`]); its `served_model_name`, the model's name on
+    /// its engine when that differs from `name` (a remote server's model id).
+    pub runtime: RuntimeConfig,
+    /// Requests that may wait for a slot before more get 429 (default
+    /// [`DEFAULT_QUEUE`]).
     pub queue: Option<u32>,
     /// Unload after this long without a request (since the last one
     /// finished); never while one is open. Default: stay loaded.
-    #[serde(default, deserialize_with = "duration::optional")]
     pub ttl: Option<Duration>,
     /// Load at start (and restart at once after a crash) rather than on the
     /// first request.
-    #[serde(default)]
     pub preload: bool,
-    /// An explicit engine binary.
+}
+
+/// A `[[models]]` entry as the file spells it: [`ModelSpec`]'s fields and
+/// the [`RuntimeConfig`] fields a file may set, under the file's names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelEntry {
+    name: String,
     #[serde(default)]
-    pub runtime_binary: Option<PathBuf>,
-    /// How long the engine may leave its health probe unanswered before its
-    /// requests fail (default 15 s).
-    #[serde(default, deserialize_with = "duration::optional")]
-    pub hang_timeout: Option<Duration>,
-    /// How long the engine may start without log progress (default: the
-    /// backend's).
-    #[serde(default, deserialize_with = "duration::optional")]
-    pub startup_timeout: Option<Duration>,
-    /// How long the engine gets between SIGTERM and SIGKILL (default 5 s).
-    #[serde(default, deserialize_with = "duration::optional")]
-    pub shutdown_grace: Option<Duration>,
-    /// Extra arguments for the engine's command line.
+    aliases: Vec<String>,
+    /// The model: a GGUF file, a Hugging Face directory, or a server's URL.
+    path: PathBuf,
     #[serde(default)]
-    pub extra_args: Vec<String>,
-    /// Extra environment variables for the engine.
+    backend: BackendChoice,
+    /// The backend's typed options (`RuntimeConfig::extra_config`).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// The key the engine requires: a remote server's key (local engines get
-    /// a random one of their own when unset).
+    options: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
-    pub api_key: Option<ApiKey>,
-    /// The model's name on its engine when that differs from `name` (a
-    /// remote server's model id).
+    context_size: Option<u32>,
     #[serde(default)]
-    pub upstream_model: Option<String>,
+    threads: Option<u32>,
+    #[serde(default)]
+    parallel: Option<u32>,
+    #[serde(default)]
+    queue: Option<u32>,
+    #[serde(default, with = "runtime_core::duration::serde::optional")]
+    ttl: Option<Duration>,
+    #[serde(default)]
+    preload: bool,
+    #[serde(default)]
+    runtime_binary: Option<PathBuf>,
+    #[serde(default, with = "runtime_core::duration::serde::optional")]
+    hang_timeout: Option<Duration>,
+    #[serde(default, with = "runtime_core::duration::serde::optional")]
+    startup_timeout: Option<Duration>,
+    #[serde(default, with = "runtime_core::duration::serde::optional")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    extra_args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// The key the engine requires: a remote server's key (local engines
+    /// get a random one of their own when unset).
+    #[serde(default)]
+    api_key: Option<ApiKey>,
+    /// The model's name on its engine (`RuntimeConfig::served_model_name`).
+    #[serde(default)]
+    upstream_model: Option<String>,
+}
+
+impl From<ModelEntry> for ModelSpec {
+    fn from(entry: ModelEntry) -> Self {
+        let mut runtime = RuntimeConfig::new(entry.path);
+        runtime.extra_config = entry.options;
+        runtime.context_size = entry.context_size;
+        runtime.threads = entry.threads;
+        runtime.parallel = entry.parallel;
+        runtime.runtime_binary = entry.runtime_binary;
+        runtime.startup_timeout = entry.startup_timeout;
+        runtime.extra_args = entry.extra_args;
+        runtime.env = entry.env;
+        runtime.api_key = entry.api_key;
+        runtime.served_model_name = entry.upstream_model;
+        if let Some(hang) = entry.hang_timeout {
+            runtime.hang_timeout = hang;
+        }
+        if let Some(grace) = entry.shutdown_grace {
+            runtime.shutdown_grace = grace;
+        }
+        Self {
+            name: entry.name,
+            aliases: entry.aliases,
+            backend: entry.backend,
+            runtime,
+            queue: entry.queue,
+            ttl: entry.ttl,
+            preload: entry.preload,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        ModelEntry::deserialize(d).map(Self::from)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -170,11 +213,6 @@ fn default_drain_timeout() -> Duration {
 fn default_health_interval() -> Duration {
     Duration::from_secs(1)
 }
-
-/// The default number of requests a model runs at once.
-pub const DEFAULT_PARALLEL: u32 = 4;
-/// The default number of requests that may wait for a model.
-pub const DEFAULT_QUEUE: u32 = 16;
 
 impl Default for GatewayConfig {
     fn default() -> Self {
@@ -292,47 +330,20 @@ impl GatewayConfig {
 impl ModelSpec {
     /// A model named `name` at `path`, every setting at its default.
     pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::from_runtime_config(name, &RuntimeConfig::new(path))
+    }
+
+    /// A model named `name` whose engine starts with `config`: for programs
+    /// that build their configurations in code.
+    pub fn from_runtime_config(name: impl Into<String>, config: &RuntimeConfig) -> Self {
         Self {
             name: name.into(),
             aliases: Vec::new(),
-            path: path.into(),
             backend: BackendChoice::Auto,
-            options: BTreeMap::new(),
-            context_size: None,
-            threads: None,
-            parallel: None,
+            runtime: config.clone(),
             queue: None,
             ttl: None,
             preload: false,
-            runtime_binary: None,
-            hang_timeout: None,
-            startup_timeout: None,
-            shutdown_grace: None,
-            extra_args: Vec::new(),
-            env: BTreeMap::new(),
-            api_key: None,
-            upstream_model: None,
-        }
-    }
-
-    /// The spec that starts `config`'s engine under `name` (the inverse of
-    /// [`runtime_config`](Self::runtime_config)): for programs that build
-    /// their configurations in code.
-    pub fn from_runtime_config(name: impl Into<String>, config: &RuntimeConfig) -> Self {
-        Self {
-            context_size: config.context_size,
-            threads: config.threads,
-            parallel: config.parallel,
-            runtime_binary: config.runtime_binary.clone(),
-            options: config.extra_config.clone(),
-            hang_timeout: Some(config.hang_timeout),
-            startup_timeout: config.startup_timeout,
-            shutdown_grace: Some(config.shutdown_grace),
-            extra_args: config.extra_args.clone(),
-            env: config.env.clone(),
-            api_key: config.api_key.clone(),
-            upstream_model: config.served_model_name.clone(),
-            ..Self::new(name, &config.model_path)
         }
     }
 
@@ -343,9 +354,14 @@ impl ModelSpec {
         self
     }
 
+    /// The model's path (a file, a directory, or a server's URL).
+    pub fn path(&self) -> &Path {
+        &self.runtime.model_path
+    }
+
     /// The requests this model runs at once.
     pub fn parallel(&self) -> u32 {
-        self.parallel.unwrap_or(DEFAULT_PARALLEL)
+        self.runtime.parallel.unwrap_or(DEFAULT_PARALLEL)
     }
 
     /// The requests that may wait for this model.
@@ -353,25 +369,15 @@ impl ModelSpec {
         self.queue.unwrap_or(DEFAULT_QUEUE)
     }
 
-    /// The runtime configuration the engine starts with.
+    /// The runtime configuration the engine starts with: [`runtime`](Self::runtime),
+    /// served under the model's name unless it names another, with its
+    /// `parallel` filled in.
     pub fn runtime_config(&self) -> RuntimeConfig {
-        let mut config = RuntimeConfig::new(&self.path)
-            .with_served_model_name(self.upstream_model.as_deref().unwrap_or(&self.name));
-        config.api_key = self.api_key.clone();
-        config.context_size = self.context_size;
-        config.threads = self.threads;
+        let mut config = self.runtime.clone();
+        config
+            .served_model_name
+            .get_or_insert_with(|| self.name.clone());
         config.parallel = Some(self.parallel());
-        config.runtime_binary = self.runtime_binary.clone();
-        config.extra_config = self.options.clone();
-        config.startup_timeout = self.startup_timeout;
-        config.extra_args = self.extra_args.clone();
-        config.env = self.env.clone();
-        if let Some(hang) = self.hang_timeout {
-            config.hang_timeout = hang;
-        }
-        if let Some(grace) = self.shutdown_grace {
-            config.shutdown_grace = grace;
-        }
         config
     }
 
@@ -390,10 +396,10 @@ impl ModelSpec {
                 format!("has an empty alias {alias:?}"),
             ));
         }
-        if !crate::backends::is_url(&self.path) && !self.path.exists() {
+        if !model_runtime::is_url(self.path()) && !self.path().exists() {
             return Err(Error::invalid_config(
                 at("path"),
-                format!("{} does not exist", self.path.display()),
+                format!("{} does not exist", self.path().display()),
             ));
         }
         let parallel = self.parallel();
@@ -459,58 +465,6 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     Some((number.parse().ok()?, unit.trim()))
 }
 
-/// Durations written as `"500ms"`, `"30s"`, `"5m"`, `"1h"`, or a number of
-/// seconds.
-pub(crate) mod duration {
-    use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Written {
-        Seconds(f64),
-        Text(String),
-    }
-
-    pub(crate) fn parse(text: &str) -> std::result::Result<Duration, String> {
-        let text = text.trim();
-        let (number, unit) = number_and_unit(text)
-            .ok_or_else(|| format!("{text:?} is not a duration like \"30s\" or \"5m\""))?;
-        let seconds = match unit {
-            "ms" => number / 1000.0,
-            "" | "s" => number,
-            "m" => number * 60.0,
-            "h" => number * 3600.0,
-            other => {
-                return Err(format!(
-                    "unknown unit {other:?} in {text:?}; use ms, s, m or h"
-                ));
-            }
-        };
-        Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
-    }
-
-    fn from_written(written: Written) -> std::result::Result<Duration, String> {
-        match written {
-            Written::Seconds(seconds) => {
-                Duration::try_from_secs_f64(seconds).map_err(|err| format!("{seconds}: {err}"))
-            }
-            Written::Text(text) => parse(&text),
-        }
-    }
-
-    pub(crate) fn required<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> std::result::Result<Duration, D::Error> {
-        from_written(Written::deserialize(d)?).map_err(serde::de::Error::custom)
-    }
-
-    pub(crate) fn optional<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> std::result::Result<Option<Duration>, D::Error> {
-        required(d).map(Some)
-    }
-}
-
 /// Sizes written as `"512MiB"`, `"4GiB"`, `"2GB"`, or a number of bytes.
 pub(crate) mod bytes {
     use super::*;
@@ -564,7 +518,7 @@ impl fmt::Display for ModelSpec {
             "{} ({}, {})",
             self.name,
             self.backend,
-            self.path.display()
+            self.path().display()
         )
     }
 }
@@ -656,13 +610,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_sizes_parse_their_units() {
-        assert_eq!(
-            duration::parse("250ms").unwrap(),
-            Duration::from_millis(250)
-        );
-        assert_eq!(duration::parse("2h").unwrap(), Duration::from_secs(7200));
-        assert!(duration::parse("5 parsecs").is_err());
+    fn sizes_parse_their_units() {
         assert_eq!(bytes::parse("2GB").unwrap(), 2_000_000_000);
         assert_eq!(bytes::parse("512MiB").unwrap(), 512 << 20);
         assert!(bytes::parse("1EB").is_err());

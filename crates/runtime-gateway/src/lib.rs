@@ -17,25 +17,26 @@
 //! - swapping a model's runtime while requests keep flowing
 //!   ([`RuntimeManager::reload`], [`RuntimeManager::hot_swap`]);
 //! - metrics in the Prometheus format, a status report, the engines' recent
-//!   log lines;
-//! - which backend takes a model ([`Backend`], [`BackendChoice`], [`choose`])
-//!   and what is usable on this machine ([`survey`]).
+//!   log lines.
 //!
-//! It serves HTTP through `runtime-openai`'s router ([`RuntimeManager`] is a
-//! [`ChatService`](runtime_openai::ChatService)) and parses no command line:
-//! that is the `model-runtime` binary in `runtime-cli`. Each backend is a
-//! cargo feature (`llamacpp`, `vllm`, `candle`; all on by default), so an
-//! application that fronts only server engines compiles no candle.
+//! It speaks no HTTP: [`RuntimeManager`] is a
+//! [`ModelService`](runtime_core::ModelService), which `runtime-openai`'s
+//! router serves. It parses no command line (that is the `model-runtime`
+//! binary in `runtime-cli`), and it does not choose backends itself: that is
+//! `model-runtime`'s [`choose`](model_runtime::choose). Each backend is a
+//! cargo feature (`llamacpp`, `vllm`, `candle`, `remote`; all on by default),
+//! so an application that fronts only server engines compiles no candle.
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use runtime_gateway::{GatewayConfig, RuntimeManager};
-//! use runtime_openai::{ChatService, ServeLimits, ServeOptions, router, serve};
+//! use runtime_core::ModelService;
+//! use runtime_openai::{ServeLimits, ServeOptions, router, serve};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = GatewayConfig::from_file("models.toml".as_ref())?;
 //! let manager = RuntimeManager::new(config.clone())?;
-//! let app = router(manager.clone() as Arc<dyn ChatService>, ServeOptions::new("gateway"));
+//! let app = router(manager.clone() as Arc<dyn ModelService>, ServeOptions::new("gateway"));
 //! let listener = tokio::net::TcpListener::bind(config.listen).await?;
 //! serve(listener, app, ServeLimits::default(), std::future::pending()).await?;
 //! # Ok(())
@@ -44,12 +45,10 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod backends;
 mod config;
 mod manager;
 mod metrics;
 mod served;
 
-pub use backends::{Backend, BackendChoice, BackendReport, choose, survey};
-pub use config::{DEFAULT_PARALLEL, DEFAULT_QUEUE, GatewayConfig, MAX_QUEUE, ModelSpec};
+pub use config::{GatewayConfig, ModelSpec};
 pub use manager::{ModelStatus, RuntimeFactory, RuntimeManager};

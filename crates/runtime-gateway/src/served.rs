@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::Stream;
 use runtime_core::{Error, EventStream, InferenceRequest, ModelRuntime, Result, StreamEvent};
@@ -109,10 +111,7 @@ impl ServedRuntime {
             if self.in_flight() == 0 {
                 break;
             }
-            if tokio::time::timeout_at(deadline.into(), idle)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
                 tracing::warn!(
                     in_flight = self.in_flight(),
                     drain_ms = drain.as_millis() as u64,

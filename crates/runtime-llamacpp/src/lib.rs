@@ -6,7 +6,7 @@
 //! `PATH`), checking that the model is GGUF by content, turning
 //! [`RuntimeConfig`] and [`LlamaCppOptions`] into llama-server flags, reading
 //! the version from `llama-server --version`, and the effective context from
-//! `/props`. The server lifecycle is `runtime-server`'s [`ManagedServer`];
+//! `/props`. The server lifecycle is `runtime-managed`'s [`ManagedServer`];
 //! process supervision and HTTP are `runtime-process` and `runtime-openai`.
 //!
 //! Defaults that matter:
@@ -53,10 +53,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
+pub use runtime_managed::ManagedServer;
+use runtime_managed::{LaunchSpec, ServerEngine};
 use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ServerCommand, StopPolicy};
-pub use runtime_server::ManagedServer;
-use runtime_server::{LaunchSpec, ServerEngine};
 
 pub use crate::options::{FlashAttention, LlamaCppOptions};
 pub use crate::rpc::{RPC_BINARY_ENV, RpcWorker, RpcWorkerConfig};

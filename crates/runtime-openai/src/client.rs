@@ -14,6 +14,7 @@ use runtime_core::{
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::heartbeat::{Heartbeat, Pulse};
 use crate::sse::{SseDecoder, SseEvent};
@@ -299,8 +300,9 @@ impl OpenAiClient {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
         let started = Instant::now();
         let mut interrupts = self.interrupts();
+        let span = tracing::debug_span!("engine_request", url = %self.url("/v1/chat/completions"));
         let response = tokio::select! {
-            response = self.post_chat(&body) => response?,
+            response = self.post_chat(&body).instrument(span) => response?,
             err = interrupts.fired() => return Err(err),
         };
         let bytes = pump(response, interrupts);

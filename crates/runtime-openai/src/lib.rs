@@ -12,14 +12,14 @@
 //!   [`Heartbeat`] that fails requests to a hung engine while leaving a slow
 //!   one alone;
 //! - with the `server` feature, [`router`]: an axum router serving any
-//!   [`ModelRuntime`](runtime_core::ModelRuntime) (or any [`ChatService`]) over
-//!   the same API, hardened for a local server (key, `Host` and content-type
+//!   [`ModelService`](runtime_core::ModelService) (every
+//!   [`ModelRuntime`](runtime_core::ModelRuntime) is one) over the same API, hardened for a local server (key, `Host` and content-type
 //!   checks, generic 5xx bodies), and [`serve`], which runs it with a
 //!   header-read timeout, a connection cap and a graceful drain; used by the
 //!   in-process candle backend and by the gateway.
 //!
 //! It does not start processes (`runtime-process`), manage an engine's
-//! lifecycle (`runtime-server`) or know any particular engine. The router is
+//! lifecycle (`runtime-managed`) or know any particular engine. The router is
 //! behind a feature because it is the only part that needs an HTTP server
 //! (axum): a program that only drives a server backend compiles none.
 #![forbid(unsafe_code)]
@@ -44,7 +44,5 @@ pub use key::random_api_key;
 pub use serve::{ServeLimits, serve};
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
-pub use server::{
-    ApiError, ChatService, HostPolicy, ModelCard, ServeOptions, check_exposure, router, status_of,
-};
+pub use server::{ApiError, HostPolicy, ServeOptions, check_exposure, router};
 pub use sse::{SseDecoder, SseEvent};

@@ -22,7 +22,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -33,119 +32,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use runtime_core::{
-    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result,
-    StreamEvent,
+    ApiKey, Error, ErrorKind, EventStream, ModelCard, ModelService, Result, StreamEvent,
 };
-use serde::Serialize;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::wire::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
     ErrorBody, ErrorField, Extra,
 };
-
-/// What the router needs from whatever serves the chat API: a runtime, a
-/// gateway over many runtimes, or an in-process engine.
-///
-/// `model` is the request's `model` field: a service fronting one model may
-/// ignore it; one fronting several routes by it.
-#[async_trait]
-pub trait ChatService: Send + Sync + 'static {
-    /// Whether requests can be served now.
-    async fn is_ready(&self) -> bool;
-
-    /// A complete answer.
-    async fn generate(
-        &self,
-        model: Option<&str>,
-        request: InferenceRequest,
-    ) -> Result<InferenceResponse>;
-
-    /// An answer as events ending in [`StreamEvent::Finished`].
-    async fn generate_events(
-        &self,
-        model: Option<&str>,
-        request: InferenceRequest,
-    ) -> Result<EventStream>;
-
-    /// The models listed at `/v1/models`; empty means the one in
-    /// [`ServeOptions::model_name`].
-    async fn models(&self) -> Vec<ModelCard> {
-        Vec::new()
-    }
-
-    /// Metrics in the Prometheus text format for `/metrics`, if the service
-    /// keeps any.
-    async fn metrics(&self) -> Option<String> {
-        None
-    }
-
-    /// A JSON report of what the service is doing for `/status`, if it keeps
-    /// one.
-    async fn status(&self) -> Option<serde_json::Value> {
-        None
-    }
-}
-
-#[async_trait]
-impl<R: ModelRuntime + ?Sized + 'static> ChatService for R {
-    async fn is_ready(&self) -> bool {
-        ModelRuntime::is_ready(self).await
-    }
-
-    async fn generate(
-        &self,
-        _model: Option<&str>,
-        request: InferenceRequest,
-    ) -> Result<InferenceResponse> {
-        ModelRuntime::generate(self, request).await
-    }
-
-    async fn generate_events(
-        &self,
-        _model: Option<&str>,
-        request: InferenceRequest,
-    ) -> Result<EventStream> {
-        ModelRuntime::generate_events(self, request).await
-    }
-}
-
-/// One entry of `/v1/models`, in OpenAI's shape plus the fields a gateway adds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[non_exhaustive]
-pub struct ModelCard {
-    /// What clients send as `model`.
-    pub id: String,
-    /// Always `model`.
-    pub object: &'static str,
-    /// Unix time the entry was created.
-    pub created: u64,
-    /// Who serves it.
-    pub owned_by: &'static str,
-    /// Extra fields (a gateway's `state`, `backend`, `aliases`), flattened.
-    #[serde(flatten)]
-    pub extra: Extra,
-}
-
-impl ModelCard {
-    /// An entry for `id`.
-    pub fn new(id: impl Into<String>) -> Self {
-        Self {
-            id: id.into(),
-            object: "model",
-            created: unix_time(),
-            owned_by: "model-runtime",
-            extra: Extra::new(),
-        }
-    }
-
-    /// Adds an extra field.
-    #[must_use]
-    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.extra.insert(key.to_owned(), value.into());
-        self
-    }
-}
 
 /// Which `Host` (and `Origin`) names the router accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -243,12 +138,12 @@ pub fn check_exposure(
 
 #[derive(Clone)]
 struct AppState {
-    service: Arc<dyn ChatService>,
+    service: Arc<dyn ModelService>,
     options: Arc<ServeOptions>,
 }
 
 /// The OpenAI router for `service`.
-pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
+pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
     let body_limit = options.body_limit;
     let state = AppState {
         service,
@@ -273,62 +168,30 @@ pub fn router(service: Arc<dyn ChatService>, options: ServeOptions) -> Router {
 #[derive(Debug)]
 pub struct ApiError(pub Error);
 
-/// The HTTP status an error is answered with: 4xx for the caller's
-/// mistakes, 429 when busy, 503 when the model cannot serve now, 502 when its
-/// engine failed.
-pub fn status_of(err: &Error) -> u16 {
-    match err {
-        Error::InvalidRequest { .. } | Error::ContextExceeded { .. } => 400,
-        Error::ModelNotServed { .. } => 404,
-        Error::Busy(_) => 429,
-        Error::NotInitialized | Error::ShutDown | Error::ModelUnavailable { .. } => 503,
-        Error::EngineExited { .. }
-        | Error::EngineUnresponsive { .. }
-        | Error::Transport(_)
-        | Error::StreamProtocol(_) => 502,
-        Error::Api { status, .. } if (400..600).contains(status) => *status,
-        Error::Api { .. } => 502,
-        _ => 500,
-    }
-}
-
 impl ApiError {
-    /// The HTTP status for the error ([`status_of`]).
+    /// The HTTP status for the error ([`Error::http_status`]).
     pub fn status(&self) -> StatusCode {
-        StatusCode::from_u16(status_of(&self.0)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// The OpenAI error type.
+    /// The OpenAI error type, from the error's kind (an engine's own type
+    /// for its client errors).
     fn kind(&self) -> &str {
         match &self.0 {
-            Error::InvalidRequest { .. } => "invalid_request_error",
             Error::ContextExceeded { .. } => "exceed_context_size_error",
-            Error::ModelNotServed { .. } => "invalid_request_error",
-            Error::Busy(_) => "rate_limit_error",
-            Error::NotInitialized | Error::ShutDown | Error::ModelUnavailable { .. } => {
-                "unavailable_error"
-            }
             Error::Api {
                 kind: Some(kind),
                 status,
                 ..
             } if *status < 500 => kind,
-            _ => "server_error",
-        }
-    }
-
-    /// A short code a client can act on, for errors whose message is generic.
-    fn code(&self) -> &'static str {
-        match &self.0 {
-            Error::ModelNotServed { .. } => "model_not_found",
-            Error::EngineExited { .. } => "engine_exited",
-            Error::EngineUnresponsive { .. } => "engine_unresponsive",
-            Error::Transport(_) | Error::StreamProtocol(_) | Error::Api { .. } => "engine_error",
-            Error::ShutDown => "shutting_down",
-            Error::NotInitialized => "not_ready",
-            Error::ModelUnavailable { .. } => "model_unavailable",
-            Error::Busy(_) => "busy",
-            _ => "internal_error",
+            err => match err.kind() {
+                ErrorKind::InvalidRequest | ErrorKind::NotFound => "invalid_request_error",
+                ErrorKind::Unauthorized => "authentication_error",
+                ErrorKind::Busy => "rate_limit_error",
+                ErrorKind::Unsupported => "not_implemented_error",
+                ErrorKind::Unavailable => "unavailable_error",
+                _ => "server_error",
+            },
         }
     }
 
@@ -354,7 +217,7 @@ impl ApiError {
             };
             let mut body = ErrorBody::new(message, self.kind(), status.as_u16());
             if let ErrorField::Detail(detail) = &mut body.error {
-                detail.code = Some(self.code().into());
+                detail.code = Some(self.0.code().into());
             }
             return body;
         }
@@ -364,7 +227,7 @@ impl ApiError {
                 Error::InvalidRequest { field, .. } => detail.param = Some(field.to_string()),
                 Error::ModelNotServed { .. } => {
                     detail.param = Some("model".to_owned());
-                    detail.code = Some(self.code().into());
+                    detail.code = Some(self.0.code().into());
                 }
                 _ => {}
             }
@@ -570,19 +433,30 @@ async fn chat_completions(
     let model = requested
         .clone()
         .unwrap_or_else(|| state.options.model_name.clone());
+    // One span per request, around everything the request does below us (the
+    // gateway, the engine client) and around its stream's body too.
+    let span = tracing::info_span!("chat", model = %model, id = %id, stream = request.stream);
     let service = &state.service;
     if request.stream {
-        match service.generate_events(requested.as_deref(), request).await {
+        let started = service
+            .generate_events(requested.as_deref(), request)
+            .instrument(span.clone())
+            .await;
+        match started {
             Ok(events) => {
-                let chunks = sse_chunks(events, id, model, include_usage);
+                let chunks = InSpan::new(sse_chunks(events, id, model, include_usage), span);
                 Sse::new(chunks)
                     .keep_alive(KeepAlive::default())
                     .into_response()
             }
-            Err(err) => ApiError(err).into_response(),
+            Err(err) => span.in_scope(|| ApiError(err).into_response()),
         }
     } else {
-        match service.generate(requested.as_deref(), request).await {
+        let answered = service
+            .generate(requested.as_deref(), request)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| match answered {
             Ok(response) => Json(ChatCompletionResponse::from_inference(
                 &response,
                 &id,
@@ -591,7 +465,35 @@ async fn chat_completions(
             ))
             .into_response(),
             Err(err) => ApiError(err).into_response(),
+        })
+    }
+}
+
+/// A stream whose every poll runs inside `span`.
+struct InSpan<S> {
+    inner: std::pin::Pin<Box<S>>,
+    span: tracing::Span,
+}
+
+impl<S> InSpan<S> {
+    fn new(inner: S, span: tracing::Span) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            span,
         }
+    }
+}
+
+impl<S: Stream> Stream for InSpan<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        this.inner.as_mut().poll_next(cx)
     }
 }
 

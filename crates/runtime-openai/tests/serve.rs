@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtime_core::{EventStream, InferenceRequest, InferenceResponse, Result};
-use runtime_openai::{ChatService, ServeLimits, ServeOptions, router, serve};
+use runtime_core::{EventStream, InferenceRequest, InferenceResponse, ModelService, Result};
+use runtime_openai::{ServeLimits, ServeOptions, router, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 struct Idle;
 
 #[async_trait::async_trait]
-impl ChatService for Idle {
+impl ModelService for Idle {
     async fn is_ready(&self) -> bool {
         true
     }

@@ -44,6 +44,8 @@ use serde_json::Value;
 
 /// How long `initialize` and health probes wait for the server.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for response headers unless the options say.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The remote runtime's settings beyond [`RuntimeConfig`] (whose
 /// `model_path` is the server's URL, `served_model_name` the model, and
@@ -56,10 +58,14 @@ pub struct RemoteOptions {
     /// CA, a self-signed server).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_certificate: Option<PathBuf>,
-    /// Seconds a request may wait for the server's response headers
-    /// (default 60); the answer itself may take as long as it streams.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_timeout: Option<f64>,
+    /// How long a request may wait for the server's response headers, like
+    /// `"60s"` (the default); the answer itself may take as long as it
+    /// streams.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "runtime_core::duration::serde::optional"
+    )]
+    pub request_timeout: Option<Duration>,
     /// What to probe for liveness (default `/v1/models`, with the key:
     /// every OpenAI-compatible server has it; `/health` where there is one).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,10 +89,10 @@ impl RemoteOptions {
         self
     }
 
-    /// Sets [`request_timeout`](Self::request_timeout), in seconds.
+    /// Sets [`request_timeout`](Self::request_timeout).
     #[must_use]
-    pub fn with_request_timeout(mut self, seconds: f64) -> Self {
-        self.request_timeout = Some(seconds);
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -102,12 +108,15 @@ impl BackendOptions for RemoteOptions {
     const BACKEND: &'static str = "remote";
 
     fn validate(&self) -> Result<()> {
-        if let Some(seconds) = self.request_timeout
-            && !(seconds > 0.0 && seconds <= 86_400.0)
+        if let Some(timeout) = self.request_timeout
+            && (timeout.is_zero() || timeout > Duration::from_secs(86_400))
         {
             return Err(Error::invalid_config(
                 "extra_config.request_timeout",
-                format!("is {seconds}; give seconds between 0 and a day"),
+                format!(
+                    "is {}; give a duration between 1ms and a day, like \"60s\"",
+                    runtime_core::duration::format(timeout)
+                ),
             ));
         }
         if let Some(path) = &self.health_path
@@ -185,9 +194,7 @@ impl ModelRuntime for RemoteRuntime {
         let options = config.options::<RemoteOptions>()?;
         let base_url = base_url(&config)?;
         let mut timeouts = ClientTimeouts::with_idle(config.idle_timeout);
-        timeouts.request = Some(Duration::from_secs_f64(
-            options.request_timeout.unwrap_or(60.0),
-        ));
+        timeouts.request = Some(options.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT));
         let mut client_options = ClientOptions::remote(&base_url, timeouts);
         client_options.connect_retries = options.connect_retries.unwrap_or(2);
         if let Some(path) = &options.ca_certificate {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use runtime_core::{Error, Result, RuntimeConfig};
+use runtime_managed::{LaunchSpec, ServerEngine};
 use runtime_process::{ServerProcess, StopPolicy};
-use runtime_server::{LaunchSpec, ServerEngine};
 
 use crate::{Role, VllmOptions, VllmServer, engine_command};
 

@@ -49,10 +49,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
+pub use runtime_managed::ManagedServer;
+use runtime_managed::{LaunchSpec, ServerEngine};
 use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ParentDeath, ServerCommand};
-pub use runtime_server::ManagedServer;
-use runtime_server::{LaunchSpec, ServerEngine};
 use serde_json::Value;
 
 pub use crate::headless::VllmHeadlessRank;

@@ -17,8 +17,10 @@
 //! [`scalar`] is the reference, on plain GGUF rows; [`x86`] computes the same
 //! on packed rows with AVX2 and FMA, chosen at run time ([`Kernels::detect`]).
 //! Both add in the same order, so they agree bit for bit, and a machine
-//! without AVX2 computes the same tokens.
+//! without AVX2 computes the same tokens. [`math`] holds the scalar
+//! functions both use, and the forward pass too (norms, softmax, `exp`).
 
+pub(crate) mod math;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -93,7 +93,7 @@ pub(super) fn attend<T: CacheValue>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    use crate::native::math;
+    use super::math;
     let mut row = vec![0f32; dim];
     for (q, out) in queries.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         scores.clear();

@@ -197,7 +197,7 @@ fn softmax(x: &mut [f32]) {
     }
     let mut tail = 0f64;
     for v in chunks.into_remainder() {
-        *v = crate::native::math::exp(*v - max);
+        *v = super::math::exp(*v - max);
         tail += f64::from(*v);
     }
     let mut lanes = [0f32; 8];

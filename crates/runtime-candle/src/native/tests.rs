@@ -10,7 +10,12 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
+use std::path::Path;
+
+use runtime_core::Error;
+
 use super::*;
+use crate::CacheType;
 
 const EMBEDDING: usize = 64;
 const FEED_FORWARD: usize = 128;
@@ -125,8 +130,8 @@ fn load(bytes: &[u8]) -> std::result::Result<GgufLlama, Unsupported> {
     GgufLlama::load(&content, &mut reader, Path::new("tiny.gguf")).unwrap()
 }
 
-fn runner(model: &Arc<GgufLlama>, threads: usize) -> Runner {
-    Runner::new(
+fn runner(model: &Arc<GgufLlama>, threads: usize) -> Forward {
+    Forward::new(
         model.clone(),
         3,
         threads,
@@ -164,7 +169,7 @@ fn the_forward_pass_agrees_with_candles_quantized_llama() {
         let model = Arc::new(load(&bytes).expect("the tiny model is covered"));
         // An f32 cache, as candle's.
         let stop = Arc::new(AtomicBool::new(false));
-        let mut ours = Runner::new(model.clone(), 1, 2, CacheType::F32, stop).unwrap();
+        let mut ours = Forward::new(model.clone(), 1, 2, CacheType::F32, stop).unwrap();
         let mut reader = Cursor::new(&bytes[..]);
         let content = gguf_file::Content::read(&mut reader).unwrap();
         let mut theirs = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
@@ -212,7 +217,7 @@ fn the_forward_pass_agrees_with_candles_quantized_llama() {
 
 /// The logits of `tokens` generated greedily for `steps` after a prompt,
 /// one sequence alone in slot 0.
-fn alone(runner: &mut Runner, tokens: &[u32], steps: usize) -> Vec<Vec<f32>> {
+fn alone(runner: &mut Forward, tokens: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let mut out = vec![runner.forward(&[step(0, 0, tokens)]).unwrap().to_vec()];
     for position in tokens.len()..tokens.len() + steps {
         let next = [argmax(out.last().unwrap()) as u32];
@@ -323,7 +328,7 @@ fn steps_outside_the_context_the_vocabulary_or_the_slots_are_errors() {
 fn a_stop_ends_the_forward_pass_with_shut_down() {
     let model = Arc::new(load(&tiny_gguf(GgmlDType::Q4_1)).unwrap());
     let stop = Arc::new(AtomicBool::new(true));
-    let mut runner = Runner::new(model, 1, 1, CacheType::F16, stop).unwrap();
+    let mut runner = Forward::new(model, 1, 1, CacheType::F16, stop).unwrap();
     let err = runner.forward(&[step(0, 0, &[1, 2, 3])]).unwrap_err();
     assert!(matches!(err, Error::ShutDown), "{err:?}");
 }

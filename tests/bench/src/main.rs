@@ -499,7 +499,8 @@ const RUNS_COLD: usize = 5;
 /// directly, a cold request's time to first token beyond the engine's own
 /// start, and the time to switch between two models.
 async fn many_models(results: &mut Results) {
-    use runtime_gateway::{BackendChoice, GatewayConfig, ModelSpec, RuntimeManager};
+    use model_runtime::BackendChoice;
+    use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
     let llama = conformance::backends::llamacpp();
     gateway(results, &llama, Runs::for_backend(&llama)).await;
     let spec = |name: &str, backend: &Backend, choice| {
@@ -592,8 +593,8 @@ async fn many_models(results: &mut Results) {
 /// Past one machine: llama.cpp with its layers on an RPC worker against
 /// llama.cpp alone, and a server we attach to against plain HTTP to it.
 async fn distributed(results: &mut Results) {
-    use runtime_llamacpp::{LlamaCppOptions, RPC_BINARY_ENV, RpcWorker, RpcWorkerConfig};
-    use runtime_remote::RemoteRuntime;
+    use model_runtime::llamacpp::{LlamaCppOptions, RPC_BINARY_ENV, RpcWorker, RpcWorkerConfig};
+    use model_runtime::remote::RemoteRuntime;
     let llama = conformance::backends::llamacpp();
     let runs = Runs::for_backend(&llama);
 

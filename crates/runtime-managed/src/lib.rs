@@ -16,7 +16,7 @@
 //!
 //! ```no_run
 //! use runtime_core::{ModelRuntime, RuntimeConfig};
-//! use runtime_server::{ManagedServer, ServerEngine};
+//! use runtime_managed::{ManagedServer, ServerEngine};
 //!
 //! // A backend exposes `ManagedServer<ItsEngine>` as its runtime type.
 //! async fn start<E: ServerEngine + Default>(model: &str) -> runtime_core::Result<ManagedServer<E>> {

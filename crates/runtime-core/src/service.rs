@@ -1,0 +1,122 @@
+//! [`ModelService`]: what an HTTP front end serves, whether one runtime, an
+//! in-process engine, or a gateway over many models.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result};
+
+/// The requests a server answers, by the model each names.
+///
+/// `model` is the request's `model` field: a service in front of one model
+/// may ignore it, one in front of several routes by it (and answers
+/// [`Error::ModelNotServed`](crate::Error::ModelNotServed) for a name it
+/// does not know).
+///
+/// Every [`ModelRuntime`] is a `ModelService` for its one model. The HTTP
+/// router (`runtime-openai`'s `router`) serves any `ModelService`; the gateway
+/// (`runtime-gateway`) is one over many runtimes. Kinds of request beyond
+/// chat are added here as methods with a default that refuses them, so an
+/// implementor that does not serve a kind need not mention it.
+#[async_trait]
+pub trait ModelService: Send + Sync + 'static {
+    /// Whether requests can be served now.
+    async fn is_ready(&self) -> bool;
+
+    /// A complete chat answer.
+    async fn generate(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse>;
+
+    /// A chat answer as events ending in
+    /// [`StreamEvent::Finished`](crate::StreamEvent::Finished).
+    async fn generate_events(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream>;
+
+    /// The models served, as `/v1/models` lists them; empty means the one
+    /// model the server was started for.
+    async fn models(&self) -> Vec<ModelCard> {
+        Vec::new()
+    }
+
+    /// Metrics in the Prometheus text format, if the service keeps any.
+    async fn metrics(&self) -> Option<String> {
+        None
+    }
+
+    /// A JSON report of what the service is doing, if it keeps one.
+    async fn status(&self) -> Option<Value> {
+        None
+    }
+}
+
+#[async_trait]
+impl<R: ModelRuntime + ?Sized + 'static> ModelService for R {
+    async fn is_ready(&self) -> bool {
+        ModelRuntime::is_ready(self).await
+    }
+
+    async fn generate(
+        &self,
+        _model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
+        ModelRuntime::generate(self, request).await
+    }
+
+    async fn generate_events(
+        &self,
+        _model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
+        ModelRuntime::generate_events(self, request).await
+    }
+}
+
+/// One served model, in the shape of OpenAI's `/v1/models` entries, with
+/// whatever a service adds (a gateway's `state`, `backend`, `aliases`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ModelCard {
+    /// What clients send as `model`.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix time the entry was made.
+    pub created: u64,
+    /// Who serves it.
+    pub owned_by: &'static str,
+    /// Fields the service adds, flattened into the entry.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ModelCard {
+    /// An entry for `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            object: "model",
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            owned_by: "model-runtime",
+            extra: Map::new(),
+        }
+    }
+
+    /// Adds a field.
+    #[must_use]
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+}

@@ -1,0 +1,144 @@
+//! What the router calls ([`ModelService`]), and the status report.
+
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use async_trait::async_trait;
+use runtime_core::{
+    EventStream, InferenceRequest, InferenceResponse, ModelCard, ModelService, Result,
+};
+use serde::Serialize;
+
+use super::model::State;
+use super::{Inner, RuntimeManager};
+
+/// What a model is doing, as `/status` and [`RuntimeManager::status`] report it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct ModelStatus {
+    /// The model's name.
+    pub name: String,
+    /// Its other names.
+    pub aliases: Vec<String>,
+    /// The backend that runs it.
+    pub backend: String,
+    /// `loaded`, `loading`, `unloaded` or `failed`.
+    pub state: &'static str,
+    /// Unix time it was loaded, while loaded.
+    pub loaded_since: Option<u64>,
+    /// The memory its engine holds (measured) or is expected to (its size).
+    pub resident_bytes: u64,
+    /// Requests running in its engine.
+    pub in_flight: usize,
+    /// Requests waiting for a slot.
+    pub waiting: usize,
+    /// Restarts after a crash or a hang.
+    pub restarts: u64,
+    /// Why it failed, while failed.
+    pub failure: Option<String>,
+    /// Its engine's most recent log lines.
+    pub log_tail: Vec<String>,
+}
+
+impl Inner {
+    pub(super) async fn status(&self) -> Vec<ModelStatus> {
+        let mut report = Vec::new();
+        for model in self.routes().by_name.values() {
+            let state = model.state().clone();
+            let (name, loaded_since, in_flight, failure, log_tail) = match &state {
+                State::Unloaded => ("unloaded", None, 0, None, Vec::new()),
+                State::Loading(_) => ("loading", None, 0, None, Vec::new()),
+                State::Failed(failure) => {
+                    ("failed", None, 0, Some(failure.reason.clone()), Vec::new())
+                }
+                State::Loaded { served, since, .. } => (
+                    "loaded",
+                    since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()),
+                    served.in_flight(),
+                    None,
+                    served.log_tail().await,
+                ),
+            };
+            report.push(ModelStatus {
+                name: model.name().to_owned(),
+                aliases: model.spec.aliases.clone(),
+                backend: model
+                    .spec
+                    .resolved_backend()
+                    .map_or_else(|_| model.spec.backend.to_string(), |b| b.to_string()),
+                state: name,
+                loaded_since,
+                resident_bytes: model.memory.load(Ordering::SeqCst),
+                in_flight,
+                waiting: model.waiting.load(Ordering::SeqCst),
+                restarts: model.restarts.load(Ordering::SeqCst),
+                failure,
+                log_tail: log_tail.into_iter().rev().take(20).rev().collect(),
+            });
+        }
+        report
+    }
+}
+
+#[async_trait]
+#[async_trait]
+impl ModelService for RuntimeManager {
+    async fn is_ready(&self) -> bool {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        for model in self.inner.routes().by_name.values() {
+            let served = match &*model.state() {
+                State::Loaded { served, .. } => Some(served.clone()),
+                State::Failed(_) if model.spec.preload => return false,
+                _ => None,
+            };
+            if let Some(served) = served
+                && !served.is_ready().await
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn generate(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
+        let events = self.inner.serve_events(model, request).await?;
+        runtime_core::collect_events(events).await
+    }
+
+    async fn generate_events(
+        &self,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
+        self.inner.serve_events(model, request).await
+    }
+
+    async fn models(&self) -> Vec<ModelCard> {
+        self.status()
+            .await
+            .into_iter()
+            .map(|status| {
+                ModelCard::new(&status.name)
+                    .with("state", status.state)
+                    .with("backend", status.backend)
+                    .with("aliases", status.aliases)
+            })
+            .collect()
+    }
+
+    async fn metrics(&self) -> Option<String> {
+        Some(self.metrics_text())
+    }
+
+    async fn status(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(RuntimeManager::status(self).await)
+            .ok()
+            .map(|models| serde_json::json!({ "models": models }))
+    }
+}

@@ -1,0 +1,132 @@
+//! A request's stream through the gateway: its slot held until it ends,
+//! its first token, tokens and outcome counted.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+
+use futures::Stream;
+use runtime_core::{Error, EventStream, InferenceRequest, Result, StreamEvent};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use super::Inner;
+use super::model::Model;
+
+/// A request's stream, with its slot held and its outcome counted.
+pub(super) struct Tracked {
+    pub(super) events: EventStream,
+    pub(super) model: Arc<Model>,
+    pub(super) inner: Arc<Inner>,
+    pub(super) _permit: OwnedSemaphorePermit,
+    pub(super) started: Instant,
+    pub(super) first_token: bool,
+    pub(super) done: bool,
+}
+
+impl Stream for Tracked {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = Pin::new(&mut self.events).poll_next(cx);
+        if let Poll::Ready(item) = &item {
+            match item {
+                Some(Ok(StreamEvent::Delta(_))) if !self.first_token => {
+                    self.first_token = true;
+                    self.inner
+                        .metrics
+                        .first_token(self.model.name(), self.started.elapsed());
+                }
+                Some(Ok(StreamEvent::Finished { usage, .. })) => {
+                    if let Some(usage) = usage {
+                        self.inner.metrics.tokens(
+                            self.model.name(),
+                            usage.prompt_tokens,
+                            usage.completion_tokens,
+                        );
+                    }
+                    self.finish(200);
+                }
+                Some(Err(err)) => {
+                    let status = err.http_status();
+                    self.finish(status);
+                }
+                _ => {}
+            }
+        }
+        item
+    }
+}
+
+impl Tracked {
+    pub(super) fn finish(&mut self, status: u16) {
+        if !self.done {
+            self.done = true;
+            self.inner
+                .metrics
+                .request(self.model.name(), status, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // 499: the client went away before the answer was complete.
+        self.finish(499);
+        self.inner.metrics.request_ended(self.model.name());
+        self.model.touch();
+        self.inner.capacity_freed.notify_waiters();
+    }
+}
+
+impl Inner {
+    pub(super) async fn serve_events(
+        self: &Arc<Self>,
+        requested: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
+        let started = Instant::now();
+        let model = match self.resolve(requested) {
+            Ok(model) => model,
+            Err(err) => {
+                // Not the name the client sent: any client could add labels.
+                self.metrics
+                    .request("(unknown)", err.http_status(), started.elapsed());
+                return Err(err);
+            }
+        };
+        // Within the caller's request span (the router's `chat`), this
+        // request's time in the gateway: the queue, the start, the engine.
+        let span = tracing::info_span!("gateway", model = model.name());
+        let outcome = async {
+            let permit = self.admit(&model).await?;
+            tracing::debug!("admitted");
+            let lease = self.lease(&model).await?;
+            let events = lease.generate_events(request).await?;
+            Ok::<_, Error>((events, permit))
+        }
+        .instrument(span)
+        .await;
+        match outcome {
+            Ok((events, permit)) => {
+                self.metrics.request_started(model.name());
+                Ok(Box::new(Tracked {
+                    events,
+                    model,
+                    inner: self.clone(),
+                    _permit: permit,
+                    started,
+                    first_token: false,
+                    done: false,
+                }))
+            }
+            Err(err) => {
+                self.metrics
+                    .request(model.name(), err.http_status(), started.elapsed());
+                model.touch();
+                Err(err)
+            }
+        }
+    }
+}
