@@ -35,6 +35,30 @@ pub async fn start(
     (manager, format!("{base}/v1/chat/completions"), server)
 }
 
+/// Like [`start`], over the suite's shared engine, lent: the gateway starts
+/// and stops nothing.
+pub async fn start_lent(
+    backend: &Backend,
+    config: RuntimeConfig,
+    shared: crate::harness::SharedRuntime,
+) -> (Arc<RuntimeManager>, String, tokio::task::JoinHandle<()>) {
+    let spec = ModelSpec::from_runtime_config("conformance", &config);
+    let manager = RuntimeManager::with_factory(
+        GatewayConfig::single(spec),
+        Box::new(move |_| Ok(Box::new(crate::harness::Lent(shared.clone())))),
+    )
+    .expect("a gateway configuration");
+    manager.load("conformance").await.unwrap_or_else(|err| {
+        panic!(
+            "{} behind the gateway: {}",
+            backend.name,
+            crate::checks::chain(&err)
+        )
+    });
+    let (base, server) = serve(manager.clone()).await;
+    (manager, format!("{base}/v1/chat/completions"), server)
+}
+
 /// Serves `manager` on a free loopback port without an API key; returns the
 /// gateway's root URL and the server task.
 pub async fn serve(manager: Arc<RuntimeManager>) -> (String, tokio::task::JoinHandle<()>) {

@@ -22,7 +22,7 @@ use futures::FutureExt;
 use libtest_mimic::{Arguments, Failed, Trial};
 use runtime_core::ModelRuntime;
 
-use crate::{Backend, CHECK_TIMEOUT, procs};
+use crate::{Backend, CHECK_TIMEOUT};
 
 /// A check's body: runs against `backend`, panics to fail.
 pub type CheckFn = fn(Arc<Backend>) -> Pin<Box<dyn Future<Output = ()>>>;
@@ -70,19 +70,32 @@ macro_rules! check {
 }
 
 /// The engine the sharing checks of one suite run on: started by the first
-/// of them, shut down when the suite ends.
-#[derive(Default)]
+/// of them, shut down when the suite ends (or taken by the last of them,
+/// which ends it: [`take_shared_runtime`]).
 pub struct SharedEngine {
-    runtime: tokio::sync::OnceCell<Box<dyn ModelRuntime>>,
+    runtime: tokio::sync::Mutex<Option<SharedRuntime>>,
     /// The process groups of the shared engine, which the leak check after
     /// each check does not count.
     groups: std::sync::Mutex<Vec<i32>>,
+    /// The API key the shared engine is started with, which the `secrets`
+    /// check looks for where it must never be.
+    key: String,
+}
+
+impl Default for SharedEngine {
+    fn default() -> Self {
+        Self {
+            runtime: tokio::sync::Mutex::new(None),
+            groups: std::sync::Mutex::new(Vec::new()),
+            key: format!("shared-engine-sentinel-key-{}", std::process::id()),
+        }
+    }
 }
 
 impl std::fmt::Debug for SharedEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedEngine")
-            .field("started", &self.runtime.initialized())
+            .field("groups", &self.groups())
             .finish_non_exhaustive()
     }
 }
@@ -96,34 +109,167 @@ impl SharedEngine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+
+    /// The key the shared engine requires.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The shared engine, as the checks that share it hold it: a
+/// [`ModelRuntime`] (through `Deref`) that stays up after they return.
+#[derive(Clone)]
+pub struct SharedRuntime(Arc<Box<dyn ModelRuntime>>);
+
+impl std::ops::Deref for SharedRuntime {
+    type Target = dyn ModelRuntime;
+
+    fn deref(&self) -> &Self::Target {
+        &**self.0
+    }
+}
+
+impl std::fmt::Debug for SharedRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRuntime")
+            .field("base_url", &self.0.base_url())
+            .finish()
+    }
+}
+
+fn shared_engine(backend: &Backend) -> &SharedEngine {
+    backend.shared.as_ref().expect(
+        "the check is declared `shared` (only the harness's backends have an engine to share)",
+    )
 }
 
 /// The suite's shared engine for `backend`, started on first use with the
-/// backend's configuration. Only checks declared `shared` may call it: the
-/// engine must be idle and healthy when they return.
-pub async fn shared_runtime(backend: &Backend) -> &dyn ModelRuntime {
-    let shared = backend.shared.as_ref().expect(
-        "the check is declared `shared` (only the harness's backends have an engine to share)",
-    );
+/// backend's configuration and the shared key ([`SharedEngine::key`]),
+/// with everything logged from then on captured ([`crate::log_capture`]).
+/// Only checks declared `shared` may call it: the engine must be idle and
+/// healthy when they return.
+pub async fn shared_runtime(backend: &Backend) -> SharedRuntime {
+    let shared = shared_engine(backend);
+    let mut slot = shared.runtime.lock().await;
+    if let Some(runtime) = &*slot {
+        return runtime.clone();
+    }
+    tracing::info!(backend = backend.name, "starting the suite's shared engine");
+    crate::log_capture::start();
+    let config = backend.config.clone().with_api_key(shared.key());
+    let runtime = crate::checks::start_with(backend, config).await;
+    if backend.server.is_some() {
+        let mut groups: Vec<i32> = crate::checks::engine_processes(backend, runtime.as_ref())
+            .iter()
+            .map(|p| p.pgid)
+            .collect();
+        groups.dedup();
+        *shared
+            .groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
+    }
+    let runtime = SharedRuntime(Arc::new(runtime));
+    *slot = Some(runtime.clone());
+    runtime
+}
+
+/// Takes the shared engine for a check that ends it (starting it first if no
+/// check did): the last check that shares it. From then on the leak check
+/// counts its processes; a later sharing check would start a new one.
+pub async fn take_shared_runtime(backend: &Backend) -> Box<dyn ModelRuntime> {
+    drop(shared_runtime(backend).await);
+    let shared = shared_engine(backend);
     let runtime = shared
         .runtime
-        .get_or_init(|| async {
-            tracing::info!(backend = backend.name, "starting the suite's shared engine");
-            let runtime = crate::checks::start(backend).await;
-            if backend.server.is_some() {
-                let port = procs::port_of(&runtime.base_url());
-                let mut groups: Vec<i32> =
-                    procs::engine_on_port(port).iter().map(|p| p.pgid).collect();
-                groups.dedup();
-                *shared
-                    .groups
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
-            }
-            runtime
-        })
-        .await;
-    runtime.as_ref()
+        .lock()
+        .await
+        .take()
+        .expect("the shared engine was just started");
+    shared
+        .groups
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    Arc::try_unwrap(runtime.0)
+        .unwrap_or_else(|_| panic!("no other check holds the shared engine while one takes it"))
+}
+
+/// A shared engine lent to something that starts and stops its own
+/// runtimes (the gateway's factory): `initialize` and `shutdown` do
+/// nothing, everything else is the shared engine's.
+#[derive(Debug)]
+pub struct Lent(pub SharedRuntime);
+
+#[runtime_core::async_trait]
+impl ModelRuntime for Lent {
+    fn supported_format(&self) -> runtime_core::ModelFormat {
+        self.0.supported_format()
+    }
+
+    async fn initialize(
+        &mut self,
+        _config: runtime_core::RuntimeConfig,
+    ) -> runtime_core::Result<()> {
+        Ok(())
+    }
+
+    async fn is_ready(&self) -> bool {
+        self.0.is_ready().await
+    }
+
+    async fn health_check(&self) -> runtime_core::Result<String> {
+        self.0.health_check().await
+    }
+
+    fn base_url(&self) -> String {
+        self.0.base_url()
+    }
+
+    fn api_key(&self) -> Option<runtime_core::ApiKey> {
+        self.0.api_key()
+    }
+
+    async fn generate(
+        &self,
+        request: runtime_core::InferenceRequest,
+    ) -> runtime_core::Result<runtime_core::InferenceResponse> {
+        self.0.generate(request).await
+    }
+
+    async fn generate_stream(
+        &self,
+        request: runtime_core::InferenceRequest,
+    ) -> runtime_core::Result<runtime_core::TextStream> {
+        self.0.generate_stream(request).await
+    }
+
+    async fn generate_events(
+        &self,
+        request: runtime_core::InferenceRequest,
+    ) -> runtime_core::Result<runtime_core::EventStream> {
+        self.0.generate_events(request).await
+    }
+
+    async fn shutdown(&mut self) -> runtime_core::Result<()> {
+        Ok(())
+    }
+
+    fn metadata(&self) -> runtime_core::RuntimeMetadata {
+        self.0.metadata()
+    }
+
+    fn resident_memory(&self) -> Option<u64> {
+        self.0.resident_memory()
+    }
+
+    fn engine_pid(&self) -> Option<u32> {
+        self.0.engine_pid()
+    }
+
+    fn log_tail(&self) -> Vec<String> {
+        self.0.log_tail()
+    }
 }
 
 /// Runs `checks` against the backend `make_backend` returns, as libtest
@@ -183,6 +329,34 @@ pub fn run(
 /// One check, bounded by [`CHECK_TIMEOUT`], then the leak check, whatever
 /// the check's outcome. A panic fails the check, not the suite.
 async fn run_check(check: Check, backend: Arc<Backend>) -> Result<(), Failed> {
+    let started = std::time::Instant::now();
+    let outcome = run_and_check_leaks(check, backend).await;
+    record_time(check.name, started.elapsed());
+    outcome
+}
+
+/// The variable naming the file where the harness writes how long each
+/// check took (`check<TAB>seconds` lines); `cargo xtask test-backends` sets
+/// it and names the slowest checks, so the suite's time stays in view.
+pub const TIMES_ENV: &str = "CONFORMANCE_TIMES";
+
+fn record_time(check: &str, took: std::time::Duration) {
+    tracing::info!(check, took_s = took.as_secs_f64(), "check finished");
+    let Some(path) = std::env::var_os(TIMES_ENV) else {
+        return;
+    };
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| writeln!(file, "{check}\t{:.1}", took.as_secs_f64()));
+    if let Err(err) = written {
+        tracing::warn!(error = %err, "could not record the check's time");
+    }
+}
+
+async fn run_and_check_leaks(check: Check, backend: Arc<Backend>) -> Result<(), Failed> {
     let bound = CHECK_TIMEOUT;
     let outcome = AssertUnwindSafe(tokio::time::timeout(bound, (check.run)(backend.clone())))
         .catch_unwind()
@@ -227,10 +401,12 @@ async fn stop_shared(backend: &mut Backend) -> Result<(), String> {
     let Some(shared) = backend.shared.take() else {
         return Ok(());
     };
-    let mut shared = Arc::try_unwrap(shared).map_err(|_| "the shared engine is still in use")?;
-    let Some(mut runtime) = shared.runtime.take() else {
+    let shared = Arc::try_unwrap(shared).map_err(|_| "the shared engine is still in use")?;
+    let Some(runtime) = shared.runtime.into_inner() else {
         return Ok(());
     };
+    let mut runtime =
+        Arc::try_unwrap(runtime.0).map_err(|_| "a check still holds the shared engine")?;
     runtime
         .shutdown()
         .await

@@ -18,6 +18,7 @@ pub mod harness;
 pub mod identity;
 pub mod log_capture;
 pub mod procs;
+pub mod serve;
 pub mod wire;
 pub mod workload;
 
@@ -46,6 +47,10 @@ pub struct Backend {
     pub exit_budget: Duration,
     /// A misspelled option of this backend and the key it should have been.
     pub misspelled_option: (&'static str, &'static str),
+    /// How many streamed requests `gateway_load` sends (16 at a time, a
+    /// quarter abandoned): 200, or fewer for an engine whose decode is slow
+    /// enough that 200 would take minutes without testing more.
+    pub load_requests: usize,
     /// How to ask the engine how many generations it is running.
     pub activity: Activity,
     /// A certificate (PEM) the checks' own HTTP clients trust, for a

@@ -59,28 +59,9 @@ pub fn running(binary: &Path) -> Vec<Proc> {
         .collect()
 }
 
-/// The engine listening on `port` (found by its `--port` argument, matched
-/// exactly) and every process in its group.
-pub fn engine_on_port(port: u16) -> Vec<Proc> {
-    let procs = all();
-    let leaders: Vec<i32> = procs
-        .iter()
-        .filter(|p| has_port_argument(p, port))
-        .map(|p| p.pgid)
-        .collect();
-    procs
-        .into_iter()
-        .filter(|p| leaders.contains(&p.pgid))
-        .collect()
-}
-
-/// Whether `process` was started with `--port PORT`, exactly that port.
-fn has_port_argument(process: &Proc, port: u16) -> bool {
-    let port = port.to_string();
-    process
-        .args
-        .windows(2)
-        .any(|pair| pair[0] == "--port" && pair[1] == port)
+/// Every live process of the process group `pgid` (an engine's leader's pid).
+pub fn group(pgid: i32) -> Vec<Proc> {
+    all().into_iter().filter(|p| p.pgid == pgid).collect()
 }
 
 /// Whether `pid` is alive (and not a zombie).
@@ -107,6 +88,54 @@ pub fn signal_all(procs: &[Proc], signal: nix::sys::signal::Signal) {
     }
 }
 
+/// The TCP ports that processes of the group `pgid` listen on (IPv4 and
+/// IPv6), found through `/proc/net/tcp*` and the processes' descriptors.
+pub fn listening_ports(pgid: i32) -> Vec<u16> {
+    // inode -> port of every listening TCP socket (state 0A).
+    let mut listening = std::collections::HashMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && fields[3] == "0A" {
+                let port = fields[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+                if let (Some(port), Ok(inode)) = (port, fields[9].parse::<u64>()) {
+                    listening.insert(inode, port);
+                }
+            }
+        }
+    }
+    let mut ports: Vec<u16> = all()
+        .into_iter()
+        .filter(|p| p.pgid == pgid)
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{}/fd", p.pid))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|inode| listening.get(&inode).copied())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// The port of a `http://host:port` URL.
 pub fn port_of(base_url: &str) -> u16 {
     base_url
@@ -114,24 +143,4 @@ pub fn port_of(base_url: &str) -> u16 {
         .next()
         .and_then(|port| port.trim_end_matches('/').parse().ok())
         .unwrap_or_else(|| panic!("{base_url:?} has no port"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_port_matches_only_the_same_number() {
-        let proc = |args: &[&str]| Proc {
-            pid: 1,
-            pgid: 1,
-            cmdline: args.join(" "),
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        let engine = proc(&["llama-server", "--port", "8080"]);
-        assert!(has_port_argument(&engine, 8080));
-        assert!(!has_port_argument(&engine, 80));
-        assert!(!has_port_argument(&proc(&["x", "--port", "80800"]), 8080));
-        assert!(!has_port_argument(&proc(&["x", "--port=8080"]), 8080));
-    }
 }

@@ -43,6 +43,7 @@ fn attached(name: &'static str, config: RuntimeConfig, activity: Activity) -> Ba
         start_budget: Duration::from_secs(30),
         exit_budget: Duration::from_secs(1),
         misspelled_option: ("request_timeot", "request_timeout"),
+        load_requests: 200,
         activity,
         trusted_certificate: None,
         hold_runtime: None,

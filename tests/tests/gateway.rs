@@ -257,6 +257,13 @@ async fn an_idle_model_unloads_after_its_ttl_but_never_while_a_stream_is_open() 
         );
         let _ = chunks.next().await;
     }
+    // Still open past the ttl (not an answer that ended early and left the
+    // model idle): the next chunk is more of the answer, not its end.
+    let next = chunks.next().await.expect("the stream goes on").unwrap();
+    assert!(
+        !String::from_utf8_lossy(&next).contains("[DONE]"),
+        "the stream was still open past the ttl"
+    );
     drop(chunks);
 
     let finished = Instant::now();
@@ -438,7 +445,8 @@ async fn a_reload_adds_and_removes_models_while_another_streams_undisturbed() {
         let mut body = wire::chat_body("Write a long story about the sea.", 120, true);
         body["model"] = "candle-a".into();
         tokio::spawn(async move {
-            wire::stream_chat(&http, &url, "", &body, Duration::from_secs(120)).await
+            let answer = wire::stream_chat(&http, &url, "", &body, Duration::from_secs(120)).await;
+            (answer, Instant::now())
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -446,6 +454,7 @@ async fn a_reload_adds_and_removes_models_while_another_streams_undisturbed() {
     reloaded.models.retain(|m| m.name != "candle-b");
     reloaded.models.push(candle_spec("candle-c"));
     gateway.manager.reload(reloaded).await.expect("reload");
+    let reloaded_at = Instant::now();
     assert_eq!(
         gateway.chat("candle-c", 4).await.0,
         200,
@@ -461,10 +470,15 @@ async fn a_reload_adds_and_removes_models_while_another_streams_undisturbed() {
         404,
         "and so is its alias"
     );
-    let answer = streaming.await.unwrap().expect("the stream");
+    let (answer, ended_at) = streaming.await.unwrap();
+    let answer = answer.expect("the stream");
     assert!(
         answer.is_well_formed(),
         "the stream on the unchanged model was not disturbed: {answer:?}"
+    );
+    assert!(
+        ended_at > reloaded_at,
+        "the stream was open across the reload (it ended before it, testing nothing)"
     );
     gateway.stop().await;
 }

@@ -45,7 +45,7 @@ async fn two_pipeline_ranks_serve_the_lifecycle_generation_and_streaming_and_all
     assert!(!runtime.metadata().version.is_empty());
     let again = runtime.initialize(pipeline_of_two()).await.unwrap_err();
     assert!(matches!(again, Error::AlreadyInitialized), "{again:?}");
-    let engine = procs::engine_on_port(procs::port_of(&runtime.base_url()));
+    let engine = conformance::checks::engine_processes(&backend, runtime.as_ref());
     let workers = engine
         .iter()
         .filter(|p| p.cmdline.contains("VLLM::Worker") || p.cmdline.contains("Worker_PP"))

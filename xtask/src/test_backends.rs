@@ -23,6 +23,7 @@ const EXTRA_SUITES: &[(&str, &[&str])] = &[
     ("cross_engine", &["candle", "llamacpp"]),
     ("cli", &["candle", "llamacpp"]),
     ("gateway", &["candle", "llamacpp"]),
+    ("hardening", &["candle", "llamacpp"]),
     ("attach", &["candle", "llamacpp", "vllm"]),
     ("candle_safetensors", &["candle", "vllm"]),
 ];
@@ -44,6 +45,8 @@ struct SuiteResult {
     checks: Vec<(String, Outcome)>,
     ok: bool,
     took: Duration,
+    /// Seconds per check, where the suite's harness reports them.
+    times: Vec<(String, f64)>,
 }
 
 pub(crate) fn run(args: &[String]) -> Result {
@@ -182,10 +185,14 @@ fn run_suite(suite: &str, env: &[(OsString, OsString)]) -> Result<SuiteResult> {
     // Checks that do not apply to a backend say so (and why) in this file.
     let not_applicable = crate::target_dir().join(format!("conformance-{suite}.not-applicable"));
     let _ = std::fs::remove_file(&not_applicable);
+    // The harness's suites say how long each check took.
+    let times = crate::target_dir().join(format!("conformance-{suite}.times"));
+    let _ = std::fs::remove_file(&times);
     let mut child = suite_command(suite)
         .arg("--test-threads=1")
         .envs(env.iter().cloned())
         .env("CONFORMANCE_NOT_APPLICABLE", &not_applicable)
+        .env("CONFORMANCE_TIMES", &times)
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("running the {suite} suite: {e}"))?;
@@ -221,11 +228,13 @@ fn run_suite(suite: &str, env: &[(OsString, OsString)]) -> Result<SuiteResult> {
         && checks
             .iter()
             .all(|(_, o)| matches!(o, Outcome::Passed | Outcome::NotApplicable(_)));
+    let times = parse_times(&std::fs::read_to_string(&times).unwrap_or_default());
     Ok(SuiteResult {
         name: suite.to_owned(),
         checks,
         ok,
         took: started.elapsed(),
+        times,
     })
 }
 
@@ -241,6 +250,16 @@ fn parse_result(line: &str) -> Option<(&str, Outcome)> {
     Some((name.trim(), outcome))
 }
 
+/// The times file: one `check<TAB>seconds` per line.
+fn parse_times(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (check, seconds) = line.split_once('\t')?;
+            Some((check.to_owned(), seconds.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// The not-applicable file: one `check<TAB>reason` per line.
 fn parse_not_applicable(text: &str) -> BTreeMap<String, String> {
     text.lines()
@@ -251,15 +270,13 @@ fn parse_not_applicable(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The conformance suites (one per backend, the same checks) as a
+/// backend-by-check table; the other suites one line each; then what is not
+/// ok, why n/a, and the slowest checks.
 fn print_table(results: &[SuiteResult]) {
-    let mut columns: Vec<&str> = Vec::new();
-    for suite in results {
-        for (name, _) in &suite.checks {
-            if !columns.contains(&name.as_str()) {
-                columns.push(name);
-            }
-        }
-    }
+    let (backends, others): (Vec<&SuiteResult>, Vec<&SuiteResult>) = results
+        .iter()
+        .partition(|suite| BACKENDS.contains(&suite.name.as_str()));
     let width = results
         .iter()
         .map(|suite| suite.name.len())
@@ -267,32 +284,54 @@ fn print_table(results: &[SuiteResult]) {
         .unwrap_or(7)
         .max(7);
     println!();
-    println!("conformance (rows: suites, columns: checks; `-`: not a check of that suite)");
-    for (index, column) in columns.iter().enumerate() {
-        println!("  {:>2}  {column}", index + 1);
-    }
-    print!("{:<width$}", "suite");
-    for index in 0..columns.len() {
-        print!(" {:>4}", index + 1);
-    }
-    println!("  result");
-    for suite in results {
-        print!("{:<width$}", suite.name);
-        for column in &columns {
-            let cell = match suite.checks.iter().find(|(name, _)| name == column) {
-                Some((_, Outcome::Passed)) => "ok",
-                Some((_, Outcome::Failed)) => "FAIL",
-                Some((_, Outcome::Missing)) => "MISS",
-                Some((_, Outcome::NotApplicable(_))) => "n/a",
-                None => "-",
-            };
-            print!(" {cell:>4}");
+    if !backends.is_empty() {
+        let mut columns: Vec<&str> = Vec::new();
+        for suite in &backends {
+            for (name, _) in &suite.checks {
+                if !columns.contains(&name.as_str()) {
+                    columns.push(name);
+                }
+            }
         }
-        println!(
-            "  {} ({:.0} s)",
-            if suite.ok { "passed" } else { "FAILED" },
-            suite.took.as_secs_f64()
-        );
+        println!("conformance (rows: backends, columns: checks)");
+        for (index, column) in columns.iter().enumerate() {
+            println!("  {:>2}  {column}", index + 1);
+        }
+        print!("{:<width$}", "backend");
+        for index in 0..columns.len() {
+            print!(" {:>4}", index + 1);
+        }
+        println!("  result");
+        for suite in &backends {
+            print!("{:<width$}", suite.name);
+            for column in &columns {
+                let cell = match suite.checks.iter().find(|(name, _)| name == column) {
+                    Some((_, outcome)) => cell(outcome),
+                    None => "-",
+                };
+                print!(" {cell:>4}");
+            }
+            println!("  {}", verdict(suite));
+        }
+    }
+    if !others.is_empty() {
+        println!();
+        println!("suites across engines");
+        for suite in &others {
+            let count = |wanted: fn(&Outcome) -> bool| {
+                suite.checks.iter().filter(|(_, o)| wanted(o)).count()
+            };
+            println!(
+                "{:<width$}  {:>2} checks: {:>2} ok, {} n/a, {} failed, {} missing  {}",
+                suite.name,
+                suite.checks.len(),
+                count(|o| *o == Outcome::Passed),
+                count(|o| matches!(o, Outcome::NotApplicable(_))),
+                count(|o| *o == Outcome::Failed),
+                count(|o| *o == Outcome::Missing),
+                verdict(suite)
+            );
+        }
     }
     let mut explained = false;
     for suite in results {
@@ -300,7 +339,8 @@ fn print_table(results: &[SuiteResult]) {
             let note = match outcome {
                 Outcome::NotApplicable(why) => format!("n/a: {why}"),
                 Outcome::Missing => "MISS: declared, but it did not run".to_owned(),
-                _ => continue,
+                Outcome::Failed => "FAILED".to_owned(),
+                Outcome::Passed => continue,
             };
             if !explained {
                 println!();
@@ -309,6 +349,40 @@ fn print_table(results: &[SuiteResult]) {
             println!("  {}/{name}: {note}", suite.name);
         }
     }
+    let mut times: Vec<(String, f64)> = results
+        .iter()
+        .flat_map(|suite| {
+            suite
+                .times
+                .iter()
+                .map(move |(check, seconds)| (format!("{}/{check}", suite.name), *seconds))
+        })
+        .collect();
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if !times.is_empty() {
+        println!();
+        println!("slowest checks:");
+        for (check, seconds) in times.iter().take(8) {
+            println!("  {seconds:>6.1} s  {check}");
+        }
+    }
+}
+
+fn cell(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Passed => "ok",
+        Outcome::Failed => "FAIL",
+        Outcome::Missing => "MISS",
+        Outcome::NotApplicable(_) => "n/a",
+    }
+}
+
+fn verdict(suite: &SuiteResult) -> String {
+    format!(
+        "{} ({:.0} s)",
+        if suite.ok { "passed" } else { "FAILED" },
+        suite.took.as_secs_f64()
+    )
 }
 
 #[cfg(test)]

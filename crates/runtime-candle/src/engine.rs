@@ -9,7 +9,7 @@
 //! token, and a request generates at most the context's tokens). A client
 //! that never reads holds its own request's memory, never a slot or a step.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -63,6 +63,8 @@ pub(crate) struct Engine {
     pub(crate) shutting_down: Arc<AtomicBool>,
     /// Generations in a slot now (not those waiting in the queue).
     pub(crate) active: Arc<AtomicUsize>,
+    /// Tokens generated since the engine started.
+    generated_total: Arc<AtomicU64>,
     pub(crate) scheduler: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -81,6 +83,7 @@ impl Engine {
         )?;
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.queue);
         let active = Arc::new(AtomicUsize::new(0));
+        let generated_total = Arc::new(AtomicU64::new(0));
         let scheduler = Scheduler {
             model: model.clone(),
             runner,
@@ -88,6 +91,7 @@ impl Engine {
             slots,
             shutting_down: shutting_down.clone(),
             active: active.clone(),
+            generated_total: generated_total.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("candle-scheduler".to_owned())
@@ -98,6 +102,7 @@ impl Engine {
             jobs: Mutex::new(Some(jobs)),
             shutting_down,
             active,
+            generated_total,
             scheduler: Mutex::new(Some(handle)),
         })
     }
@@ -238,8 +243,12 @@ impl ModelService for Engine {
         Some(format!(
             "# HELP candle_generations_active Generations running in the engine now.\n\
              # TYPE candle_generations_active gauge\n\
-             candle_generations_active {}\n",
-            self.active_generations()
+             candle_generations_active {}\n\
+             # HELP candle_generated_tokens_total Tokens generated since the engine started.\n\
+             # TYPE candle_generated_tokens_total counter\n\
+             candle_generated_tokens_total {}\n",
+            self.active_generations(),
+            self.generated_total.load(Ordering::Relaxed)
         ))
     }
 

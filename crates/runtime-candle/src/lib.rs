@@ -140,11 +140,12 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
     // Bind before loading: a taken port fails in milliseconds, not after the load.
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
-        .map_err(|err| {
-            Error::io(
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::AddrInUse => Error::port_in_use(&config.host, config.port),
+            _ => Error::io(
                 format!("error binding {}:{}", config.host, config.port),
                 err,
-            )
+            ),
         })?;
     let address = listener
         .local_addr()

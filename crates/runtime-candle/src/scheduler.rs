@@ -5,7 +5,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,8 @@ pub(crate) struct Scheduler {
     pub(crate) slots: usize,
     pub(crate) shutting_down: Arc<AtomicBool>,
     pub(crate) active: Arc<AtomicUsize>,
+    /// Tokens generated since the engine started, over every request.
+    pub(crate) generated_total: Arc<AtomicU64>,
 }
 
 /// A request in a slot.
@@ -37,6 +39,8 @@ pub(crate) struct Sequence<'t> {
     pub(crate) fed: usize,
     /// Tokens generated (and sent) so far.
     pub(crate) generated: usize,
+    /// The engine's count of every token generated.
+    pub(crate) generated_total: Arc<AtomicU64>,
     /// The token generated last, to feed next.
     pub(crate) next: u32,
     pub(crate) sampler: LogitsProcessor,
@@ -118,6 +122,7 @@ impl Scheduler {
                     slot,
                     fed: 0,
                     generated: 0,
+                    generated_total: self.generated_total.clone(),
                     next: 0,
                     started: None,
                     prefill: Duration::ZERO,
@@ -269,6 +274,7 @@ impl Sequence<'_> {
             Some(FinishReason::Stop)
         } else {
             self.generated += 1;
+            self.generated_total.fetch_add(1, Ordering::Relaxed);
             self.next = token;
             let piece = self
                 .decoder

@@ -21,7 +21,7 @@ use model_runtime::{
     RuntimeConfig, choose, survey,
 };
 use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
-use runtime_openai::{HostPolicy, ServeLimits, ServeOptions, check_exposure};
+use runtime_openai::{HostPolicy, Keys, ServeLimits, ServeOptions, check_exposure};
 use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -40,7 +40,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct ModelArgs {
     /// The model: a GGUF file or a Hugging Face safetensors directory.
     model: PathBuf,
@@ -49,7 +49,7 @@ struct ModelArgs {
 }
 
 /// How the engine for a model given on the command line runs.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct EngineArgs {
     /// Which engine runs it: auto, llamacpp, vllm or candle.
     #[arg(long, default_value_t = BackendChoice::Auto)]
@@ -140,6 +140,10 @@ enum Command {
         /// Keep received tensors in a local file cache.
         #[arg(long)]
         cache: bool,
+        /// Listen on a non-loopback --host. Refused without it: the protocol
+        /// has no authentication and a history of memory-safety flaws.
+        #[arg(long)]
+        allow_network: bool,
     },
     /// List the backends, whether they are usable here, and what they take.
     Backends,
@@ -205,10 +209,21 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
                 (None, Some(file)) => Served::File(file),
                 (None, None) => unreachable!("clap requires a model or --config"),
             };
+            let api_key = match api_key {
+                Some(key) if key.trim().is_empty() => {
+                    return Err(Error::invalid_config(
+                        "api_key",
+                        "is empty (MODEL_RUNTIME_API_KEY or --api-key is set to nothing), \
+                         which is no key at all: give a key, or unset it to serve loopback \
+                         clients without one",
+                    ));
+                }
+                key => key.map(ApiKey::new),
+            };
             let access = Access {
                 host,
                 port,
-                api_key: api_key.map(ApiKey::new),
+                api_key,
                 allow_unauthenticated,
             };
             serve(what, access, latest).await
@@ -218,8 +233,12 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
             port,
             threads,
             cache,
+            allow_network,
         } => {
-            let mut config = RpcWorkerConfig::new().with_host(host).with_port(port);
+            let mut config = RpcWorkerConfig::new()
+                .with_host(host)
+                .with_port(port)
+                .with_allow_network(allow_network);
             config.threads = threads;
             config.cache = cache;
             rpc_worker(config).await
@@ -345,6 +364,7 @@ async fn chat(args: ModelArgs, sampling: SamplingArgs, latest: LatestLine) -> Re
 }
 
 /// What `serve` fronts.
+#[derive(Clone)]
 enum Served {
     /// One model from the command line.
     Model(ModelArgs),
@@ -435,12 +455,24 @@ async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), E
         }
     }
 
-    let router = runtime_openai::router(
-        manager.clone() as Arc<dyn ModelService>,
-        ServeOptions::new(config.default_model.clone().unwrap_or_default())
-            .with_api_keys(config.api_keys.clone())
-            .with_hosts(HostPolicy::for_address(&address)),
-    );
+    let keys = Keys::new(config.api_keys.clone(), config.admin_keys.clone());
+    let reloader = Arc::new(Reloader {
+        what: what.clone(),
+        api_key: access.api_key.clone(),
+        manager: manager.clone(),
+        keys: keys.clone(),
+    });
+    let mut options = ServeOptions::new(config.default_model.clone().unwrap_or_default())
+        .with_keys(keys)
+        .with_hosts(HostPolicy::for_address(&address));
+    if let Served::File(_) = what {
+        let reloader = reloader.clone();
+        options = options.with_reload(Arc::new(move || {
+            let reloader = reloader.clone();
+            Box::pin(async move { reloader.reload().await })
+        }));
+    }
+    let router = runtime_openai::router(manager.clone() as Arc<dyn ModelService>, options);
     let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
     eprintln!(
         "model-runtime: serving {} at http://{address}/v1/chat/completions",
@@ -450,7 +482,7 @@ async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), E
     let mut server = tokio::spawn(runtime_openai::serve(
         listener,
         router,
-        ServeLimits::default(),
+        ServeLimits::default().with_write_timeout(config.client_write_timeout),
         async move {
             let _ = stopped.await;
         },
@@ -459,7 +491,10 @@ async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), E
         tokio::select! {
             signal = signals.next() => match signal {
                 Signal::Stop => break Ok(()),
-                Signal::Reload => reload(&what, &access, &manager).await,
+                Signal::Reload => match reloader.reload().await {
+                    Ok(detail) => eprintln!("model-runtime: {detail}"),
+                    Err(err) => eprintln!("model-runtime: not reloaded: {}", render_error(&err)),
+                },
             },
             ended = &mut server => break match ended {
                 Ok(result) => result.map_err(|err| Error::io("the HTTP server failed", err)),
@@ -487,26 +522,35 @@ async fn serve(what: Served, access: Access, latest: LatestLine) -> Result<(), E
     served
 }
 
-/// Re-reads the configuration file on SIGHUP and applies it.
-async fn reload(what: &Served, access: &Access, manager: &RuntimeManager) {
-    let Served::File(path) = what else {
-        eprintln!("model-runtime: SIGHUP ignored: there is no configuration file to re-read");
-        return;
-    };
-    let config = GatewayConfig::from_file(path).map(|mut config| {
-        config.api_keys.extend(access.api_key.clone());
-        config
-    });
-    match config {
-        Ok(config) => match manager.reload(config).await {
-            Ok(()) => eprintln!("model-runtime: reloaded {}", path.display()),
-            Err(err) => eprintln!("model-runtime: reload: {}", render_error(&err)),
-        },
-        Err(err) => eprintln!(
-            "model-runtime: {} not reloaded: {}",
-            path.display(),
-            render_error(&err)
-        ),
+/// Re-reads the configuration file and applies it, on SIGHUP or `POST
+/// /reload`: the models through the manager, then the keys, swapped at once
+/// for every request (a rotated-out key stops working).
+struct Reloader {
+    what: Served,
+    /// The key given on the command line or in the environment, kept beside
+    /// the file's.
+    api_key: Option<ApiKey>,
+    manager: Arc<RuntimeManager>,
+    keys: Keys,
+}
+
+impl Reloader {
+    async fn reload(&self) -> Result<String, Error> {
+        let Served::File(path) = &self.what else {
+            return Err(Error::invalid_config(
+                "config",
+                "there is no configuration file to re-read (serve was given a model)",
+            ));
+        };
+        let mut config = GatewayConfig::from_file(path)?;
+        config.api_keys.extend(self.api_key.clone());
+        let clients = config.api_keys.clone();
+        let admins = config.admin_keys.clone();
+        let applied = self.manager.reload(config).await;
+        // A changed model that could not start keeps its old runtime; the
+        // rest of the file stands, keys included.
+        self.keys.replace(clients, admins);
+        applied.map(|()| format!("reloaded {}", path.display()))
     }
 }
 

@@ -16,6 +16,8 @@ pub const MAX_STARTUP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
 /// The most requests served at once ([`RuntimeConfig::parallel`]) accepted.
 pub const MAX_PARALLEL: u32 = 1024;
+/// The most CPU threads ([`RuntimeConfig::threads`]) accepted.
+pub const MAX_THREADS: u32 = 1024;
 /// Requests served at once when [`RuntimeConfig::parallel`] is unset, by
 /// the engines of ours (candle's slots, a gateway's model); llama.cpp and
 /// vLLM keep their own defaults.
@@ -307,6 +309,14 @@ impl RuntimeConfig {
                     "must be at least 1 (leave it unset for the default)",
                 ));
             }
+        }
+        if let Some(threads) = self.threads
+            && threads > MAX_THREADS
+        {
+            return Err(Error::invalid_config(
+                "threads",
+                format!("is {threads}; it must be between 1 and {MAX_THREADS}"),
+            ));
         }
         if let Some(parallel) = self.parallel
             && parallel > MAX_PARALLEL

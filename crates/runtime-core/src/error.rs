@@ -226,6 +226,19 @@ impl Error {
         }
     }
 
+    /// The [`Error::InvalidConfig`] for a configured `port` that another
+    /// process already listens on: found before an engine is started, so the
+    /// engine's start (a minute for some) is not spent to learn it.
+    pub fn port_in_use(host: &str, port: u16) -> Self {
+        Self::invalid_config(
+            "port",
+            format!(
+                "is {port}, which another process already listens on at {host}; choose \
+                 another port, or 0 for a free one"
+            ),
+        )
+    }
+
     /// Builds [`Error::Io`] with a description of what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {

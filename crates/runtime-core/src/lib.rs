@@ -69,7 +69,7 @@ mod service;
 pub use async_trait::async_trait;
 pub use config::{
     DEFAULT_PARALLEL, DEFAULT_QUEUE, MAX_PARALLEL, MAX_QUEUE, MAX_SHUTDOWN_GRACE,
-    MAX_STARTUP_TIMEOUT, RuntimeConfig,
+    MAX_STARTUP_TIMEOUT, MAX_THREADS, RuntimeConfig,
 };
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use format::ModelFormat;

@@ -130,6 +130,14 @@ pub trait ModelRuntime: Send + Sync {
         None
     }
 
+    /// The process id of the engine's process (the leader of its process
+    /// group, which holds every process of the engine), for backends that run
+    /// one, while running; `None` for in-process engines and before
+    /// `initialize`. For monitoring, and for proving an engine stopped.
+    fn engine_pid(&self) -> Option<u32> {
+        None
+    }
+
     /// The engine's most recent log lines, oldest first (empty for engines
     /// that do not log, or before `initialize`).
     fn log_tail(&self) -> Vec<String> {

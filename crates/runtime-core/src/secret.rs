@@ -28,6 +28,27 @@ impl ApiKey {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `given` is this key, compared in constant time: how long it
+    /// takes does not tell how much of a guess was right.
+    ///
+    /// ```
+    /// use runtime_core::ApiKey;
+    /// let key = ApiKey::new("s3cret");
+    /// assert!(key.matches("s3cret"));
+    /// assert!(!key.matches("s3creT") && !key.matches("s3cret!"));
+    /// ```
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Whether `given` is one of `keys`. Every key is compared, so timing
+    /// does not tell which one matched either.
+    pub fn any_matches(keys: &[ApiKey], given: &str) -> bool {
+        keys.iter()
+            .fold(false, |found, key| found | key.matches(given))
+    }
 }
 
 impl fmt::Debug for ApiKey {

@@ -47,6 +47,11 @@ pub struct GatewayConfig {
     /// allowed on loopback unless `allow_unauthenticated`).
     #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    /// Bearer tokens for the admin routes (`/status`, `/metrics`, `POST
+    /// /reload`); none means those answer loopback clients only. An admin
+    /// key is not a client key.
+    #[serde(default)]
+    pub admin_keys: Vec<ApiKey>,
     /// Listen on a non-loopback address without a key.
     #[serde(default)]
     pub allow_unauthenticated: bool,
@@ -77,6 +82,14 @@ pub struct GatewayConfig {
         with = "runtime_core::duration::serde"
     )]
     pub health_interval: Duration,
+    /// How long an answer may wait for its client to take bytes before the
+    /// connection is closed and its slot freed (default 30 s): a client that
+    /// stops reading a stream cannot hold its model's slot forever.
+    #[serde(
+        default = "default_client_write_timeout",
+        with = "runtime_core::duration::serde"
+    )]
+    pub client_write_timeout: Duration,
     /// The model that requests naming no model go to.
     #[serde(default)]
     pub default_model: Option<String>,
@@ -214,17 +227,28 @@ fn default_health_interval() -> Duration {
     Duration::from_secs(1)
 }
 
+fn default_client_write_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The longest `queue_timeout` and `drain_timeout`: an hour.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The most models a gateway may keep loaded at once.
+pub const MAX_LOADED: usize = 1024;
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
             allow_unauthenticated: false,
             max_loaded: None,
             memory_budget: None,
             queue_timeout: default_queue_timeout(),
             drain_timeout: default_drain_timeout(),
             health_interval: default_health_interval(),
+            client_write_timeout: default_client_write_timeout(),
             default_model: None,
             models: Vec::new(),
         }
@@ -275,10 +299,52 @@ impl GatewayConfig {
     /// Checks the settings and every model (names unique across names and
     /// aliases, the model exists, the backend's options are valid).
     pub fn validate(&self) -> Result<()> {
-        if self.max_loaded == Some(0) {
+        if let Some(max) = self.max_loaded
+            && !(1..=MAX_LOADED).contains(&max)
+        {
             return Err(Error::invalid_config(
                 "max_loaded",
-                "must be at least 1 (leave it out for no limit)",
+                format!(
+                    "is {max}; it must be between 1 and {MAX_LOADED} (leave it out for no limit)"
+                ),
+            ));
+        }
+        for (field, keys) in [
+            ("api_keys", &self.api_keys),
+            ("admin_keys", &self.admin_keys),
+        ] {
+            if keys.iter().any(|key| key.expose().trim().is_empty()) {
+                return Err(Error::invalid_config(
+                    field,
+                    "holds an empty key, which is no key at all; remove it or give a key",
+                ));
+            }
+        }
+        for (field, wait) in [
+            ("queue_timeout", self.queue_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if wait > MAX_WAIT {
+                return Err(Error::invalid_config(
+                    field,
+                    format!(
+                        "is {}; it must be at most {}",
+                        runtime_core::duration::format(wait),
+                        runtime_core::duration::format(MAX_WAIT)
+                    ),
+                ));
+            }
+        }
+        if self.client_write_timeout < Duration::from_millis(100)
+            || self.client_write_timeout > MAX_WAIT
+        {
+            return Err(Error::invalid_config(
+                "client_write_timeout",
+                format!(
+                    "is {}; it must be between 100ms and {}",
+                    runtime_core::duration::format(self.client_write_timeout),
+                    runtime_core::duration::format(MAX_WAIT)
+                ),
             ));
         }
         if self.memory_budget == Some(0) {
@@ -413,6 +479,17 @@ impl ModelSpec {
             return Err(Error::invalid_config(
                 at("queue"),
                 format!("is {}; at most {MAX_QUEUE} requests may wait", self.queue()),
+            ));
+        }
+        if let Some(ttl) = self.ttl
+            && ttl > runtime_core::duration::MAX
+        {
+            return Err(Error::invalid_config(at("ttl"), "must be at most a year"));
+        }
+        if self.preload && self.ttl.is_some() {
+            return Err(Error::invalid_config(
+                at("ttl"),
+                "is set on a preloaded model, which stays loaded: drop one of the two",
             ));
         }
         if self.ttl.is_some_and(|ttl| ttl.is_zero()) {

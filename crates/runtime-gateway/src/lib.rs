@@ -50,5 +50,5 @@ mod manager;
 mod metrics;
 mod served;
 
-pub use config::{GatewayConfig, ModelSpec};
+pub use config::{GatewayConfig, MAX_LOADED, MAX_WAIT, ModelSpec};
 pub use manager::{ModelStatus, RuntimeFactory, RuntimeManager};

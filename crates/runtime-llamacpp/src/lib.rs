@@ -169,9 +169,14 @@ impl ServerEngine for LlamaServer {
         command
             .arg("--model")
             .arg(&config.model_path)
-            .args(["--host", &config.host])
-            .args(["--port", &launch.port.to_string()])
             .args(["--alias", launch.model_name]);
+        match launch.socket {
+            // llama-server listens on a Unix socket when its host ends in `.sock`.
+            Some(socket) => command.arg("--host").arg(socket),
+            None => command
+                .args(["--host", &config.host])
+                .args(["--port", &launch.port.to_string()]),
+        };
         let numeric = [
             ("--ctx-size", config.context_size),
             ("--batch-size", config.batch_size),
@@ -223,6 +228,10 @@ impl ServerEngine for LlamaServer {
 
     fn default_startup_timeout(&self) -> Duration {
         Duration::from_secs(60)
+    }
+
+    fn supports_unix_socket(&self) -> bool {
+        true
     }
 
     fn stop_policy(&self, grace: Duration) -> StopPolicy {
@@ -335,10 +344,40 @@ mod tests {
         let args = launch_args(&config).join(" ");
         assert_eq!(
             args,
-            "--model /m/smol.gguf --host 127.0.0.1 --port 8123 --alias smol \
+            "--model /m/smol.gguf --alias smol --host 127.0.0.1 --port 8123 \
              --ctx-size 2048 --batch-size 256 --threads 2 --threads-batch 2 \
              --n-gpu-layers 0 --parallel 2 --no-webui"
         );
+    }
+
+    #[test]
+    fn on_a_private_socket_the_host_is_the_socket_and_there_is_no_port() {
+        let config = RuntimeConfig::new("/m/smol.gguf");
+        let options = LlamaCppOptions::default();
+        let socket = std::path::Path::new("/run/user/1/model-runtime-x/engine.sock");
+        let command = LlamaServer
+            .command(
+                &LaunchSpec::new(
+                    Path::new("/opt/llama-server"),
+                    &config,
+                    &options,
+                    0,
+                    "k",
+                    "smol",
+                )
+                .with_socket(socket),
+            )
+            .unwrap();
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let args = args.join(" ");
+        assert!(
+            args.contains(&format!("--host {}", socket.display())),
+            "{args}"
+        );
+        assert!(!args.contains("--port"), "{args}");
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct RpcWorkerConfig {
     pub shutdown_grace: Duration,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
+    /// Listen on a non-loopback [`host`](Self::host) (default false:
+    /// refused). The protocol has no authentication and a history of
+    /// memory-safety flaws: set it only for a private network you control.
+    pub allow_network: bool,
 }
 
 impl Default for RpcWorkerConfig {
@@ -58,6 +62,7 @@ impl Default for RpcWorkerConfig {
             startup_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
             env: BTreeMap::new(),
+            allow_network: false,
         }
     }
 }
@@ -72,6 +77,13 @@ impl RpcWorkerConfig {
     #[must_use]
     pub fn with_host(mut self, host: impl Into<String>) -> Self {
         self.host = host.into();
+        self
+    }
+
+    /// Sets [`allow_network`](Self::allow_network).
+    #[must_use]
+    pub fn with_allow_network(mut self, allow: bool) -> Self {
+        self.allow_network = allow;
         self
     }
 
@@ -163,6 +175,19 @@ impl RpcWorker {
                 format!("is {:?}; give an IP address to listen on", config.host),
             )
         })?;
+        if !host_ip.is_loopback() && !config.allow_network {
+            return Err(Error::invalid_config(
+                "host",
+                format!(
+                    "is {}, beyond loopback; the RPC protocol has no authentication (anyone who \
+                     reaches the port can use this machine's devices and memory) and a history \
+                     of memory-safety flaws: listen on 127.0.0.1, or allow the network \
+                     explicitly (--allow-network, RpcWorkerConfig::allow_network) on a private \
+                     network you control",
+                    config.host
+                ),
+            ));
+        }
         if !host_ip.is_loopback() {
             tracing::warn!(
                 host = config.host,
@@ -271,6 +296,34 @@ mod tests {
             .unwrap()
             .to_string_lossy();
         assert!(library_path.starts_with("/opt/llama/bin"), "{library_path}");
+    }
+
+    #[tokio::test]
+    async fn a_network_address_is_refused_unless_the_network_is_allowed() {
+        let err = RpcWorker::start(
+            RpcWorkerConfig::new()
+                .with_host("0.0.0.0")
+                .with_binary("/nonexistent/ggml-rpc-server"),
+        )
+        .await
+        .unwrap_err();
+        match err {
+            Error::InvalidConfig { field, reason } => {
+                assert_eq!(field, "host");
+                assert!(reason.contains("allow_network"), "{reason}");
+            }
+            other => panic!("refused before looking for the binary, got {other:?}"),
+        }
+        // Allowed, it goes on (here to the missing binary).
+        let err = RpcWorker::start(
+            RpcWorkerConfig::new()
+                .with_host("0.0.0.0")
+                .with_allow_network(true)
+                .with_binary("/nonexistent/ggml-rpc-server"),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::BinaryNotFound { .. }), "{err:?}");
     }
 
     #[tokio::test]

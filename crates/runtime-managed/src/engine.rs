@@ -23,8 +23,13 @@ pub struct LaunchSpec<'a, O> {
     pub config: &'a RuntimeConfig,
     /// The backend's typed options, read from the configuration.
     pub options: &'a O,
-    /// The port to listen on (never 0: chosen already).
+    /// The port to listen on (never 0: chosen already), unless
+    /// [`socket`](Self::socket) is set.
     pub port: u16,
+    /// The Unix socket to listen on instead of `host:port`, for engines that
+    /// [support one](ServerEngine::supports_unix_socket): a path in a
+    /// directory only this process's user may enter.
+    pub socket: Option<&'a Path>,
     /// The API key the engine must require. Engines take it from their
     /// environment, never from the command line, which other local users can
     /// read.
@@ -48,9 +53,17 @@ impl<'a, O> LaunchSpec<'a, O> {
             config,
             options,
             port,
+            socket: None,
             api_key,
             model_name,
         }
+    }
+
+    /// Listens on the Unix socket at `socket` instead of a port.
+    #[must_use]
+    pub fn with_socket(mut self, socket: &'a Path) -> Self {
+        self.socket = Some(socket);
+        self
     }
 }
 
@@ -94,6 +107,14 @@ pub trait ServerEngine: Send + Sync + 'static {
 
     /// How long startup may go without log progress when the config says nothing.
     fn default_startup_timeout(&self) -> Duration;
+
+    /// Whether the engine can listen on a Unix socket ([`LaunchSpec::socket`]).
+    /// Such an engine is run on a private socket, behind a listener of ours
+    /// that requires its key on every route but `/health`: no other local
+    /// user can reach the engine, whatever routes its own key guards.
+    fn supports_unix_socket(&self) -> bool {
+        false
+    }
 
     /// How to stop the engine, given the configured grace period.
     fn stop_policy(&self, grace: Duration) -> StopPolicy {

@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 mod engine;
+mod front;
 mod managed;
 
 pub use engine::{LaunchSpec, ServerEngine};

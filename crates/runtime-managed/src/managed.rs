@@ -10,8 +10,10 @@ use runtime_core::{
     ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
     Result, RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
-use runtime_openai::{ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key};
-use runtime_process::{ServerProcess, StopPolicy, free_port};
+use runtime_openai::{
+    ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key,
+};
+use runtime_process::{ServerProcess, StopPolicy, ensure_port_free, free_port};
 
 use crate::engine::PROBE_TIMEOUT;
 use crate::{LaunchSpec, ServerEngine};
@@ -26,12 +28,26 @@ const PORT_ATTEMPTS: usize = 3;
 #[derive(Debug)]
 struct Running {
     process: Arc<ServerProcess>,
+    /// How the runtime reaches the engine: over its private socket, or its port.
     client: OpenAiClient,
+    /// Where other clients reach it (`base_url`): the front in front of the
+    /// private socket, or the engine's own port.
+    base_url: String,
+    /// The front and the socket's directory, for engines on a private socket.
+    private: Option<Private>,
     api_key: ApiKey,
     format: ModelFormat,
     version: String,
     context_size: Option<u32>,
     stop_policy: StopPolicy,
+}
+
+/// An engine on a private socket: the front that is its only door, and the
+/// directory that holds the socket (removed with it).
+#[derive(Debug)]
+struct Private {
+    front: crate::front::Front,
+    _dir: tempfile::TempDir,
 }
 
 /// A [`ModelRuntime`] over an OpenAI-compatible engine server `E`.
@@ -111,27 +127,127 @@ impl<E: ServerEngine> ManagedServer<E> {
             .unwrap_or_else(|| self.engine.default_startup_timeout());
         let stop_policy = self.engine.stop_policy(config.shutdown_grace);
 
+        let timeouts = ClientTimeouts::with_idle(config.idle_timeout);
+        let (process, client, private) = if self.engine.supports_unix_socket() {
+            // Our listener first: a taken port fails now, before the engine.
+            let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+                .await
+                .map_err(|err| match err.kind() {
+                    std::io::ErrorKind::AddrInUse => Error::port_in_use(&config.host, config.port),
+                    _ => Error::io(
+                        format!("error binding {}:{}", config.host, config.port),
+                        err,
+                    ),
+                })?;
+            let dir = private_dir()?;
+            let socket = dir.path().join("engine.sock");
+            let launch =
+                LaunchSpec::new(&binary, config, &options, 0, api_key.expose(), &model_name)
+                    .with_socket(&socket);
+            let command = self.engine.command(&launch)?;
+            let process = ServerProcess::spawn(&command)?;
+            let client = OpenAiClient::with_options(
+                "http://localhost",
+                Some(api_key.clone()),
+                Some(model_name.clone()),
+                ClientOptions::unix_socket(&socket, timeouts),
+            )?;
+            // Nobody else can create the socket in our directory: the
+            // engine's answer is the engine's.
+            let ready = process
+                .wait_until_ready(stall_timeout, || self.engine.probe_ready(&client))
+                .await;
+            if let Err(err) = ready {
+                process.stop(stop_policy).await;
+                return Err(err);
+            }
+            let front = crate::front::Front::start(listener, &socket, api_key.clone())?;
+            let private = Private { front, _dir: dir };
+            (process, client, Some(private))
+        } else {
+            let (process, client) = self
+                .start_on_port(
+                    config,
+                    (&binary, &options),
+                    stall_timeout,
+                    stop_policy,
+                    &api_key,
+                    &model_name,
+                )
+                .await?;
+            (process, client, None)
+        };
+        let base_url = match &private {
+            Some(private) => http_base_url(&config.host, private.front.address().port()),
+            None => client.base_url().to_owned(),
+        };
+
+        let version = match binary_version {
+            Some(version) => version,
+            None => match self.engine.served_version(&client).await {
+                Ok(version) => version,
+                Err(err) => {
+                    process.stop(stop_policy).await;
+                    return Err(err);
+                }
+            },
+        };
+        let context_size = self.engine.context_size(&client).await;
+        let client = client.with_heartbeat(Heartbeat::new(
+            self.engine.engine_name(),
+            config.hang_timeout,
+        ));
+        tracing::info!(
+            engine = self.engine.engine_name(),
+            base_url = client.base_url(),
+            version,
+            "engine ready"
+        );
+        Ok(Running {
+            process: Arc::new(process),
+            client,
+            base_url,
+            private,
+            api_key,
+            format,
+            version,
+            context_size,
+            stop_policy,
+        })
+    }
+
+    /// Starts an engine that listens on a TCP port of its own: on `config`'s
+    /// port, or on a free one (tried again with a fresh one when the engine
+    /// reports it taken).
+    async fn start_on_port(
+        &self,
+        config: &RuntimeConfig,
+        (binary, options): (&std::path::Path, &E::Options),
+        stall_timeout: Duration,
+        stop_policy: StopPolicy,
+        api_key: &ApiKey,
+        model_name: &str,
+    ) -> Result<(ServerProcess, OpenAiClient)> {
+        // A port another process holds fails now, not after the engine has
+        // spent its start (up to a minute) learning it cannot bind.
+        if config.port != 0 {
+            ensure_port_free(&config.host, config.port)?;
+        }
         let mut attempt = 0;
-        let (process, client) = loop {
+        let started = loop {
             attempt += 1;
             let port = match config.port {
                 0 => free_port(&config.host)?,
                 port => port,
             };
-            let launch = LaunchSpec::new(
-                &binary,
-                config,
-                &options,
-                port,
-                api_key.expose(),
-                &model_name,
-            );
+            let launch =
+                LaunchSpec::new(binary, config, options, port, api_key.expose(), model_name);
             let command = self.engine.command(&launch)?;
             let process = ServerProcess::spawn(&command)?;
             let client = OpenAiClient::new(
                 http_base_url(&config.host, port),
                 Some(api_key.clone()),
-                Some(model_name.clone()),
+                Some(model_name.to_owned()),
                 ClientTimeouts::with_idle(config.idle_timeout),
             )?;
             // Ready means: the engine's own process group holds the listening
@@ -163,37 +279,7 @@ impl<E: ServerEngine> ManagedServer<E> {
                 }
             }
         };
-
-        let version = match binary_version {
-            Some(version) => version,
-            None => match self.engine.served_version(&client).await {
-                Ok(version) => version,
-                Err(err) => {
-                    process.stop(stop_policy).await;
-                    return Err(err);
-                }
-            },
-        };
-        let context_size = self.engine.context_size(&client).await;
-        let client = client.with_heartbeat(Heartbeat::new(
-            self.engine.engine_name(),
-            config.hang_timeout,
-        ));
-        tracing::info!(
-            engine = self.engine.engine_name(),
-            base_url = client.base_url(),
-            version,
-            "engine ready"
-        );
-        Ok(Running {
-            process: Arc::new(process),
-            client,
-            api_key,
-            format,
-            version,
-            context_size,
-            stop_policy,
-        })
+        Ok(started)
     }
 }
 
@@ -246,8 +332,12 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     fn base_url(&self) -> String {
         self.running
             .as_ref()
-            .map(|running| running.client.base_url().to_owned())
+            .map(|running| running.base_url.clone())
             .unwrap_or_default()
+    }
+
+    fn engine_pid(&self) -> Option<u32> {
+        self.pid()
     }
 
     fn api_key(&self) -> Option<ApiKey> {
@@ -290,13 +380,16 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             let Running {
                 process,
                 client,
+                private,
                 stop_policy,
                 ..
             } = running;
-            // Close our open streams first (they end with ShutDown):
-            // llama-server waits for open connections before it exits.
+            // Close our open streams first (they end with ShutDown), and the
+            // front's connections: llama-server waits for open connections
+            // before it exits.
             client.close_streams();
             drop(client);
+            drop(private.map(|private| private.front));
             let exited = process.stop(stop_policy).await;
             tracing::info!(engine = self.engine.engine_name(), %exited, "engine shut down");
         }
@@ -357,5 +450,127 @@ impl Supervised {
             self.events = Box::new(futures::stream::empty());
         }
         Some((event, self))
+    }
+}
+
+/// Private directories are named `model-runtime-<owner pid>-<random>`.
+const PRIVATE_DIR_PREFIX: &str = "model-runtime-";
+
+/// A new directory that only this process's user may enter (`0700`), for an
+/// engine's socket: in `$XDG_RUNTIME_DIR` where there is one, else the
+/// temporary directory. Socket paths are short (about 100 bytes), so long
+/// directory names fall back to `/tmp`. Directories that killed owners
+/// left behind are removed on the way.
+fn private_dir() -> Result<tempfile::TempDir> {
+    const MAX_SOCKET_PATH: usize = 100;
+    let candidates = [
+        std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from),
+        Some(std::env::temp_dir()),
+        Some(std::path::PathBuf::from("/tmp")),
+    ];
+    let parent = candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.is_dir() && dir.as_os_str().len() + 40 < MAX_SOCKET_PATH)
+        .unwrap_or_else(|| std::path::PathBuf::from("/tmp"));
+    let prefix = format!("{PRIVATE_DIR_PREFIX}{}-", std::process::id());
+    let dir = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(&parent)
+        .map_err(|err| {
+            Error::io(
+                format!("error creating a private directory in {}", parent.display()),
+                err,
+            )
+        })?;
+    // tempfile makes it 0700 already; say so, whatever the umask did.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(|err| Error::io("error restricting the engine's directory", err))?;
+    }
+    sweep_dead_owners(&parent, dir.path());
+    Ok(dir)
+}
+
+/// Removes the private directories in `parent` whose owner died without
+/// removing them (killed, so no destructor ran): ours (same user) only, and
+/// only when the process named in the name is gone. `ours`: a directory
+/// this process just made, whose owner is us. Best effort.
+fn sweep_dead_owners(parent: &std::path::Path, ours: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(PRIVATE_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owner == std::process::id() || runtime_process::process_exists(owner) {
+            continue;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(us) = std::fs::metadata(ours).map(|meta| meta.uid()) else {
+                return;
+            };
+            let mine = entry
+                .metadata()
+                .is_ok_and(|meta| meta.is_dir() && meta.uid() == us);
+            if !mine {
+                continue;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ours;
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::debug!(dir = %entry.path().display(), "removed the private directory of a dead owner")
+            }
+            Err(err) => {
+                tracing::debug!(dir = %entry.path().display(), error = %err, "could not remove the private directory of a dead owner")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_directory_left_by_a_dead_owner_is_removed_and_live_ones_are_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let left = parent
+            .path()
+            .join(format!("{PRIVATE_DIR_PREFIX}{dead}-abc"));
+        std::fs::create_dir(&left).unwrap();
+        std::fs::write(left.join("engine.sock"), b"").unwrap();
+        let live = parent.path().join(format!("{PRIVATE_DIR_PREFIX}1-abc"));
+        std::fs::create_dir(&live).unwrap();
+        let unrelated = parent.path().join("model-runtime-notes");
+        std::fs::create_dir(&unrelated).unwrap();
+        let ours = parent
+            .path()
+            .join(format!("{PRIVATE_DIR_PREFIX}{}-new", std::process::id()));
+        std::fs::create_dir(&ours).unwrap();
+
+        sweep_dead_owners(parent.path(), &ours);
+
+        assert!(!left.exists(), "the dead owner's directory is removed");
+        assert!(live.exists(), "a live process's directory is kept");
+        assert!(unrelated.exists(), "a name not ours is kept");
+        assert!(ours.exists(), "our own directory is kept");
     }
 }

@@ -60,6 +60,10 @@ pub struct ClientOptions {
     /// PEM certificates to trust besides the system's (a private CA, a
     /// self-signed gateway). Needs the `tls` feature.
     pub root_certificates: Vec<Vec<u8>>,
+    /// Reach the server through this Unix socket instead of TCP (an engine
+    /// listening on a private socket); the URL's host is then only the
+    /// `Host` header.
+    pub unix_socket: Option<std::path::PathBuf>,
 }
 
 impl ClientOptions {
@@ -83,6 +87,16 @@ impl ClientOptions {
             pooled: base_url.starts_with("https://"),
             connect_retries: 2,
             root_certificates: Vec::new(),
+            unix_socket: None,
+        }
+    }
+
+    /// A fresh connection per request over the Unix socket at `path`: for
+    /// an engine listening on a private socket.
+    pub fn unix_socket(path: impl Into<std::path::PathBuf>, timeouts: ClientTimeouts) -> Self {
+        Self {
+            unix_socket: Some(path.into()),
+            ..Self::loopback(timeouts)
         }
     }
 
@@ -169,6 +183,9 @@ impl OpenAiClient {
             builder = builder.pool_max_idle_per_host(0).no_proxy();
         }
         builder = tls::configure(builder, &base_url, &options.root_certificates)?;
+        if let Some(path) = &options.unix_socket {
+            builder = unix_socket(builder, path)?;
+        }
         let http = builder.build().map_err(transport)?;
         Ok(Self {
             http,
@@ -403,6 +420,29 @@ impl Interrupts {
             err = hung => err,
         }
     }
+}
+
+/// Connects through the Unix socket at `path`.
+#[cfg(unix)]
+fn unix_socket(
+    builder: reqwest::ClientBuilder,
+    path: &std::path::Path,
+) -> Result<reqwest::ClientBuilder> {
+    Ok(builder.unix_socket(path))
+}
+
+#[cfg(not(unix))]
+fn unix_socket(
+    _builder: reqwest::ClientBuilder,
+    path: &std::path::Path,
+) -> Result<reqwest::ClientBuilder> {
+    Err(Error::invalid_config(
+        "unix_socket",
+        format!(
+            "is {}, but this platform has no Unix sockets",
+            path.display()
+        ),
+    ))
 }
 
 /// The HTTP root of a server listening on `host:port`, as a client reaches it:

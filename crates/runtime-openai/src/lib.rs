@@ -27,6 +27,7 @@
 
 mod client;
 mod heartbeat;
+mod io;
 mod key;
 #[cfg(feature = "server")]
 mod serve;
@@ -38,11 +39,12 @@ pub mod wire;
 
 pub use client::{ClientOptions, ClientTimeouts, OpenAiClient, http_base_url};
 pub use heartbeat::Heartbeat;
+pub use io::WriteTimeout;
 pub use key::random_api_key;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub use serve::{ServeLimits, serve};
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
-pub use server::{ApiError, HostPolicy, ServeOptions, check_exposure, router};
+pub use server::{ApiError, HostPolicy, Keys, Reload, ServeOptions, check_exposure, router};
 pub use sse::{SseDecoder, SseEvent};

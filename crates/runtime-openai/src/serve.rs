@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+
+use crate::WriteTimeout;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -23,6 +26,11 @@ pub struct ServeLimits {
     /// How long a client may take to send a request's headers (default
     /// 10 s): a client that trickles them cannot hold a connection forever.
     pub header_read_timeout: Duration,
+    /// How long a response may make no progress writing to its client before
+    /// the connection is closed (default 30 s): a client that stops reading
+    /// a stream would otherwise hold its request (and its model's slot)
+    /// forever. A client that reads, however slowly, is never cut.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServeLimits {
@@ -30,6 +38,7 @@ impl Default for ServeLimits {
         Self {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -48,10 +57,21 @@ impl ServeLimits {
         self.header_read_timeout = timeout;
         self
     }
+
+    /// Sets [`write_timeout`](Self::write_timeout).
+    #[must_use]
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits for the open connections to finish their responses.
+///
+/// Each request carries its peer's address (axum's
+/// [`ConnectInfo<SocketAddr>`](ConnectInfo)), which the router's admin
+/// routes use to tell loopback clients from others.
 ///
 /// The caller bounds that wait (open streams end when the runtime behind them
 /// closes them); dropping the returned future closes every connection at once.
@@ -86,7 +106,9 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service =
+            TowerToHyperService::new(router.clone().layer(axum::Extension(ConnectInfo(peer))));
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

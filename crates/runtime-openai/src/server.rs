@@ -67,19 +67,93 @@ impl HostPolicy {
     }
 }
 
+/// The bearer tokens a server accepts: its clients' keys and its admins'.
+///
+/// Clones share one set: [`replace`](Self::replace) swaps both lists at
+/// once (what a reload does), so every request sees the old keys or the new
+/// ones, never a mix, and a rotated-out key stops working at once.
+#[derive(Clone, Default)]
+pub struct Keys {
+    current: Arc<std::sync::RwLock<Arc<KeySet>>>,
+}
+
+#[derive(Default)]
+struct KeySet {
+    clients: Vec<ApiKey>,
+    admins: Vec<ApiKey>,
+}
+
+impl Keys {
+    /// `clients` may use the API (none: no key required), `admins` the
+    /// admin routes (none: loopback peers only).
+    pub fn new(clients: Vec<ApiKey>, admins: Vec<ApiKey>) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(Arc::new(KeySet { clients, admins }))),
+        }
+    }
+
+    /// Replaces both lists, atomically for every clone.
+    pub fn replace(&self, clients: Vec<ApiKey>, admins: Vec<ApiKey>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Arc::new(KeySet { clients, admins });
+    }
+
+    fn snapshot(&self) -> Arc<KeySet> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = self.snapshot();
+        f.debug_struct("Keys")
+            .field("clients", &keys.clients.len())
+            .field("admins", &keys.admins.len())
+            .finish()
+    }
+}
+
+/// Re-reads a server's configuration, for `POST /reload`: returns a line
+/// saying what changed.
+pub type Reload = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Settings of the router.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ServeOptions {
     /// The model name listed at `/v1/models` and echoed in responses (when
     /// the service does not list its own).
     pub model_name: String,
-    /// The bearer tokens clients may send; none means no key is required.
-    pub api_keys: Vec<ApiKey>,
+    /// The bearer tokens clients and admins may send.
+    pub keys: Keys,
     /// The largest request body accepted, in bytes (default 4 MiB).
     pub body_limit: usize,
     /// Which `Host` names are accepted (default: loopback only).
     pub hosts: HostPolicy,
+    /// What `POST /reload` runs (none: the route answers 404).
+    pub reload: Option<Reload>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("model_name", &self.model_name)
+            .field("keys", &self.keys)
+            .field("body_limit", &self.body_limit)
+            .field("hosts", &self.hosts)
+            .field("reload", &self.reload.is_some())
+            .finish()
+    }
 }
 
 impl ServeOptions {
@@ -88,23 +162,32 @@ impl ServeOptions {
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             model_name: model_name.into(),
-            api_keys: Vec::new(),
+            keys: Keys::default(),
             body_limit: 4 * 1024 * 1024,
             hosts: HostPolicy::Loopback,
+            reload: None,
         }
     }
 
     /// Requires `api_key` as a bearer token (no key: none required).
     #[must_use]
-    pub fn with_api_key(mut self, api_key: Option<ApiKey>) -> Self {
-        self.api_keys = api_key.into_iter().collect();
+    pub fn with_api_key(self, api_key: Option<ApiKey>) -> Self {
+        self.with_api_keys(api_key.into_iter().collect())
+    }
+
+    /// Accepts any of `api_keys` as a bearer token (none: no key required),
+    /// and no admin key.
+    #[must_use]
+    pub fn with_api_keys(mut self, api_keys: Vec<ApiKey>) -> Self {
+        self.keys = Keys::new(api_keys, Vec::new());
         self
     }
 
-    /// Accepts any of `api_keys` as a bearer token (none: no key required).
+    /// Uses `keys`, which its owner may [`replace`](Keys::replace) while
+    /// the router serves.
     #[must_use]
-    pub fn with_api_keys(mut self, api_keys: Vec<ApiKey>) -> Self {
-        self.api_keys = api_keys;
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -112,6 +195,13 @@ impl ServeOptions {
     #[must_use]
     pub fn with_hosts(mut self, hosts: HostPolicy) -> Self {
         self.hosts = hosts;
+        self
+    }
+
+    /// Sets [`reload`](Self::reload).
+    #[must_use]
+    pub fn with_reload(mut self, reload: Reload) -> Self {
+        self.reload = Some(reload);
         self
     }
 }
@@ -152,13 +242,17 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    let admin = Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route("/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
         .route("/version", get(version))
         .merge(api)
+        .merge(admin)
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -259,39 +353,73 @@ fn refusal(status: StatusCode, message: &str, kind: &str) -> Response {
     (status, Json(ErrorBody::new(message, kind, status.as_u16()))).into_response()
 }
 
-/// Every route but `/health` requires the API key, when one is configured.
+/// The API's routes require a client key, when any is configured.
 async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if authorized(&state.options, request.headers()) {
+    let keys = state.options.keys.snapshot();
+    if keys.clients.is_empty() || matches_any(&keys.clients, bearer(request.headers())) {
         next.run(request).await
     } else {
-        refusal(
-            StatusCode::UNAUTHORIZED,
-            "invalid or missing API key",
-            "authentication_error",
-        )
+        unauthorized()
     }
 }
 
-fn authorized(options: &ServeOptions, headers: &HeaderMap) -> bool {
-    if options.api_keys.is_empty() {
-        return true;
+/// `/status`, `/metrics` and `/reload` require an admin key when any is
+/// configured (a client key is not one: 403); with none, they answer
+/// loopback peers only, with the client key if clients need one. What they
+/// tell (engines' log lines, paths) and do (a reload) is the operator's.
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let keys = state.options.keys.snapshot();
+    let given = bearer(request.headers());
+    if !keys.admins.is_empty() {
+        if matches_any(&keys.admins, given) {
+            return next.run(request).await;
+        }
+        if matches_any(&keys.clients, given) {
+            return refusal(
+                StatusCode::FORBIDDEN,
+                "this route needs an admin key",
+                "permission_error",
+            );
+        }
+        return unauthorized();
     }
-    let Some(given) = headers
+    let loopback = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|peer| peer.0.ip().is_loopback());
+    if !loopback {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "this route answers loopback clients only, unless an admin key is configured",
+            "permission_error",
+        );
+    }
+    if keys.clients.is_empty() || matches_any(&keys.clients, given) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
+fn unauthorized() -> Response {
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        "invalid or missing API key",
+        "authentication_error",
+    )
+}
+
+/// The bearer token of a request, if it sends one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    // Every key is compared, so timing does not tell which one matched.
-    options.api_keys.iter().fold(false, |found, key| {
-        found | constant_time_eq(given.as_bytes(), key.expose().as_bytes())
-    })
 }
 
-/// Compares without an early exit, so timing does not reveal the key's prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` is one of `keys` ([`ApiKey::any_matches`]).
+fn matches_any(keys: &[ApiKey], given: Option<&str>) -> bool {
+    given.is_some_and(|given| ApiKey::any_matches(keys, given))
 }
 
 /// On loopback, `Host` and `Origin` must name loopback: a page elsewhere that
@@ -370,6 +498,30 @@ async fn status(State(state): State<AppState>) -> Response {
             "this server keeps no status report",
             "invalid_request_error",
         ),
+    }
+}
+
+async fn reload(State(state): State<AppState>) -> Response {
+    let Some(reload) = state.options.reload.clone() else {
+        return refusal(
+            StatusCode::NOT_FOUND,
+            "this server has no configuration file to reload",
+            "invalid_request_error",
+        );
+    };
+    match reload().await {
+        Ok(detail) => Json(json!({"status": "reloaded", "detail": detail})).into_response(),
+        // A bad file is the operator's mistake, not the server's failure.
+        Err(err @ Error::InvalidConfig { .. }) => (
+            StatusCode::BAD_REQUEST,
+            Json(ErrorBody::new(
+                err.to_string(),
+                "invalid_request_error",
+                400,
+            )),
+        )
+            .into_response(),
+        Err(err) => ApiError(err).into_response(),
     }
 }
 
@@ -592,13 +744,6 @@ fn completion_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_compare_equal_only_when_identical() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret!"));
-    }
 
     #[test]
     fn client_mistakes_map_to_4xx_and_engine_failures_to_5xx() {

@@ -67,8 +67,22 @@ impl BinarySearch<'_> {
 /// Another process may take it before the engine binds it; server backends
 /// retry with a fresh port when the engine reports the address in use.
 pub fn free_port(host: &str) -> Result<u16> {
-    let listener = TcpListener::bind((host, 0))
-        .map_err(|err| Error::io(format!("error finding a free port on {host}"), err))?;
+    free_port_at(host, 0)
+}
+
+/// Checks that `port` on `host` is free now, so a start on it is worth
+/// trying: [`Error::port_in_use`] when another process listens on it. (It
+/// may still be taken before the engine binds it; the engine then fails to
+/// bind, and readiness never takes another process's socket for its own.)
+pub fn ensure_port_free(host: &str, port: u16) -> Result<()> {
+    free_port_at(host, port).map(drop)
+}
+
+fn free_port_at(host: &str, port: u16) -> Result<u16> {
+    let listener = TcpListener::bind((host, port)).map_err(|err| match err.kind() {
+        std::io::ErrorKind::AddrInUse if port != 0 => Error::port_in_use(host, port),
+        _ => Error::io(format!("error binding {host}:{port}"), err),
+    })?;
     let port = listener
         .local_addr()
         .map_err(|err| Error::io("error reading the bound port", err))?
@@ -79,6 +93,21 @@ pub fn free_port(host: &str) -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_another_process_listens_on_is_refused_by_name() {
+        let taken = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        match ensure_port_free("127.0.0.1", port) {
+            Err(Error::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "port");
+                assert!(reason.contains(&port.to_string()), "{reason}");
+            }
+            other => panic!("a taken port is InvalidConfig naming it, got {other:?}"),
+        }
+        drop(taken);
+        ensure_port_free("127.0.0.1", port).expect("free once released");
+    }
 
     #[test]
     fn an_explicit_path_that_does_not_exist_is_named_in_the_error() {

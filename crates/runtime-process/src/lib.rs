@@ -20,7 +20,8 @@
 //!   belongs to the engine's group, so a process squatting on the port cannot
 //!   pass for the engine.
 //!
-//! It also finds engine binaries ([`BinarySearch`]) and free ports ([`free_port`]).
+//! It also finds engine binaries ([`BinarySearch`]) and free ports
+//! ([`free_port`], [`ensure_port_free`]).
 //!
 //! It deliberately knows nothing about HTTP or any particular engine: what
 //! "ready" means is a probe the backend passes in.
@@ -56,6 +57,13 @@ mod platform;
 mod platform;
 
 pub use command::{ParentDeath, ServerCommand};
-pub use discovery::{BinarySearch, free_port};
+pub use discovery::{BinarySearch, ensure_port_free, free_port};
 pub use log::{LogTail, MAX_LINE_BYTES};
 pub use process::{Exited, ServerProcess, StopPolicy};
+
+/// Whether a process with this id exists now, of any user. Where that
+/// cannot be known, `true`: use it to clean up after processes that died,
+/// never to decide that one runs.
+pub fn process_exists(pid: u32) -> bool {
+    platform::process_exists(pid)
+}

@@ -344,3 +344,15 @@ mod tests {
         assert_eq!(state_of(pid), None);
     }
 }
+
+/// Whether a process `pid` exists (signal 0; a process of another user
+/// exists too).
+pub(crate) fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
+}

@@ -74,6 +74,11 @@ pub struct RemoteOptions {
     /// (default 2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_retries: Option<u32>,
+    /// Send the key over plain `http://` to a host other than this machine
+    /// (default false: refused, as anyone on the path reads it; use
+    /// `https://`, or set this for a network you trust).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_plain_http_key: Option<bool>,
 }
 
 impl RemoteOptions {
@@ -100,6 +105,13 @@ impl RemoteOptions {
     #[must_use]
     pub fn with_health_path(mut self, path: impl Into<String>) -> Self {
         self.health_path = Some(path.into());
+        self
+    }
+
+    /// Sets [`allow_plain_http_key`](Self::allow_plain_http_key).
+    #[must_use]
+    pub fn with_allow_plain_http_key(mut self, allow: bool) -> Self {
+        self.allow_plain_http_key = Some(allow);
         self
     }
 }
@@ -179,6 +191,45 @@ fn base_url(config: &RuntimeConfig) -> Result<String> {
     Ok(url.strip_suffix("/v1").unwrap_or(&url).to_owned())
 }
 
+/// Refuses to send a key in the clear to another machine: over plain
+/// `http://` anyone on the path reads it, and the heartbeat would repeat it
+/// every few seconds. Loopback never leaves the machine; `https://` is
+/// encrypted; `allow_plain_http_key` is the operator's word that the network
+/// is trusted.
+fn check_key_transport(
+    base_url: &str,
+    config: &RuntimeConfig,
+    options: &RemoteOptions,
+) -> Result<()> {
+    let Some(rest) = base_url.strip_prefix("http://") else {
+        return Ok(());
+    };
+    if config.api_key.is_none() || options.allow_plain_http_key == Some(true) {
+        return Ok(());
+    }
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    Err(Error::invalid_config(
+        "api_key",
+        format!(
+            "would go over plain http:// to {host}, where anyone on the path reads it: use \
+             https://, or set allow_plain_http_key for a network you trust"
+        ),
+    ))
+}
+
 #[async_trait]
 impl ModelRuntime for RemoteRuntime {
     fn supported_format(&self) -> ModelFormat {
@@ -193,6 +244,7 @@ impl ModelRuntime for RemoteRuntime {
         config.validate()?;
         let options = config.options::<RemoteOptions>()?;
         let base_url = base_url(&config)?;
+        check_key_transport(&base_url, &config, &options)?;
         let mut timeouts = ClientTimeouts::with_idle(config.idle_timeout);
         timeouts.request = Some(options.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT));
         let mut client_options = ClientOptions::remote(&base_url, timeouts);

@@ -218,6 +218,10 @@ impl ServerEngine for VllmServer {
         engine_command(launch, Role::Server)
     }
 
+    fn supports_unix_socket(&self) -> bool {
+        true
+    }
+
     fn default_startup_timeout(&self) -> Duration {
         // Without log output for this long, a load is stuck; while vLLM logs it
         // may take as long as it needs (minutes on a busy CPU).
@@ -277,10 +281,13 @@ fn engine_command(launch: &LaunchSpec<'_, VllmOptions>, role: Role) -> Result<Se
     command.args(head).arg(&config.model_path);
     match role {
         Role::Server => {
-            command
-                .args(["--host", &config.host])
-                .args(["--port", &launch.port.to_string()])
-                .args(["--served-model-name", launch.model_name]);
+            match launch.socket {
+                Some(socket) => command.arg("--uds").arg(socket),
+                None => command
+                    .args(["--host", &config.host])
+                    .args(["--port", &launch.port.to_string()]),
+            };
+            command.args(["--served-model-name", launch.model_name]);
         }
         Role::Headless => {
             command.arg("--headless");

@@ -99,16 +99,26 @@ pub async fn fault_port_taken(backend: &Backend) {
         "fails promptly: {:?}",
         started.elapsed()
     );
-    let text = chain(&err);
+    match &err {
+        Error::InvalidConfig { field, reason } if field == "port" => {
+            assert!(reason.contains(&port.to_string()), "{reason}");
+        }
+        other => panic!(
+            "a taken port is refused by name before a start: {}",
+            chain(other)
+        ),
+    }
     assert!(
-        matches!(err, Error::EngineExited { .. } | Error::Io { .. }),
-        "a taken port is reported: {text}"
+        started.elapsed() < Duration::from_secs(2),
+        "refused before the engine started: {:?}",
+        started.elapsed()
     );
     drop(listener);
 
     // The suite's engines are configured with port 0: it found a free one.
     assert_eq!(backend.config.port, 0);
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     assert_ne!(procs::port_of(&runtime.base_url()), 0);
 }
 
@@ -154,8 +164,17 @@ pub async fn fault_engine_killed(backend: &Backend) {
 }
 
 /// Dropping a runtime without shutdown leaves no process behind.
+///
+/// For an in-process engine: its threads stop.
 pub async fn fault_dropped_runtime(backend: &Backend) {
+    let threads = engine_threads();
     let runtime = start(backend).await;
+    if backend.server.is_none() {
+        assert!(
+            engine_threads() > threads,
+            "the engine runs threads of its own"
+        );
+    }
     let engine = engine_processes(backend, runtime.as_ref());
     let port = procs::port_of(&runtime.base_url());
     drop(runtime);
@@ -164,11 +183,24 @@ pub async fn fault_dropped_runtime(backend: &Backend) {
         left.is_empty(),
         "dropping the runtime stops the engine: {left:?}"
     );
+    let threads_left = wait_engine_threads(threads, backend.exit_budget).await;
+    assert_eq!(
+        threads_left, 0,
+        "dropping the runtime stops the engine's threads"
+    );
     wait_port_closed(port, Duration::from_secs(1)).await;
 }
 
 /// The process owning the runtime is SIGKILLed: the engine is gone within a second.
 pub async fn fault_owner_killed(backend: &Backend) {
+    if backend.server.is_none() {
+        not_applicable(
+            backend,
+            "fault_owner_killed",
+            "in process: the engine is threads of its owner, which die with it",
+        );
+        return;
+    }
     let helper = backend
         .hold_runtime
         .expect("suite! sets the path of the hold-runtime helper");
@@ -185,12 +217,19 @@ pub async fn fault_owner_killed(backend: &Backend) {
         .expect("hold-runtime reports ready")
         .expect("reading hold-runtime")
         .expect("hold-runtime printed a line");
-    let base_url = ready
+    // `READY <base_url> <engine pid, or 0 in process>`
+    let mut words = ready
         .strip_prefix("READY ")
-        .unwrap_or_else(|| panic!("unexpected hold-runtime output {ready:?}"));
+        .unwrap_or_else(|| panic!("unexpected hold-runtime output {ready:?}"))
+        .split(' ');
+    let base_url = words.next().expect("the base URL");
+    let pid: i32 = words
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .expect("the engine's pid");
     let port = procs::port_of(base_url);
     let engine = match backend.server {
-        Some(_) => procs::engine_on_port(port),
+        Some(_) => procs::group(pid),
         None => Vec::new(),
     };
     if let Some(server) = &backend.server {
@@ -218,8 +257,12 @@ pub async fn fault_owner_killed(backend: &Backend) {
 }
 
 /// A process squatting on the configured port and answering every request
-/// with 200 cannot pass for the engine: initialize fails (the engine cannot
-/// bind), and the squatter never receives the API key.
+/// with 200 cannot pass for the engine: initialize refuses the port before
+/// starting anything, and the squatter never receives a request, let alone
+/// the API key. (A squatter that takes the port after that check, while the
+/// engine starts, is not taken for the engine either: readiness requires
+/// the engine's own group to hold the socket; runtime-managed's
+/// `a_squatter_on_the_engines_port_is_not_taken_for_the_engine` proves it.)
 pub async fn fault_port_squatted(backend: &Backend) {
     if backend.server.is_none() {
         not_applicable(
@@ -251,15 +294,18 @@ pub async fn fault_port_squatted(backend: &Backend) {
     });
     let key = "squatter-must-never-see-this-key";
     let config = backend.config.clone().with_port(port).with_api_key(key);
+    let started = Instant::now();
     let err = init_err(backend, config).await;
     squatter.abort();
     assert!(
-        matches!(
-            err,
-            Error::EngineExited { .. } | Error::StartupTimeout { .. }
-        ),
-        "the engine could not bind, so it is not ready: {}",
+        matches!(&err, Error::InvalidConfig { field, .. } if field == "port"),
+        "the squatted port is refused by name: {}",
         chain(&err)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused before the engine started: {:?}",
+        started.elapsed()
     );
     let mut requests = Vec::new();
     while let Ok(request) = seen.try_recv() {
@@ -303,12 +349,20 @@ pub async fn fault_engine_hung(backend: &Backend) {
         .with_temperature(0.0);
     let prefill_started = Instant::now();
     let prefilled = runtime.generate(slow).await;
+    let took = prefill_started.elapsed();
     assert!(
         prefilled.is_ok(),
         "a long prefill is not taken for a hang: {:?}",
         prefilled.map_err(|e| chain(&e))
     );
-    tracing::info!(took = ?prefill_started.elapsed(), hang = ?HANG, "a long prefill was left alone");
+    // Only a request that outlasted the hang timeout proves the heartbeat
+    // told slow from hung; a quick one would have passed anyway.
+    assert!(
+        took > HANG,
+        "the long request took {took:?}, no longer than the hang timeout {HANG:?}: \
+         lengthen its prompt so it tests something"
+    );
+    tracing::info!(?took, hang = ?HANG, "a long prefill was left alone");
 
     let mut open = runtime
         .generate_stream(long_request())

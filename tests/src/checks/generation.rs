@@ -6,7 +6,8 @@ use super::*;
 /// Content, finish reason and usage; determinism; streamed equals plain;
 /// max_tokens; stop strings; seeds.
 pub async fn generation(backend: &Backend) {
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     let request = greedy(QUESTION, 24);
 
     let first = runtime.generate(request.clone()).await.expect("generate");
@@ -109,7 +110,8 @@ pub async fn generation(backend: &Backend) {
 
 /// Non-ASCII output arrives as valid UTF-8 deltas with no replacement characters.
 pub async fn streaming_utf8(backend: &Backend) {
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     let mut non_ascii = false;
     for prompt in [
         QUESTION,
@@ -137,7 +139,8 @@ pub async fn streaming_utf8(backend: &Backend) {
 /// Four requests at once all succeed, each with the answer the same request
 /// gets alone.
 pub async fn concurrency(backend: &Backend) {
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     let prompts = [
         "Name a color.",
         "Name an animal.",
@@ -178,9 +181,28 @@ pub async fn concurrency(backend: &Backend) {
 }
 
 /// Dropping a stream after a few deltas cancels the generation in the engine.
+///
+/// That the drop is the cause, not an answer ending anyway: the same greedy
+/// request is first shown to run past [`UNCUT`] tokens, and the engine's own
+/// count of generated tokens grows by far fewer while the dropped stream
+/// runs.
 pub async fn cancellation(backend: &Backend) {
-    let runtime = crate::harness::shared_runtime(backend).await;
+    const UNCUT: u32 = 64;
+    /// Tokens the engine may generate past the third delta before it notices
+    /// the drop (a step or two, a batch of buffered deltas).
+    const SLACK: u64 = 24;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     let long = long_request();
+    let mut probe = long.clone();
+    probe.max_tokens = Some(UNCUT);
+    let uncut = runtime.generate(probe).await.expect("the long request");
+    assert_eq!(
+        uncut.finish_reason,
+        Some(FinishReason::Length),
+        "the long request runs past {UNCUT} tokens when nothing stops it"
+    );
+    let before = engine_generated_tokens(backend, runtime).await;
     let mut stream = runtime.generate_stream(long).await.expect("stream");
     for _ in 0..3 {
         stream.next().await.expect("a delta").expect("a delta");
@@ -199,6 +221,17 @@ pub async fn cancellation(backend: &Backend) {
         "the engine kept generating after the stream was dropped"
     );
     tracing::info!(idle_after = ?idle_after.unwrap(), "engine idle after the stream was dropped");
+    if let Some(before) = before {
+        let after = engine_generated_tokens(backend, runtime)
+            .await
+            .expect("the counter is still there");
+        let generated = after - before;
+        assert!(
+            generated <= 3 + SLACK,
+            "the engine stopped because the stream was dropped: it generated {generated} \
+             tokens for an answer that runs past {UNCUT}"
+        );
+    }
     // Either way the engine is free for the next request at once.
     let next = runtime
         .generate(greedy(QUESTION, 8))

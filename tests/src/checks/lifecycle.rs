@@ -42,14 +42,15 @@ pub async fn lifecycle(backend: &Backend) {
                 String::from_utf8_lossy(&output.stderr).to_string()
                     + &String::from_utf8_lossy(&output.stdout)
             }
-            crate::VersionSource::HttpVersion => {
-                reqwest::get(format!("{}/version", runtime.base_url()))
-                    .await
-                    .expect("GET /version")
-                    .text()
-                    .await
-                    .expect("a version body")
-            }
+            crate::VersionSource::HttpVersion => reqwest::Client::new()
+                .get(format!("{}/version", runtime.base_url()))
+                .bearer_auth(crate::bearer(runtime.as_ref()))
+                .send()
+                .await
+                .expect("GET /version")
+                .text()
+                .await
+                .expect("a version body"),
         };
         assert!(
             reported.contains(&metadata.version),
@@ -151,8 +152,18 @@ pub async fn lifecycle(backend: &Backend) {
 
 /// Shutdown with a stream in flight ends the stream with `ShutDown` and does
 /// not wait for the generation to finish.
+///
+/// For an in-process engine, its threads are gone after `shutdown`, as a
+/// server engine's processes are.
 pub async fn shutdown_in_flight(backend: &Backend) {
+    let threads = engine_threads();
     let mut runtime = start(backend).await;
+    if backend.server.is_none() {
+        assert!(
+            engine_threads() > threads,
+            "the engine runs threads of its own"
+        );
+    }
     let engine = engine_processes(backend, runtime.as_ref());
     let long = long_request();
     let mut stream = runtime.generate_stream(long).await.expect("stream");
@@ -174,4 +185,6 @@ pub async fn shutdown_in_flight(backend: &Backend) {
             .await
             .is_empty()
     );
+    let left = wait_engine_threads(threads, backend.exit_budget).await;
+    assert_eq!(left, 0, "shutdown stops the engine's threads");
 }

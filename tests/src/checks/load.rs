@@ -5,8 +5,10 @@ use super::*;
 /// Three clients that never read their streamed answers hold only their own
 /// requests: a fourth, ordinary request is answered, and shutdown finishes
 /// within its budget.
+///
+/// It ends the shared engine: the last of the checks that share it.
 pub async fn slow_readers(backend: &Backend) {
-    let mut runtime = start(backend).await;
+    let mut runtime = crate::harness::take_shared_runtime(backend).await;
     let address: std::net::SocketAddr = runtime
         .base_url()
         .trim_start_matches("http://")
@@ -44,20 +46,27 @@ pub async fn slow_readers(backend: &Backend) {
 /// of them abandoned mid-stream: no error, every completed answer whole, the
 /// engine idle and healthy afterwards, nothing left in flight. Then the same
 /// with the engine SIGKILLed midway: every request ends.
+///
+/// The first half runs on the shared engine, lent to the gateway's factory
+/// (what is checked is the gateway's behaviour under load, not its start);
+/// the second starts an engine of its own, to kill it.
 pub async fn gateway_load(backend: &Backend) {
-    let (manager, url, server) = crate::gateway::start(backend, backend.config.clone()).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let (manager, url, server) =
+        crate::gateway::start_lent(backend, backend.config.clone(), shared).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let outcomes = load(&http, &url, 200, 16, |i| i % 4 == 3).await;
+    let requests = backend.load_requests;
+    let outcomes = load(&http, &url, requests, 16, |i| i % 4 == 3).await;
     let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(
         failures.is_empty(),
         "{} requests failed: {failures:?}",
         failures.len()
     );
-    assert_eq!(outcomes.len(), 200);
+    assert_eq!(outcomes.len(), requests);
     assert_eq!(manager.in_flight(), 0, "nothing left in flight");
     let idle = manager
         .with_runtime(None, async |runtime| {
@@ -86,7 +95,7 @@ pub async fn gateway_load(backend: &Backend) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         procs::signal_all(&engine, nix::sys::signal::Signal::SIGKILL);
     });
-    let outcomes = load(&http, &url, 200, 16, |_| false).await;
+    let outcomes = load(&http, &url, requests, 16, |_| false).await;
     killer.await.unwrap();
     let hung: Vec<&String> = outcomes
         .iter()

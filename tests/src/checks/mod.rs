@@ -31,6 +31,9 @@ const QUESTION: &str = "What is the capital of France?";
 /// Every check of the conformance suite, in the order they run. `shared`
 /// checks only need a running engine; `own` ones start, stop, break or
 /// configure their engine, which is what they check.
+///
+/// The sharing checks come first, `secrets` last but one (it reads the log of
+/// all of them), then `slow_readers`, which ends the shared engine.
 pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(lifecycle, own),
     crate::check!(generation, shared),
@@ -39,19 +42,20 @@ pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(cancellation, shared),
     crate::check!(bad_requests, shared),
     crate::check!(http_surface, shared),
+    crate::check!(engine_routes_need_the_key, shared),
+    crate::check!(fault_port_taken, shared),
+    crate::check!(gateway_load, shared),
+    crate::check!(secrets, shared),
+    crate::check!(slow_readers, shared),
     crate::check!(shutdown_in_flight, own),
     crate::check!(fault_bad_models, own),
     crate::check!(fault_bad_options, own),
     crate::check!(fault_missing_binary, own),
-    crate::check!(fault_port_taken, shared),
     crate::check!(fault_port_squatted, own),
     crate::check!(fault_engine_killed, own),
     crate::check!(fault_engine_hung, own),
     crate::check!(fault_dropped_runtime, own),
     crate::check!(fault_owner_killed, own),
-    crate::check!(slow_readers, own),
-    crate::check!(secrets, own),
-    crate::check!(gateway_load, own),
 ];
 
 /// Long enough to be still generating when a check interrupts it, short
@@ -64,7 +68,8 @@ pub async fn start(backend: &Backend) -> Box<dyn ModelRuntime> {
     start_with(backend, backend.config.clone()).await
 }
 
-async fn start_with(backend: &Backend, config: RuntimeConfig) -> Box<dyn ModelRuntime> {
+/// A started runtime for `backend` on `config`, or a panic with the error chain.
+pub async fn start_with(backend: &Backend, config: RuntimeConfig) -> Box<dyn ModelRuntime> {
     let mut runtime = (backend.new_runtime)();
     if let Err(err) = runtime.initialize(config).await {
         panic!("{} failed to initialize: {}", backend.name, chain(&err));
@@ -207,6 +212,35 @@ pub async fn engine_activity(backend: &Backend, runtime: &dyn ModelRuntime) -> u
     }
 }
 
+/// How many tokens the engine has generated since it started, by its own
+/// counter (llama-server's and vLLM's Prometheus metrics, candle's); `None`
+/// where the endpoint keeps none (a gateway counts finished answers only).
+pub async fn engine_generated_tokens(backend: &Backend, runtime: &dyn ModelRuntime) -> Option<u64> {
+    let counter = match backend.activity {
+        Activity::Slots => "llamacpp:tokens_predicted_total",
+        Activity::VllmMetrics => "vllm:generation_tokens_total",
+        Activity::CandleMetrics => "candle_generated_tokens_total",
+        Activity::GatewayMetrics => return None,
+    };
+    let text = http_client(backend)
+        .get(format!("{}/metrics", runtime.base_url()))
+        .bearer_auth(crate::bearer(runtime))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with(counter))
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "{counter} is in /metrics:\n{text}");
+    Some(values.iter().sum::<f64>() as u64)
+}
+
 /// Waits up to `within` for the engine to run no generation; returns how long it took.
 async fn wait_engine_idle(
     backend: &Backend,
@@ -225,19 +259,48 @@ async fn wait_engine_idle(
 
 /// The engine processes of a running server backend (empty for in-process
 /// ones); for a server backend, finding none fails the check.
-fn engine_processes(backend: &Backend, runtime: &dyn ModelRuntime) -> Vec<procs::Proc> {
+pub fn engine_processes(backend: &Backend, runtime: &dyn ModelRuntime) -> Vec<procs::Proc> {
     match backend.server {
         Some(_) => {
-            let found = procs::engine_on_port(procs::port_of(&runtime.base_url()));
+            let pid = runtime
+                .engine_pid()
+                .unwrap_or_else(|| panic!("{}'s runtime names its engine's pid", backend.name));
+            let found = procs::group(pid as i32);
             assert!(
                 !found.is_empty(),
-                "found {}'s engine by its port ({})",
-                backend.name,
-                runtime.base_url()
+                "found {}'s engine, process group {pid}",
+                backend.name
             );
             found
         }
         None => Vec::new(),
+    }
+}
+
+/// How many threads of an in-process engine (candle's scheduler and
+/// compute threads, by name) this process runs now: what an in-process
+/// engine leaves behind, where a server engine would leave processes.
+fn engine_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .filter(|name| name.starts_with("candle-"))
+        .count()
+}
+
+/// Waits up to `within` for the in-process engine threads to be back to
+/// `baseline` (those of the suite's shared engine); returns how many are left
+/// above it.
+async fn wait_engine_threads(baseline: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let extra = engine_threads().saturating_sub(baseline);
+        if extra == 0 || Instant::now() >= deadline {
+            return extra;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

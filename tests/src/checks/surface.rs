@@ -6,7 +6,8 @@ use super::*;
 /// Empty messages, max_tokens 0 and a prompt over the context are typed errors,
 /// and the engine stays healthy.
 pub async fn bad_requests(backend: &Backend) {
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     let empty = InferenceRequest::new(Vec::new());
     assert!(matches!(
         runtime.generate(empty.clone()).await,
@@ -58,14 +59,28 @@ pub async fn bad_requests(backend: &Backend) {
 /// The API key never shows: not on any engine process's command line (which
 /// every local user can read), not in what the engine or we log, not in
 /// `Debug` output.
+///
+/// On the shared engine, started with the key [`SharedEngine::key`](crate::harness::SharedEngine::key)
+/// and with the log captured from before its start: everything the suite's
+/// sharing checks made it log so far is looked at.
 pub async fn secrets(backend: &Backend) {
-    let key = format!("sentinel-{}", std::process::id());
+    let key = backend
+        .shared
+        .as_ref()
+        .expect("a harness backend")
+        .key()
+        .to_owned();
     let config = backend.config.clone().with_api_key(&key);
     let shown = format!("{config:?}");
     assert!(!shown.contains(&key), "Debug shows the key: {shown}");
-    crate::log_capture::start();
-    let mut runtime = start_with(backend, config).await;
-    for process in engine_processes(backend, runtime.as_ref()) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
+    assert_eq!(
+        runtime.api_key().map(|k| k.expose().to_owned()).as_deref(),
+        Some(key.as_str()),
+        "the shared engine runs with the sentinel key"
+    );
+    for process in engine_processes(backend, runtime) {
         assert!(
             !process.cmdline.contains(&key),
             "the key is on the command line of {}: {}",
@@ -79,7 +94,6 @@ pub async fn secrets(backend: &Backend) {
         "the engine takes the key: {:?}",
         answer.map_err(|e| chain(&e))
     );
-    runtime.shutdown().await.expect("shutdown");
     let logged = crate::log_capture::take();
     assert!(!logged.is_empty(), "the log was captured");
     assert!(!logged.contains(&key), "the key is in the log");
@@ -98,7 +112,8 @@ pub async fn http_surface(backend: &Backend) {
         );
         return;
     }
-    let runtime = crate::harness::shared_runtime(backend).await;
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
     check_http_surface(&runtime.completions_url(), &crate::bearer(runtime)).await;
 }
 
@@ -185,4 +200,124 @@ pub async fn check_http_surface(completions_url: &str, key: &str) {
     let answer: serde_json::Value = post(&limited).await.unwrap().json().await.unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
     assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+}
+
+/// No route of an engine we start serves a request that lacks its key:
+/// every TCP port the engine's processes listen on, and `base_url`, refuse
+/// every route but `/health` without the key (vLLM's own key once guarded
+/// `/v1` only: `/invocations` answered a chat completion to anyone); and a
+/// server engine answers HTTP only on its private socket, in a directory
+/// only its owner may enter.
+pub async fn engine_routes_need_the_key(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let runtime = &*shared;
+    let mut bases = vec![runtime.base_url()];
+    if backend.server.is_some() {
+        let groups: std::collections::BTreeSet<i32> = engine_processes(backend, runtime)
+            .iter()
+            .map(|p| p.pgid)
+            .collect();
+        for group in groups {
+            for port in procs::listening_ports(group) {
+                bases.push(format!("http://127.0.0.1:{port}"));
+            }
+        }
+    }
+    bases.sort();
+    bases.dedup();
+    tracing::info!(?bases, "the engine's listeners");
+    // Short: a port that does not speak HTTP (an engine's internal queue)
+    // may accept and never answer, which serves nothing either.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let chat = wire::chat_body(QUESTION, 2, false);
+    let probes: [(&str, &str, Option<&serde_json::Value>); 14] = [
+        ("POST", "/v1/chat/completions", Some(&chat)),
+        ("POST", "/invocations", Some(&chat)),
+        ("POST", "/v1/completions", Some(&chat)),
+        ("POST", "/completion", Some(&chat)),
+        ("POST", "/v1/embeddings", Some(&chat)),
+        ("POST", "/v1/responses", Some(&chat)),
+        ("POST", "/v1/messages", Some(&chat)),
+        ("POST", "/tokenize", Some(&chat)),
+        ("POST", "/detokenize", Some(&chat)),
+        ("GET", "/metrics", None),
+        ("GET", "/v1/models", None),
+        ("GET", "/slots", None),
+        ("GET", "/props", None),
+        ("GET", "/load", None),
+    ];
+    let mut served = Vec::new();
+    let mut http_bases = Vec::new();
+    for base in &bases {
+        // Ports that do not answer HTTP at all (an engine's internal queues,
+        // torch's stores) serve no route; probe only the ones that do.
+        let speaks_http = http
+            .get(format!("{base}/health"))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .is_ok();
+        if speaks_http {
+            http_bases.push(base.clone());
+        }
+    }
+    tracing::info!(?http_bases, "of which speak HTTP");
+    for base in &http_bases {
+        for (method, path, body) in probes {
+            let url = format!("{base}{path}");
+            let request = match method {
+                "POST" => http
+                    .post(&url)
+                    .json(body.unwrap_or(&serde_json::Value::Null)),
+                _ => http.get(&url),
+            };
+            let sent = request.send().await;
+            tracing::debug!(method, %url, outcome = ?sent.as_ref().map(|r| r.status()), "probe");
+            let Ok(response) = sent else {
+                continue;
+            };
+            if response.status().is_success() {
+                served.push(format!("{method} {url}: {}", response.status()));
+            }
+        }
+    }
+    assert!(
+        served.is_empty(),
+        "served without the key (HTTP listeners: {http_bases:?}): {served:#?}"
+    );
+    if backend.server.is_some() {
+        // The engine itself serves HTTP on no TCP port: only through its
+        // private socket, in a directory only we may enter.
+        let engine_http: Vec<&String> = http_bases
+            .iter()
+            .filter(|base| **base != runtime.base_url())
+            .collect();
+        assert!(
+            engine_http.is_empty(),
+            "the engine answers HTTP on a port of its own: {engine_http:?}"
+        );
+        let engine = engine_processes(backend, runtime);
+        let socket = engine
+            .iter()
+            .flat_map(|p| p.args.windows(2))
+            .find(|pair| (pair[0] == "--uds" || pair[0] == "--host") && pair[1].ends_with(".sock"))
+            .map(|pair| std::path::PathBuf::from(&pair[1]))
+            .expect("the engine listens on a Unix socket");
+        use std::os::unix::fs::PermissionsExt;
+        let dir = socket.parent().expect("the socket's directory");
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is for its owner only", dir.display());
+    }
+    // And with the key, the chat route does answer (the probes reached a server).
+    let with_key = http
+        .post(runtime.completions_url())
+        .bearer_auth(crate::bearer(runtime))
+        .json(&chat)
+        .send()
+        .await
+        .expect("the chat route answers");
+    assert!(with_key.status().is_success(), "{}", with_key.status());
 }

@@ -30,6 +30,21 @@ pub(super) fn gguf_file() -> tempfile::NamedTempFile {
     file
 }
 
+/// What a running fake engine is.
+#[derive(Debug)]
+pub(super) struct EngineState {
+    /// Its id, `model#n`.
+    pub(super) id: String,
+    /// The model it serves.
+    pub(super) model: String,
+    /// The context size it was started with (what a reload changes).
+    pub(super) context: Option<u32>,
+    /// The memory it holds: its model file's size, as the manager estimates.
+    pub(super) memory: u64,
+    alive: AtomicBool,
+    hung: AtomicBool,
+}
+
 /// Every fake engine the factory made, and how the next ones behave.
 #[derive(Clone, Default)]
 pub(super) struct Engines {
@@ -41,12 +56,14 @@ struct Shared {
     next_id: AtomicUsize,
     /// Per model name: the ids of its engines, oldest first.
     by_model: Mutex<HashMap<String, Vec<String>>>,
-    /// Engine ids that are running (initialized, not shut down).
-    running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Engines that are running (initialized, not shut down), by id.
+    running: Mutex<HashMap<String, Arc<EngineState>>>,
     /// Engine ids that were shut down, with how many times.
     shut_down: Mutex<HashMap<String, usize>>,
     /// Models whose starts fail.
     failing: Mutex<Vec<String>>,
+    /// Models whose starts panic.
+    panicking: Mutex<Vec<String>>,
     /// How long each generated token takes, in the engine.
     token_millis: AtomicUsize,
 }
@@ -70,10 +87,17 @@ impl Engines {
                 .or_default()
                 .push(id.clone());
             Ok(Box::new(Fake {
-                id,
+                id: id.clone(),
                 model: spec.name.clone(),
                 shared: shared.clone(),
-                alive: Arc::new(AtomicBool::new(false)),
+                state: Arc::new(EngineState {
+                    id: id.clone(),
+                    model: spec.name.clone(),
+                    context: spec.runtime.context_size,
+                    memory: std::fs::metadata(spec.path()).map_or(0, |m| m.len()),
+                    alive: AtomicBool::new(false),
+                    hung: AtomicBool::new(false),
+                }),
             }))
         })
     }
@@ -86,6 +110,13 @@ impl Engines {
     /// Starts of `model`'s engine succeed again.
     pub(super) fn allow_starts(&self, model: &str) {
         lock(&self.shared.failing).retain(|m| m != model);
+        lock(&self.shared.panicking).retain(|m| m != model);
+    }
+
+    /// Starts of `model`'s engine from now on panic, with a message that
+    /// holds a path (as a real one might).
+    pub(super) fn panic_starts(&self, model: &str) {
+        lock(&self.shared.panicking).push(model.to_owned());
     }
 
     /// Each token of every stream takes `time`.
@@ -110,10 +141,16 @@ impl Engines {
 
     /// Engines running now, over every model.
     pub(super) fn running(&self) -> usize {
+        self.alive().len()
+    }
+
+    /// The engines running now.
+    pub(super) fn alive(&self) -> Vec<Arc<EngineState>> {
         lock(&self.shared.running)
             .values()
-            .filter(|alive| alive.load(Ordering::SeqCst))
-            .count()
+            .filter(|state| state.alive.load(Ordering::SeqCst))
+            .cloned()
+            .collect()
     }
 
     /// Shutdowns of `model`'s engines, all together.
@@ -135,8 +172,22 @@ impl Engines {
     /// engine does.
     pub(super) fn crash(&self, model: &str) {
         let id = self.last_engine(model);
-        if let Some(alive) = lock(&self.shared.running).get(&id) {
-            alive.store(false, Ordering::SeqCst);
+        if let Some(state) = lock(&self.shared.running).get(&id) {
+            state.alive.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// `model`'s running engine hangs: it stops answering its probe, and its
+    /// streams stop (until it is shut down).
+    pub(super) fn hang(&self, model: &str) {
+        let Some(id) = lock(&self.shared.by_model)
+            .get(model)
+            .and_then(|ids| ids.last().cloned())
+        else {
+            return;
+        };
+        if let Some(state) = lock(&self.shared.running).get(&id) {
+            state.hung.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -147,7 +198,7 @@ struct Fake {
     id: String,
     model: String,
     shared: Arc<Shared>,
-    alive: Arc<AtomicBool>,
+    state: Arc<EngineState>,
 }
 
 impl std::fmt::Debug for Fake {
@@ -163,6 +214,9 @@ impl ModelRuntime for Fake {
     }
 
     async fn initialize(&mut self, _config: RuntimeConfig) -> Result<()> {
+        if lock(&self.shared.panicking).contains(&self.model) {
+            panic!("overflow when adding duration to instant at /home/alice/models/secret.gguf");
+        }
         if lock(&self.shared.failing).contains(&self.model) {
             return Err(Error::StartupTimeout {
                 engine: "fake".to_owned(),
@@ -170,17 +224,17 @@ impl ModelRuntime for Fake {
                 log_tail: vec!["the fake engine was told to fail".to_owned()],
             });
         }
-        self.alive.store(true, Ordering::SeqCst);
-        lock(&self.shared.running).insert(self.id.clone(), self.alive.clone());
+        self.state.alive.store(true, Ordering::SeqCst);
+        lock(&self.shared.running).insert(self.id.clone(), self.state.clone());
         Ok(())
     }
 
     async fn is_ready(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.state.alive.load(Ordering::SeqCst) && !self.state.hung.load(Ordering::SeqCst)
     }
 
     async fn health_check(&self) -> Result<String> {
-        if self.alive.load(Ordering::SeqCst) {
+        if self.is_ready().await {
             Ok("ok".to_owned())
         } else {
             Err(Error::NotInitialized)
@@ -200,22 +254,27 @@ impl ModelRuntime for Fake {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        if !self.alive.load(Ordering::SeqCst) {
+        if !self.state.alive.load(Ordering::SeqCst) {
             return Err(Error::NotInitialized);
         }
         let tokens = request.max_tokens.unwrap_or(4) as usize;
         let token_time =
             Duration::from_millis(self.shared.token_millis.load(Ordering::SeqCst) as u64);
         let id = self.id.clone();
-        let alive = self.alive.clone();
+        let state = self.state.clone();
         let stream = futures::stream::unfold(0usize, move |sent| {
             let id = id.clone();
-            let alive = alive.clone();
+            let state = state.clone();
             async move {
                 if sent > tokens {
                     return None;
                 }
-                if !alive.load(Ordering::SeqCst) {
+                // A hung engine sends nothing more (its reader gives up, or
+                // the manager retires it).
+                while state.hung.load(Ordering::SeqCst) && state.alive.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !state.alive.load(Ordering::SeqCst) {
                     let exited = Error::EngineExited {
                         engine: "fake".to_owned(),
                         status: "signal: 9".to_owned(),
@@ -240,7 +299,7 @@ impl ModelRuntime for Fake {
     }
 
     async fn shutdown(&mut self) -> Result<()> {
-        if self.alive.swap(false, Ordering::SeqCst) {
+        if self.state.alive.swap(false, Ordering::SeqCst) {
             *lock(&self.shared.shut_down)
                 .entry(self.id.clone())
                 .or_default() += 1;
@@ -254,6 +313,9 @@ impl ModelRuntime for Fake {
     }
 
     fn resident_memory(&self) -> Option<u64> {
-        self.alive.load(Ordering::SeqCst).then_some(1 << 20)
+        self.state
+            .alive
+            .load(Ordering::SeqCst)
+            .then_some(self.state.memory)
     }
 }

@@ -2,8 +2,8 @@
 //! (the least recently used idle model evicted past `max_loaded` or the
 //! memory budget), and unloading with a drain.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -38,20 +38,23 @@ impl Inner {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(Error::ShutDown);
             }
+            if model.removed.load(Ordering::SeqCst) {
+                return Err(self.gone(model));
+            }
             let loading = {
                 let mut state = model.state();
                 match &*state {
                     State::Loaded { served, .. } => match served.lease() {
                         Ok(lease) => return Ok(lease),
                         // Being retired (unloaded or crashed): start anew.
-                        Err(_) => self.begin_loading(model, &mut state, false),
+                        Err(_) => self.begin_loading(model, &mut state, None),
                     },
                     State::Loading(loading) => loading.clone(),
                     State::Failed(failure) if failure.at.elapsed() < failure.retry_after => {
                         return Err(failure.error(model.name()));
                     }
                     State::Unloaded | State::Failed(_) => {
-                        self.begin_loading(model, &mut state, false)
+                        self.begin_loading(model, &mut state, None)
                     }
                 }
             };
@@ -61,20 +64,38 @@ impl Inner {
         }
     }
 
+    /// The error for a request that waited on a model a reload took out:
+    /// the model's new version, if it has one, is for a new request.
+    fn gone(&self, model: &Model) -> Error {
+        match self.resolve(Some(model.name())) {
+            Ok(_) => Error::ModelUnavailable {
+                model: model.name().to_owned(),
+                reason: "it was reloaded while the request waited; send it again".to_owned(),
+                retry_after: Some(Duration::ZERO),
+            },
+            Err(not_served) => not_served,
+        }
+    }
+
     /// Starts loading `model` in a task of its own (so a caller that goes
-    /// away does not cancel the start others wait for). `beside`: next to the
-    /// model's running runtime, outside the capacity limits.
+    /// away does not cancel the start others wait for). `beside`: the
+    /// version of the model it replaces, whose engine may run beside the new
+    /// one until the swap (it is not counted against the limits).
     pub(super) fn begin_loading(
         self: &Arc<Self>,
         model: &Arc<Model>,
         state: &mut State,
-        beside: bool,
+        beside: Option<Arc<Model>>,
     ) -> Shared<BoxFuture<'static, std::result::Result<(), Failure>>> {
         let task = tokio::spawn(self.clone().load(model.clone(), beside));
+        let name = model.name().to_owned();
         let loading = async move {
             task.await.unwrap_or_else(|err| {
+                // A panic's message may hold anything (paths, values): the
+                // log gets it, a client only the fact.
+                tracing::error!(model = name, error = %err, "the model's start panicked");
                 Err(Failure {
-                    reason: format!("its start was interrupted ({err})"),
+                    reason: "its start failed unexpectedly; the server log says why".to_owned(),
                     at: Instant::now(),
                     retry_after: FIRST_BACKOFF,
                 })
@@ -86,10 +107,15 @@ impl Inner {
         loading
     }
 
-    /// Starts a changed model's runtime beside the running one, outside the
-    /// capacity limits (the two overlap only until the swap).
-    pub(super) async fn start_beside(self: &Arc<Self>, model: &Arc<Model>) -> Result<()> {
-        let loading = self.begin_loading(model, &mut model.state(), true);
+    /// Starts a changed model's runtime beside `current`, its running
+    /// version: the two overlap until the swap, and only they (room is made
+    /// for the new one as for any start, `current` aside).
+    pub(super) async fn start_beside(
+        self: &Arc<Self>,
+        model: &Arc<Model>,
+        current: &Arc<Model>,
+    ) -> Result<()> {
+        let loading = self.begin_loading(model, &mut model.state(), Some(current.clone()));
         loading.await.map_err(|failure| failure.error(model.name()))
     }
 
@@ -98,10 +124,12 @@ impl Inner {
     pub(super) async fn load(
         self: Arc<Self>,
         model: Arc<Model>,
-        beside: bool,
+        beside: Option<Arc<Model>>,
     ) -> std::result::Result<(), Failure> {
-        let outcome = self.start(&model, beside).await;
+        let outcome = self.start(&model, beside.as_ref()).await;
         let mut state = model.state();
+        // Loaded or failed: the state itself says whether it holds room.
+        model.has_room.store(false, Ordering::SeqCst);
         match outcome {
             Ok(served) => {
                 model.touch();
@@ -133,10 +161,12 @@ impl Inner {
     pub(super) async fn start(
         &self,
         model: &Arc<Model>,
-        beside: bool,
+        beside: Option<&Arc<Model>>,
     ) -> Result<Arc<ServedRuntime>> {
-        if !beside {
-            self.make_room(model).await?;
+        self.make_room(model, beside).await?;
+        // A reload may have taken the model out while the start waited.
+        if model.removed.load(Ordering::SeqCst) {
+            return Err(self.gone(model));
         }
         let started = Instant::now();
         let mut runtime = (self.factory)(&model.spec)?;
@@ -159,32 +189,59 @@ impl Inner {
     /// Evicts least recently used idle models until `model` fits under
     /// `max_loaded` and the memory budget, waiting (up to the queue timeout)
     /// when every loaded model is busy.
-    pub(super) async fn make_room(&self, model: &Arc<Model>) -> Result<()> {
+    pub(super) async fn make_room(
+        &self,
+        model: &Arc<Model>,
+        beside: Option<&Arc<Model>>,
+    ) -> Result<()> {
         let _one_decision = self.capacity.lock().await;
         let deadline = Instant::now() + self.settings().queue_timeout;
         loop {
+            if model.removed.load(Ordering::SeqCst) {
+                return Err(self.gone(model));
+            }
             let (max_loaded, budget) = {
                 let settings = self.settings();
                 (settings.max_loaded, settings.memory_budget)
             };
-            let others: Vec<Arc<Model>> = self
-                .routes()
+            let routes = self.routes();
+            let incoming = self
+                .incoming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let others: Vec<Arc<Model>> = routes
                 .by_name
                 .values()
+                .chain(&incoming)
                 .filter(|other| !Arc::ptr_eq(other, model))
-                .filter(|other| matches!(&*other.state(), State::Loaded { .. } | State::Loading(_)))
+                // The version a swap replaces: its overlap is the swap's.
+                .filter(|other| beside.is_none_or(|current| !Arc::ptr_eq(other, current)))
+                .filter(|other| other.holds_room())
                 .cloned()
                 .collect();
-            let used: u64 = others.iter().map(|o| o.memory.load(Ordering::SeqCst)).sum();
+            // Engines still stopping (retired, or of removed models) hold
+            // their memory until they are gone.
+            let used = others
+                .iter()
+                .fold(self.retiring.memory.load(Ordering::SeqCst), |sum, other| {
+                    sum.saturating_add(other.memory.load(Ordering::SeqCst))
+                });
             let needed = model.memory.load(Ordering::SeqCst);
-            let fits = max_loaded.is_none_or(|max| others.len() < max)
-                && budget.is_none_or(|budget| used + needed <= budget);
+            let running = others.len() + self.retiring.count.load(Ordering::SeqCst);
+            let fits = max_loaded.is_none_or(|max| running < max)
+                && budget.is_none_or(|budget| used.saturating_add(needed) <= budget);
             if fits {
+                model.has_room.store(true, Ordering::SeqCst);
                 return Ok(());
             }
+            // Preloaded models are meant to be up (the monitor would start
+            // them again at once): never evicted.
+            // Nor are a reload's replacements, which are not routed yet.
             let victim = others
                 .iter()
-                .filter(|other| other.idle_runtime().is_some())
+                .filter(|other| !incoming.iter().any(|new| Arc::ptr_eq(new, other)))
+                .filter(|other| !other.spec.preload && other.idle_runtime().is_some())
                 .max_by_key(|other| other.idle_for());
             match victim {
                 Some(victim) => {
@@ -232,9 +289,21 @@ impl Inner {
             _ => None,
         };
         if let Some(served) = served {
-            served.retire(drain).await;
+            self.retire(&served, model.memory.load(Ordering::SeqCst), drain)
+                .await;
         }
         self.publish_loaded();
+        self.capacity_freed.notify_waiters();
+    }
+
+    /// Retires `served` (its requests get `drain`), counting its engine's
+    /// `memory` against the limits until it is stopped.
+    pub(super) async fn retire(&self, served: &ServedRuntime, memory: u64, drain: Duration) {
+        self.retiring.count.fetch_add(1, Ordering::SeqCst);
+        self.retiring.memory.fetch_add(memory, Ordering::SeqCst);
+        served.retire(drain).await;
+        self.retiring.memory.fetch_sub(memory, Ordering::SeqCst);
+        self.retiring.count.fetch_sub(1, Ordering::SeqCst);
         self.capacity_freed.notify_waiters();
     }
 

@@ -13,6 +13,8 @@ mod admission;
 mod fake;
 mod loading;
 mod model;
+#[cfg(test)]
+mod model_based;
 mod monitor;
 mod reload;
 mod routes;
@@ -81,8 +83,21 @@ struct Inner {
     capacity: tokio::sync::Mutex<()>,
     /// Signalled whenever a model goes idle or is unloaded.
     capacity_freed: Notify,
+    /// Runtimes being retired (draining, then stopping): out of the routes,
+    /// but their engines still hold memory and count against the limits.
+    retiring: Retiring,
+    /// Replacements a reload is starting beside the versions they replace:
+    /// not routed yet, but their engines count against the limits.
+    incoming: std::sync::Mutex<Vec<Arc<Model>>>,
     metrics: Metrics,
     closed: AtomicBool,
+}
+
+/// How many runtimes are being retired, and the memory they hold.
+#[derive(Default)]
+struct Retiring {
+    count: std::sync::atomic::AtomicUsize,
+    memory: std::sync::atomic::AtomicU64,
 }
 
 impl RuntimeManager {
@@ -107,6 +122,8 @@ impl RuntimeManager {
             factory,
             capacity: tokio::sync::Mutex::new(()),
             capacity_freed: Notify::new(),
+            retiring: Retiring::default(),
+            incoming: std::sync::Mutex::default(),
             metrics: Metrics::new(),
             closed: AtomicBool::new(false),
         });

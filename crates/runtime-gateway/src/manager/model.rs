@@ -1,7 +1,7 @@
 //! One configured model: its state (unloaded, loading, loaded, failed),
 //! when it was last used, and the backoff between attempts to start it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -38,6 +38,12 @@ pub(super) struct Model {
     pub(super) streak: AtomicU32,
     /// Resident memory, measured after load (the model's size before).
     pub(super) memory: AtomicU64,
+    /// A reload took it out of the configuration: requests still holding it
+    /// (queued for a slot) are refused rather than starting it again.
+    pub(super) removed: AtomicBool,
+    /// Room was made for its start: while loading it counts against the
+    /// limits (a start still waiting for room does not).
+    pub(super) has_room: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -82,6 +88,8 @@ impl Model {
             restarts: AtomicU64::new(0),
             streak: AtomicU32::new(0),
             memory: AtomicU64::new(estimate),
+            removed: AtomicBool::new(false),
+            has_room: AtomicBool::new(false),
         })
     }
 
@@ -91,6 +99,16 @@ impl Model {
 
     pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether its engine counts against the limits: loaded, or loading
+    /// with room made for it.
+    pub(super) fn holds_room(&self) -> bool {
+        match &*self.state() {
+            State::Loaded { .. } => true,
+            State::Loading(_) => self.has_room.load(Ordering::SeqCst),
+            State::Unloaded | State::Failed(_) => false,
+        }
     }
 
     pub(super) fn touch(&self) {

@@ -31,6 +31,9 @@ impl Inner {
     /// ttl are unloaded.
     pub(super) async fn check(self: &Arc<Self>) {
         for model in self.routes().by_name.values() {
+            if model.spec.preload {
+                self.revive(model);
+            }
             let loaded = match &*model.state() {
                 State::Loaded { served, at, .. } => Some((served.clone(), *at)),
                 _ => None,
@@ -91,19 +94,33 @@ impl Inner {
             retry_after_ms = retry_after.as_millis() as u64,
             "the engine stopped; restarting it"
         );
-        let served = served.clone();
-        tokio::spawn(async move { served.retire(Duration::ZERO).await });
+        let (inner, served) = (self.clone(), served.clone());
+        let memory = model.memory.load(Ordering::SeqCst);
+        tokio::spawn(async move { inner.retire(&served, memory, Duration::ZERO).await });
         self.publish_loaded();
         self.capacity_freed.notify_waiters();
-        if model.spec.preload {
-            let inner = self.clone();
-            let model = model.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(retry_after).await;
-                if let Err(err) = inner.lease(&model).await {
-                    tracing::warn!(model = model.name(), error = %err, "restarting a preloaded model failed");
-                }
-            });
+        // A preloaded model is started again by the next rounds (`revive`),
+        // as many times as it takes; others on their next request.
+    }
+
+    /// A preloaded model that is not running (its start or restart failed,
+    /// and its backoff is over) is started again, without waiting for a
+    /// request: it is meant to be up.
+    fn revive(self: &Arc<Self>, model: &Arc<Model>) {
+        let due = match &*model.state() {
+            State::Unloaded => true,
+            State::Failed(failure) => failure.at.elapsed() >= failure.retry_after,
+            State::Loading(_) | State::Loaded { .. } => false,
+        };
+        if !due || self.closed.load(Ordering::SeqCst) {
+            return;
         }
+        let inner = self.clone();
+        let model = model.clone();
+        tokio::spawn(async move {
+            if let Err(err) = inner.lease(&model).await {
+                tracing::warn!(model = model.name(), error = %err, "restarting a preloaded model failed; it is tried again after its backoff");
+            }
+        });
     }
 }

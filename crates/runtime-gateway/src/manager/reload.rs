@@ -1,12 +1,13 @@
 //! Reloading: a new configuration applied while requests keep flowing.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use runtime_core::Result;
 
-use super::RuntimeManager;
 use super::model::{Model, State};
 use super::routes::Routes;
+use super::{Inner, RuntimeManager};
 use crate::config::{GatewayConfig, ModelSpec};
 
 impl RuntimeManager {
@@ -32,12 +33,15 @@ impl RuntimeManager {
             }
         }
         let mut first_error = None;
+        // Counted against the limits from their start until they are routed
+        // (or the reload is given up).
+        let incoming = Incoming::register(&self.inner, swaps.iter().map(|(_, new)| new.clone()));
         for (current, replacement) in &swaps {
             if !matches!(&*current.state(), State::Loaded { .. }) {
                 continue;
             }
             // Start the new runtime while the old one serves.
-            if let Err(err) = self.inner.start_beside(replacement).await {
+            if let Err(err) = self.inner.start_beside(replacement, current).await {
                 tracing::warn!(model = current.name(), error = %err, "the changed model did not start; it keeps its running version");
                 let index = models
                     .iter()
@@ -62,12 +66,14 @@ impl RuntimeManager {
                 .unwrap_or_else(PoisonError::into_inner),
             routes.clone(),
         );
+        drop(incoming);
         for (name, model) in &old.by_name {
             let kept = routes
                 .by_name
                 .get(name)
                 .is_some_and(|now| Arc::ptr_eq(now, model));
             if !kept {
+                model.removed.store(true, Ordering::SeqCst);
                 let inner = self.inner.clone();
                 let model = model.clone();
                 tokio::spawn(async move { inner.unload(&model, drain).await });
@@ -90,5 +96,33 @@ impl RuntimeManager {
             None => config.models.push(spec),
         }
         self.reload(config).await
+    }
+}
+
+/// Replacements listed in [`Inner::incoming`] for as long as it lives.
+struct Incoming<'a> {
+    inner: &'a Inner,
+    models: Vec<Arc<Model>>,
+}
+
+impl<'a> Incoming<'a> {
+    fn register(inner: &'a Inner, models: impl Iterator<Item = Arc<Model>>) -> Self {
+        let models: Vec<_> = models.collect();
+        inner
+            .incoming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(models.iter().cloned());
+        Self { inner, models }
+    }
+}
+
+impl Drop for Incoming<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .incoming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|model| !self.models.iter().any(|new| Arc::ptr_eq(new, model)));
     }
 }

@@ -322,3 +322,111 @@ async fn a_crashed_engine_ends_its_stream_and_is_started_anew_after_the_backoff(
     manager.shutdown().await.unwrap();
     assert_eq!(engines.running(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_for_a_model_a_reload_removed_is_refused_and_starts_no_engine() {
+    let file = gguf_file();
+    let engines = Engines::default();
+    engines.set_token_time(Duration::from_secs(1));
+    let mut model = spec("a", file.path());
+    model.runtime.parallel = Some(1);
+    let config = GatewayConfig {
+        models: vec![model, spec("b", file.path())],
+        ..GatewayConfig::default()
+    };
+    let manager = manager(config.clone(), &engines);
+    let mut running = manager
+        .generate_events(Some("a"), request(5))
+        .await
+        .unwrap();
+    let queued = tokio::spawn({
+        let manager = manager.clone();
+        async move { manager.generate(Some("a"), request(1)).await }
+    });
+    settle().await;
+
+    let mut without_a = config.clone();
+    without_a.models.remove(0);
+    manager.reload(without_a).await.unwrap();
+    // The running stream drains (it is not cut), then a is unloaded.
+    while let Some(event) = running.next().await {
+        event.expect("the running stream finishes");
+    }
+    drop(running);
+    let refused = queued.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            Error::ModelNotServed { .. } | Error::ModelUnavailable { .. }
+        ),
+        "the queued request is refused: {refused:?}"
+    );
+    settle().await;
+    assert_eq!(
+        engines.starts("a"),
+        1,
+        "no engine is started for a removed model"
+    );
+    assert_eq!(engines.running(), 0);
+    manager.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_preloaded_model_keeps_restarting_after_a_failed_restart_without_a_request() {
+    let file = gguf_file();
+    let engines = Engines::default();
+    let mut model = spec("a", file.path());
+    model.preload = true;
+    let config = GatewayConfig {
+        models: vec![model],
+        ..GatewayConfig::default()
+    };
+    let manager = manager(config, &engines);
+    manager.load("a").await.unwrap();
+    assert!(manager.is_ready().await);
+
+    // It crashes, and the first restart fails too.
+    engines.fail_starts("a");
+    engines.crash("a");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(engines.starts("a") >= 2, "a restart was tried");
+    assert!(!manager.is_ready().await, "not ready while it cannot start");
+
+    // Once it can start, it is restarted with no request arriving.
+    engines.allow_starts("a");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !manager.is_ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the preloaded model is back within its backoff"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(state_of(&manager, "a").await, "loaded");
+    assert_eq!(engines.running(), 1);
+    manager.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_panics_reaches_clients_as_a_reason_without_the_panic_text() {
+    let file = gguf_file();
+    let engines = Engines::default();
+    engines.panic_starts("a");
+    let config = GatewayConfig {
+        models: vec![spec("a", file.path())],
+        ..GatewayConfig::default()
+    };
+    let manager = manager(config, &engines);
+    let err = manager.generate(Some("a"), request(1)).await.unwrap_err();
+    let Error::ModelUnavailable { reason, .. } = &err else {
+        panic!("a panicking start is ModelUnavailable, got {err:?}");
+    };
+    for leak in ["panicked", "overflow", "alice", ".gguf", "task"] {
+        assert!(
+            !reason.contains(leak),
+            "the reason holds {leak:?}: {reason}"
+        );
+    }
+    assert_eq!(err.http_status(), 503);
+    manager.shutdown().await.unwrap();
+}
