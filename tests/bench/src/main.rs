@@ -434,7 +434,7 @@ async fn streaming(results: &mut Results, backend: &Backend, runs: Runs) {
     let row = pairs.overhead(
         engine_name(backend),
         "generate_stream, 64 tokens",
-        "plain HTTP to the engine",
+        "plain HTTP to its base_url",
     );
     println!(
         "{}: generate_stream {:.1} ms vs direct HTTP {:.1} ms; ratio {:.3}; first token {:+.2} ms vs direct{}",
@@ -446,7 +446,66 @@ async fn streaming(results: &mut Results, backend: &Backend, runs: Runs) {
         pairs.note()
     );
     results.overheads.push(row);
+    if let Some(socket) = engine_socket(runtime.as_ref()) {
+        front(results, backend, runtime.as_ref(), &socket, runs).await;
+    }
     runtime.shutdown().await.unwrap();
+}
+
+/// The engine's private socket, from its command line (`--host X.sock` for
+/// llama-server, `--uds X` for vLLM), when it runs on one.
+fn engine_socket(runtime: &dyn ModelRuntime) -> Option<std::path::PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", runtime.engine_pid()?)).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+    args.windows(2).find_map(|pair| {
+        let flag = std::str::from_utf8(pair[0]).ok()?;
+        let value = std::str::from_utf8(pair[1]).ok()?;
+        let socket = (flag == "--uds") || (flag == "--host" && value.ends_with(".sock"));
+        socket.then(|| value.into())
+    })
+}
+
+/// What the front (our listener before an engine on a private socket, the
+/// runtime's `base_url`) costs: the same streamed request through it and
+/// straight to the engine's socket, for a long answer (its cost per chunk)
+/// and a one-token one (its cost per request).
+async fn front(
+    results: &mut Results,
+    backend: &Backend,
+    runtime: &dyn ModelRuntime,
+    socket: &std::path::Path,
+    runs: Runs,
+) {
+    let http = direct_client();
+    let to_socket = reqwest::Client::builder()
+        .unix_socket(socket)
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("an HTTP client over the engine's socket");
+    let key = conformance::bearer(runtime);
+    // The host part is ignored over a Unix socket.
+    let socket_url = "http://engine/v1/chat/completions";
+    for (request, what) in [
+        (streamed_request(), "front, 64 tokens"),
+        (streamed_request().with_max_tokens(1), "front, 1 token"),
+    ] {
+        let pairs = Pairs::measure(
+            runs.stream,
+            || direct_to(&http, runtime, &request),
+            || direct_http(&to_socket, socket_url, Some(&key), &request),
+        )
+        .await;
+        let row = pairs.overhead(engine_name(backend), what, "the engine's socket directly");
+        println!(
+            "{}: {what}: through the front {:.2} ms vs the socket directly {:.2} ms; ratio {:.3}{}",
+            row.engine,
+            row.ours_ms.median,
+            row.baseline_ms.median,
+            row.ratio.median,
+            pairs.note()
+        );
+        results.overheads.push(row);
+    }
 }
 
 /// `model-runtime serve`'s path (the router over a RuntimeManager) against
@@ -478,7 +537,7 @@ async fn gateway(results: &mut Results, backend: &Backend, runs: Runs) {
     let row = pairs.overhead(
         engine_name(backend),
         "gateway (serve), 64 tokens",
-        "plain HTTP to the engine",
+        "plain HTTP to its base_url",
     );
     println!(
         "{}: through the gateway {:.1} ms vs the engine directly {:.1} ms; ratio {:.3}{}",
@@ -616,7 +675,7 @@ async fn distributed(results: &mut Results) {
     let row = pairs.overhead(
         "llama-server",
         "RemoteRuntime (attach), 64 tokens",
-        "plain HTTP to the engine",
+        "plain HTTP to its base_url",
     );
     println!(
         "attach: RemoteRuntime {:.1} ms vs direct HTTP {:.1} ms; ratio {:.3}{}",
