@@ -183,7 +183,7 @@ pub async fn concurrency(backend: &Backend) {
 /// Dropping a stream after a few deltas cancels the generation in the engine.
 ///
 /// That the drop is the cause, not an answer ending anyway: the same greedy
-/// request is first shown to run past [`UNCUT`] tokens, and the engine's own
+/// request is first shown to run past `UNCUT` tokens, and the engine's own
 /// count of generated tokens grows by far fewer while the dropped stream
 /// runs.
 pub async fn cancellation(backend: &Backend) {
