@@ -11,8 +11,10 @@ use runtime_vllm::{VllmOptions, VllmRuntime, VllmServer};
 
 use crate::{Activity, Backend, EngineProcess, MODEL_ENV, VersionSource, required_env};
 
-/// The context size the suite configures, small enough that an over-long prompt is cheap.
-pub const CONTEXT_SIZE: u32 = 1024;
+/// The context size the suite configures: small enough that an over-long
+/// prompt is cheap, large enough that each of llama-server's four slots
+/// (512 tokens each) holds a request with a tool list and its call.
+pub const CONTEXT_SIZE: u32 = 2048;
 
 /// llama.cpp through the provisioned llama-server and the SmolLM2 GGUF.
 pub fn llamacpp() -> Backend {

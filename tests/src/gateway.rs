@@ -116,11 +116,15 @@ pub async fn serve_tls(
     );
     let server = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 return;
             };
             let acceptor = acceptor.clone();
-            let router = router.clone();
+            // The peer's address, as `serve` gives it: the admin routes answer
+            // loopback peers only, and a connection without one is refused.
+            let router = router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;

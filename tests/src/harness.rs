@@ -156,7 +156,12 @@ pub async fn shared_runtime(backend: &Backend) -> SharedRuntime {
     }
     tracing::info!(backend = backend.name, "starting the suite's shared engine");
     crate::log_capture::start();
-    let config = backend.config.clone().with_api_key(shared.key());
+    // An engine we start gets the shared key; a server we attach to keeps
+    // its own, which the configuration names.
+    let config = match &backend.config.api_key {
+        Some(_) => backend.config.clone(),
+        None => backend.config.clone().with_api_key(shared.key()),
+    };
     let runtime = crate::checks::start_with(backend, config).await;
     if backend.server.is_some() {
         let mut groups: Vec<i32> = crate::checks::engine_processes(backend, runtime.as_ref())

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use candle_transformers::generation::Sampling;
 use runtime_core::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelService, Result, StreamEvent,
-    collect_events,
+    Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, ModelService, Result,
+    StreamEvent, collect_events,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -115,6 +115,9 @@ impl Engine {
     /// [`Error::Busy`].
     pub(crate) async fn submit(&self, request: InferenceRequest) -> Result<EventStream> {
         request.validate()?;
+        // Plain chat only, for now: tools, schemas, log-probabilities and
+        // several answers are refused by name, never dropped.
+        capabilities().admit(&request, "candle")?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::NotInitialized);
         }
@@ -223,6 +226,11 @@ fn prepare(model: &LoadedModel, request: &InferenceRequest) -> Result<(Vec<u32>,
     let room = limit - tokens.len();
     let max_tokens = request.max_tokens.map_or(room, |n| (n as usize).min(room));
     Ok((tokens, max_tokens))
+}
+
+/// What candle serves beyond plain chat (`metadata().capabilities`).
+pub(crate) fn capabilities() -> Capabilities {
+    Capabilities::default()
 }
 
 #[async_trait]

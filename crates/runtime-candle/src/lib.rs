@@ -320,6 +320,8 @@ impl ModelRuntime for CandleRuntime {
             Some(running) => (running.format, u32::try_from(running.context_limit).ok()),
             None => (ModelFormat::Gguf, None),
         };
-        RuntimeMetadata::new(format, "candle", ENGINE_VERSION).with_context_size(context)
+        RuntimeMetadata::new(format, "candle", ENGINE_VERSION)
+            .with_context_size(context)
+            .with_capabilities(engine::capabilities())
     }
 }

@@ -93,6 +93,10 @@ pub struct RuntimeConfig {
     /// The API key clients must send. Server backends generate a random one per
     /// instance when this is `None`, so other local users cannot use the engine.
     pub api_key: Option<ApiKey>,
+    /// A Jinja chat template that replaces the model's own, for a model
+    /// whose template knows no tools (or has none). The file must exist;
+    /// every backend renders chat with it.
+    pub chat_template: Option<PathBuf>,
     /// Extra command-line arguments appended to the engine's command line.
     pub extra_args: Vec<String>,
     /// Extra environment variables for the engine process.
@@ -124,6 +128,7 @@ impl Default for RuntimeConfig {
             hang_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(300),
             api_key: None,
+            chat_template: None,
             extra_args: Vec::new(),
             env: BTreeMap::new(),
             extra_config: BTreeMap::new(),
@@ -205,6 +210,30 @@ impl RuntimeConfig {
     pub fn with_served_model_name(mut self, name: impl Into<String>) -> Self {
         self.served_model_name = Some(name.into());
         self
+    }
+
+    /// Sets [`chat_template`](Self::chat_template).
+    #[must_use]
+    pub fn with_chat_template(mut self, template: impl Into<PathBuf>) -> Self {
+        self.chat_template = Some(template.into());
+        self
+    }
+
+    /// The [`chat_template`](Self::chat_template) file's text, read now: a
+    /// missing or unreadable file is a config error naming it.
+    pub fn read_chat_template(&self) -> Result<Option<String>> {
+        let Some(path) = &self.chat_template else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path).map(Some).map_err(|err| {
+            Error::invalid_config(
+                "chat_template",
+                format!(
+                    "{} cannot be read ({err}); point it at a Jinja template file",
+                    path.display()
+                ),
+            )
+        })
     }
 
     /// Appends one argument to [`extra_args`](Self::extra_args).
@@ -295,6 +324,17 @@ impl RuntimeConfig {
             return Err(Error::invalid_config(
                 "host",
                 "is empty; use 127.0.0.1 for loopback",
+            ));
+        }
+        if let Some(template) = &self.chat_template
+            && !template.is_file()
+        {
+            return Err(Error::invalid_config(
+                "chat_template",
+                format!(
+                    "{} is not a file; point it at a Jinja template file",
+                    template.display()
+                ),
             ));
         }
         for (field, value) in [

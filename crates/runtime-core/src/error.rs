@@ -188,6 +188,20 @@ pub enum Error {
     #[error("malformed stream from the engine: {0}")]
     StreamProtocol(String),
 
+    /// The model's answer is not what the request demanded: text that is
+    /// not valid against its `json_schema`, not a JSON object, or a tool
+    /// call whose arguments do not follow the tool's parameters. Never
+    /// returned as a success: the schema was enforced during generation, so
+    /// this means the engine broke its promise (or the answer was cut off
+    /// by `max_tokens`).
+    #[error("the answer is invalid: {what} {reason}")]
+    OutputInvalid {
+        /// What was checked (`the answer`, `the arguments of get_weather`).
+        what: String,
+        /// The first violation, with where in the answer it is.
+        reason: String,
+    },
+
     /// The in-process engine failed (loading weights, a tensor operation).
     #[error("{context}")]
     Engine {
@@ -214,6 +228,14 @@ impl Error {
     pub fn invalid_config(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
             field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds [`Error::OutputInvalid`].
+    pub fn output_invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::OutputInvalid {
+            what: what.into(),
             reason: reason.into(),
         }
     }
@@ -277,7 +299,8 @@ impl Error {
             Self::EngineExited { .. }
             | Self::EngineUnresponsive { .. }
             | Self::Transport(_)
-            | Self::StreamProtocol(_) => ErrorKind::EngineFailed,
+            | Self::StreamProtocol(_)
+            | Self::OutputInvalid { .. } => ErrorKind::EngineFailed,
             Self::Api { status, .. } => ErrorKind::of_engine_status(*status),
             Self::InvalidConfig { .. }
             | Self::ModelNotFound { .. }
@@ -306,6 +329,7 @@ impl Error {
             Self::ModelUnavailable { .. } => "model_unavailable",
             Self::EngineExited { .. } => "engine_exited",
             Self::EngineUnresponsive { .. } => "engine_unresponsive",
+            Self::OutputInvalid { .. } => "output_invalid",
             Self::Transport(_) | Self::StreamProtocol(_) | Self::Api { .. } => "engine_error",
             _ => "internal_error",
         }

@@ -65,6 +65,7 @@ mod response;
 mod runtime;
 mod secret;
 mod service;
+mod tools;
 
 pub use async_trait::async_trait;
 pub use config::{
@@ -74,10 +75,20 @@ pub use config::{
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use format::ModelFormat;
 pub use options::{BackendOptions, option_keys};
-pub use request::{ChatMessage, InferenceRequest, MAX_STOP_BYTES, MAX_STOP_STRINGS, Role};
-pub use response::{FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings, Usage};
+pub use request::{
+    ChatMessage, InferenceRequest, MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
+    Role,
+};
+pub use response::{
+    Capabilities, Choice, FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings,
+    Usage,
+};
 pub use runtime::{
     EventStream, ModelRuntime, TextStream, collect_events, ensure_finished, text_deltas,
 };
 pub use secret::ApiKey;
 pub use service::{ModelCard, ModelService};
+pub use tools::{
+    MAX_TOOL_NAME, MAX_TOOLS, ResponseFormat, TokenLogprob, Tool, ToolCall, ToolCallDelta,
+    ToolChoice, TopLogprob,
+};

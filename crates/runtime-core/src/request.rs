@@ -2,12 +2,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tools::{MAX_TOOL_NAME, MAX_TOOLS, ResponseFormat, Tool, ToolCall, ToolChoice};
 use crate::{Error, Result};
 
 /// The most stop strings a request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
 /// The longest stop string accepted, in bytes.
 pub const MAX_STOP_BYTES: usize = 1024;
+/// The most answers one request may ask for (`n`).
+pub const MAX_CHOICES: u32 = 16;
+/// The most alternatives per token `top_logprobs` may ask for.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 /// Who wrote a chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -38,11 +43,18 @@ impl Role {
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ChatMessage {
     /// Who wrote it.
     pub role: Role,
-    /// The text.
+    /// The text (empty for an assistant message that only calls tools).
     pub content: String,
+    /// The tools an assistant message called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a [`Role::Tool`] message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -51,6 +63,26 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// An assistant message that called `calls` (what an answer with
+    /// [`InferenceResponse::tool_calls`](crate::InferenceResponse::tool_calls)
+    /// becomes in the history).
+    pub fn assistant_calls(calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::new(Role::Assistant, "")
+        }
+    }
+
+    /// The result of the tool call `call_id`.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call_id.into()),
+            ..Self::new(Role::Tool, content)
         }
     }
 
@@ -105,6 +137,30 @@ pub struct InferenceRequest {
     /// `generate_stream` decide this themselves; HTTP front ends read it.
     #[serde(default)]
     pub stream: bool,
+    /// Functions the model may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// Whether and which tool must be called; `None` is
+    /// [`ToolChoice::Auto`] with tools and [`ToolChoice::None`] without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether an answer may call several tools (default: yes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// The shape the answer's text must have; `None` is free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// Report each generated token's log-probability.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// With [`logprobs`](Self::logprobs): this many most likely alternatives
+    /// per token, at most [`MAX_TOP_LOGPROBS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u8>,
+    /// How many answers to generate, at most [`MAX_CHOICES`] (default one).
+    /// More than one is served by non-streamed requests only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
 }
 
 impl InferenceRequest {
@@ -118,6 +174,13 @@ impl InferenceRequest {
             seed: None,
             stop: Vec::new(),
             stream: false,
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
+            logprobs: false,
+            top_logprobs: None,
+            n: None,
         }
     }
 
@@ -159,6 +222,72 @@ impl InferenceRequest {
     pub fn with_stop(mut self, stop: impl Into<String>) -> Self {
         self.stop.push(stop.into());
         self
+    }
+
+    /// Offers the model `tool`.
+    #[must_use]
+    pub fn with_tool(mut self, tool: Tool) -> Self {
+        self.tools.push(tool);
+        self
+    }
+
+    /// Sets [`tool_choice`](Self::tool_choice).
+    #[must_use]
+    pub fn with_tool_choice(mut self, choice: ToolChoice) -> Self {
+        self.tool_choice = Some(choice);
+        self
+    }
+
+    /// Sets [`parallel_tool_calls`](Self::parallel_tool_calls).
+    #[must_use]
+    pub fn with_parallel_tool_calls(mut self, parallel: bool) -> Self {
+        self.parallel_tool_calls = Some(parallel);
+        self
+    }
+
+    /// Sets [`response_format`](Self::response_format).
+    #[must_use]
+    pub fn with_response_format(mut self, format: ResponseFormat) -> Self {
+        self.response_format = Some(format);
+        self
+    }
+
+    /// Asks for an answer valid against `schema`
+    /// ([`ResponseFormat::JsonSchema`]).
+    #[must_use]
+    pub fn with_json_schema(self, name: impl Into<String>, schema: serde_json::Value) -> Self {
+        self.with_response_format(ResponseFormat::json_schema(name, schema))
+    }
+
+    /// Asks for each token's log-probability and its `top` most likely
+    /// alternatives.
+    #[must_use]
+    pub fn with_logprobs(mut self, top: u8) -> Self {
+        self.logprobs = true;
+        self.top_logprobs = Some(top);
+        self
+    }
+
+    /// Sets [`n`](Self::n).
+    #[must_use]
+    pub fn with_n(mut self, n: u32) -> Self {
+        self.n = Some(n);
+        self
+    }
+
+    /// The tool choice in effect: the one set, else `auto` with tools and
+    /// `none` without.
+    pub fn effective_tool_choice(&self) -> ToolChoice {
+        match &self.tool_choice {
+            Some(choice) => choice.clone(),
+            None if self.tools.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+        }
+    }
+
+    /// How many answers are asked for.
+    pub fn choices(&self) -> u32 {
+        self.n.unwrap_or(1)
     }
 
     /// Checks the request before it reaches an engine, naming the first bad field.
@@ -213,6 +342,119 @@ impl InferenceRequest {
                     "has a string of {} bytes; at most {MAX_STOP_BYTES} are accepted",
                     long.len()
                 ),
+            ));
+        }
+        self.validate_tools()?;
+        self.validate_response_format()?;
+        if let Some(n) = self.n
+            && !(1..=MAX_CHOICES).contains(&n)
+        {
+            return Err(Error::invalid_request(
+                "n",
+                format!("must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
+        }
+        if let Some(top) = self.top_logprobs {
+            if top > MAX_TOP_LOGPROBS {
+                return Err(Error::invalid_request(
+                    "top_logprobs",
+                    format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {top}"),
+                ));
+            }
+            if top > 0 && !self.logprobs {
+                return Err(Error::invalid_request(
+                    "top_logprobs",
+                    "needs `logprobs: true`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tools(&self) -> Result<()> {
+        if self.tools.len() > MAX_TOOLS {
+            return Err(Error::invalid_request(
+                "tools",
+                format!(
+                    "has {} tools; at most {MAX_TOOLS} are accepted",
+                    self.tools.len()
+                ),
+            ));
+        }
+        for (i, tool) in self.tools.iter().enumerate() {
+            let valid_name = !tool.name.is_empty()
+                && tool.name.len() <= MAX_TOOL_NAME
+                && tool
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(Error::invalid_request(
+                    format!("tools[{i}].function.name"),
+                    format!(
+                        "is {:?}; use 1 to {MAX_TOOL_NAME} letters, digits, `_` or `-`",
+                        tool.name
+                    ),
+                ));
+            }
+            if self.tools[..i].iter().any(|other| other.name == tool.name) {
+                return Err(Error::invalid_request(
+                    format!("tools[{i}].function.name"),
+                    format!("`{}` is offered twice", tool.name),
+                ));
+            }
+            if let Some(parameters) = &tool.parameters {
+                let is_object = parameters
+                    .as_object()
+                    .is_some_and(|schema| schema.get("type").is_none_or(|kind| *kind == "object"));
+                if !is_object {
+                    return Err(Error::invalid_request(
+                        format!("tools[{i}].function.parameters"),
+                        "must be a JSON Schema of an object (`\"type\": \"object\"`)",
+                    ));
+                }
+            }
+        }
+        match &self.tool_choice {
+            Some(ToolChoice::Required) if self.tools.is_empty() => Err(Error::invalid_request(
+                "tool_choice",
+                "is `required` but no tools are offered; send `tools` too",
+            )),
+            Some(ToolChoice::Function(name)) if !self.tools.iter().any(|t| &t.name == name) => {
+                Err(Error::invalid_request(
+                    "tool_choice",
+                    format!("names `{name}`, which is not among `tools`"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_response_format(&self) -> Result<()> {
+        if let Some(ResponseFormat::JsonSchema { schema, name, .. }) = &self.response_format {
+            if !(schema.is_object() || schema.is_boolean()) {
+                return Err(Error::invalid_request(
+                    "response_format.json_schema.schema",
+                    "must be a JSON Schema (an object)",
+                ));
+            }
+            if name.len() > MAX_TOOL_NAME {
+                return Err(Error::invalid_request(
+                    "response_format.json_schema.name",
+                    format!("is longer than {MAX_TOOL_NAME} bytes"),
+                ));
+            }
+        }
+        let constrained = !matches!(self.response_format, None | Some(ResponseFormat::Text));
+        let calls = matches!(
+            self.effective_tool_choice(),
+            ToolChoice::Required | ToolChoice::Function(_)
+        );
+        if constrained && calls {
+            return Err(Error::invalid_request(
+                "response_format",
+                "cannot be combined with a required tool call (`tool_choice` `required` or a \
+                 named function): the answer is the call; leave one of them out",
             ));
         }
         Ok(())

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ModelFormat;
+use crate::tools::{ResponseFormat, TokenLogprob, ToolCall, ToolCallDelta};
+use crate::{Error, InferenceRequest, ModelFormat, Result};
 
 /// Why generation ended.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -128,16 +129,30 @@ impl Timings {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InferenceResponse {
-    /// The generated text.
+    /// The generated text (empty when the answer is tool calls only).
     pub content: String,
-    /// Why generation ended, if the engine said.
+    /// The tools the answer calls, in order; their arguments are valid
+    /// against their tools' parameters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Why generation ended, if the engine said
+    /// ([`FinishReason::ToolCalls`] when the answer calls tools).
     pub finish_reason: Option<FinishReason>,
-    /// Token counts, if the engine reported them.
+    /// Each generated token's log-probability, when the request asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Token counts, if the engine reported them (over every answer when
+    /// `n > 1`).
     pub usage: Option<Usage>,
     /// Speed figures, if the engine reported them.
     pub timings: Option<Timings>,
     /// The model name the engine answered under.
     pub model: Option<String>,
+    /// With `n > 1`: the answers after the first, in order (the first is
+    /// this response's own `content`, `tool_calls`, `finish_reason` and
+    /// `logprobs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<Choice>,
 }
 
 impl InferenceResponse {
@@ -146,6 +161,48 @@ impl InferenceResponse {
         Self {
             content: content.into(),
             ..Self::default()
+        }
+    }
+
+    /// Every answer, the first included, in order.
+    pub fn choices(&self) -> Vec<Choice> {
+        let first = Choice {
+            content: self.content.clone(),
+            tool_calls: self.tool_calls.clone(),
+            finish_reason: self.finish_reason.clone(),
+            logprobs: self.logprobs.clone(),
+        };
+        std::iter::once(first)
+            .chain(self.alternatives.iter().cloned())
+            .collect()
+    }
+}
+
+/// One answer of several (`n > 1`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Choice {
+    /// The generated text.
+    pub content: String,
+    /// The tools it calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Why its generation ended.
+    pub finish_reason: Option<FinishReason>,
+    /// Its tokens' log-probabilities, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+impl Choice {
+    /// The answer as a response of its own.
+    pub fn into_response(self) -> InferenceResponse {
+        InferenceResponse {
+            content: self.content,
+            tool_calls: self.tool_calls,
+            finish_reason: self.finish_reason,
+            logprobs: self.logprobs,
+            ..InferenceResponse::default()
         }
     }
 }
@@ -157,6 +214,12 @@ impl InferenceResponse {
 pub enum StreamEvent {
     /// A piece of generated text; always whole UTF-8 characters.
     Delta(String),
+    /// A piece of a tool call: its id and name first, then fragments of
+    /// its arguments.
+    ToolCall(ToolCallDelta),
+    /// The log-probabilities of the tokens generated since the last such
+    /// event, when the request asked for them.
+    Logprobs(Vec<TokenLogprob>),
     /// The end of the generation, sent once, last.
     Finished {
         /// Why generation ended.
@@ -166,6 +229,104 @@ pub enum StreamEvent {
         /// Speed figures, if known.
         timings: Option<Timings>,
     },
+}
+
+/// What a model accepts beyond plain chat, as its runtime serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Tool calls (`tools`, every `tool_choice`).
+    pub tools: bool,
+    /// `response_format` `json_schema` (and `json_object`).
+    pub json_schema: bool,
+    /// Token log-probabilities (`logprobs`, `top_logprobs`).
+    pub logprobs: bool,
+    /// The most answers one request may ask for (`n`).
+    pub max_choices: u32,
+    /// Whether the model's chat template renders tools and tool calls
+    /// itself; when not, they are written into the conversation as text.
+    pub template_tools: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            tools: false,
+            json_schema: false,
+            logprobs: false,
+            max_choices: 1,
+            template_tools: false,
+        }
+    }
+}
+
+impl Capabilities {
+    /// Tools, schemas and log-probabilities, up to `max_choices` answers.
+    pub fn full(max_choices: u32) -> Self {
+        Self {
+            tools: true,
+            json_schema: true,
+            logprobs: true,
+            max_choices,
+            template_tools: false,
+        }
+    }
+
+    /// Sets [`template_tools`](Self::template_tools).
+    #[must_use]
+    pub fn with_template_tools(mut self, template_tools: bool) -> Self {
+        self.template_tools = template_tools;
+        self
+    }
+
+    /// Refuses, naming the field, what `request` asks for beyond these
+    /// capabilities, so nothing is silently dropped: `runtime` names the
+    /// runtime in the message.
+    pub fn admit(&self, request: &InferenceRequest, runtime: &str) -> Result<()> {
+        let refuse = |field: &'static str, what: &str| {
+            Err(Error::invalid_request(
+                field,
+                format!(
+                    "{runtime} does not serve {what} for this model; leave `{field}` out, or \
+                     serve the model on a backend whose capabilities (in `/v1/models`) list it"
+                ),
+            ))
+        };
+        if !self.tools && !request.tools.is_empty() {
+            return refuse("tools", "tool calls");
+        }
+        let calls_in_history = request
+            .messages
+            .iter()
+            .any(|message| !message.tool_calls.is_empty() || message.role == crate::Role::Tool);
+        if !self.tools && calls_in_history {
+            return refuse(
+                "messages",
+                "tool calls and tool results in the conversation",
+            );
+        }
+        let structured = matches!(
+            request.response_format,
+            Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. })
+        );
+        if !self.json_schema && structured {
+            return refuse("response_format", "structured output");
+        }
+        if !self.logprobs && request.logprobs {
+            return refuse("logprobs", "token log-probabilities");
+        }
+        if request.choices() > self.max_choices {
+            return Err(Error::invalid_request(
+                "n",
+                format!(
+                    "is {}; {runtime} serves at most {} answers per request for this model",
+                    request.choices(),
+                    self.max_choices
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a runtime is and what it can do.
@@ -185,6 +346,9 @@ pub struct RuntimeMetadata {
     pub supports_streaming: bool,
     /// The context window in effect once initialized, in tokens.
     pub context_size: Option<u32>,
+    /// What the model accepts beyond plain chat, once initialized.
+    #[serde(default)]
+    pub capabilities: Capabilities,
 }
 
 impl RuntimeMetadata {
@@ -201,6 +365,7 @@ impl RuntimeMetadata {
             supports_gpu: false,
             supports_streaming: true,
             context_size: None,
+            capabilities: Capabilities::default(),
         }
     }
 
@@ -208,6 +373,13 @@ impl RuntimeMetadata {
     #[must_use]
     pub fn with_gpu(mut self, supports_gpu: bool) -> Self {
         self.supports_gpu = supports_gpu;
+        self
+    }
+
+    /// Sets [`capabilities`](Self::capabilities).
+    #[must_use]
+    pub fn with_capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
         self
     }
 
@@ -222,6 +394,42 @@ impl RuntimeMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_refuse_by_name_what_they_lack_and_admit_what_they_have() {
+        use crate::{ChatMessage, Tool};
+        let plain = InferenceRequest::new(vec![ChatMessage::user("x")]);
+        let none = Capabilities::default();
+        assert!(none.admit(&plain, "candle").is_ok());
+        let cases = [
+            (
+                "tools",
+                plain
+                    .clone()
+                    .with_tool(Tool::function("f", serde_json::json!({"type": "object"}))),
+            ),
+            (
+                "response_format",
+                plain
+                    .clone()
+                    .with_response_format(ResponseFormat::JsonObject),
+            ),
+            ("logprobs", plain.clone().with_logprobs(2)),
+            ("n", plain.clone().with_n(2)),
+        ];
+        for (field, request) in &cases {
+            let err = none.admit(request, "candle").unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest { field: named, .. } if named == field),
+                "{field}: {err:?}"
+            );
+            assert!(
+                Capabilities::full(2).admit(request, "llama.cpp").is_ok(),
+                "{field}"
+            );
+        }
+        assert!(Capabilities::full(1).admit(&plain.with_n(2), "x").is_err());
+    }
 
     #[test]
     fn finish_reasons_round_trip_and_keep_unknown_ones() {

@@ -94,11 +94,20 @@ pub trait ModelRuntime: Send + Sync {
     /// [`Error::EngineExited`](crate::Error::EngineExited) and ends; if it
     /// hangs, [`Error::EngineUnresponsive`](crate::Error::EngineUnresponsive).
     /// A stream never ends silently before the answer is complete.
+    ///
+    /// Text only: an answer's tool calls and log-probabilities come with
+    /// [`generate_events`](Self::generate_events) and
+    /// [`generate`](Self::generate). A request with `n > 1` is refused
+    /// (served non-streamed only).
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream>;
 
     /// Like [`generate_stream`](Self::generate_stream), but the stream ends with a
     /// [`StreamEvent::Finished`] that carries the finish reason, usage and timings
-    /// where the backend knows them.
+    /// where the backend knows them, and carries the answer's tool calls
+    /// ([`StreamEvent::ToolCall`]) and log-probabilities
+    /// ([`StreamEvent::Logprobs`]) as they come. A call's arguments are
+    /// validated once complete: an invalid answer ends the stream with
+    /// [`Error::OutputInvalid`](crate::Error::OutputInvalid).
     ///
     /// The provided implementation wraps `generate_stream` and reports no finish
     /// details; backends override it.
@@ -232,7 +241,8 @@ fn unfinished() -> Error {
 }
 
 /// Reads an event stream to its end into one response: the deltas joined,
-/// the finish reason, usage and timings of its `Finished` event. The first
+/// tool calls assembled from their pieces, log-probabilities in order, the
+/// finish reason, usage and timings of its `Finished` event. The first
 /// error is returned, and so is [`Error::StreamProtocol`] if the stream ends
 /// without `Finished`.
 pub async fn collect_events(mut events: EventStream) -> Result<InferenceResponse> {
@@ -241,6 +251,32 @@ pub async fn collect_events(mut events: EventStream) -> Result<InferenceResponse
         let next = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await;
         match next {
             Some(Ok(StreamEvent::Delta(text))) => response.content.push_str(&text),
+            Some(Ok(StreamEvent::ToolCall(delta))) => {
+                let index = delta.index as usize;
+                if index > response.tool_calls.len() {
+                    return Err(Error::StreamProtocol(format!(
+                        "tool call {index} came before call {}",
+                        response.tool_calls.len()
+                    )));
+                }
+                if index == response.tool_calls.len() {
+                    response
+                        .tool_calls
+                        .push(crate::ToolCall::new("", "", String::new()));
+                }
+                let call = &mut response.tool_calls[index];
+                if let Some(id) = delta.id {
+                    call.id = id;
+                }
+                if let Some(name) = delta.name {
+                    call.name = name;
+                }
+                call.arguments.push_str(&delta.arguments);
+            }
+            Some(Ok(StreamEvent::Logprobs(tokens))) => response
+                .logprobs
+                .get_or_insert_with(Vec::new)
+                .extend(tokens),
             Some(Ok(StreamEvent::Finished {
                 finish_reason,
                 usage,

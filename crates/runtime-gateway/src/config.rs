@@ -161,6 +161,10 @@ struct ModelEntry {
     startup_timeout: Option<Duration>,
     #[serde(default, with = "runtime_core::duration::serde::optional")]
     shutdown_grace: Option<Duration>,
+    /// A Jinja chat template replacing the model's own
+    /// (`RuntimeConfig::chat_template`).
+    #[serde(default)]
+    chat_template: Option<PathBuf>,
     #[serde(default)]
     extra_args: Vec<String>,
     #[serde(default)]
@@ -183,6 +187,7 @@ impl From<ModelEntry> for ModelSpec {
         runtime.parallel = entry.parallel;
         runtime.runtime_binary = entry.runtime_binary;
         runtime.startup_timeout = entry.startup_timeout;
+        runtime.chat_template = entry.chat_template;
         runtime.extra_args = entry.extra_args;
         runtime.env = entry.env;
         runtime.api_key = entry.api_key;

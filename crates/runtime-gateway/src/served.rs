@@ -57,6 +57,11 @@ impl ServedRuntime {
         self.runtime.read().await.as_ref()?.resident_memory()
     }
 
+    /// What the runtime is and accepts (`None` once retired).
+    pub(crate) async fn metadata(&self) -> Option<runtime_core::RuntimeMetadata> {
+        Some(self.runtime.read().await.as_ref()?.metadata())
+    }
+
     /// The engine's recent log lines.
     pub(crate) async fn log_tail(&self) -> Vec<String> {
         self.runtime

@@ -52,9 +52,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
+use runtime_core::{Capabilities, Error, ModelFormat, Result, RuntimeConfig};
 pub use runtime_managed::ManagedServer;
-use runtime_managed::{LaunchSpec, ServerEngine};
+use runtime_managed::{Enforcer, LaunchSpec, ServerEngine, Support};
 use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ServerCommand, StopPolicy};
 
@@ -170,6 +170,13 @@ impl ServerEngine for LlamaServer {
             .arg("--model")
             .arg(&config.model_path)
             .args(["--alias", launch.model_name]);
+        // The model's own Jinja template renders chat (and tools, where it
+        // knows them), as the chat API means it, not llama.cpp's built-in
+        // approximations of known formats.
+        command.arg("--jinja");
+        if let Some(template) = &config.chat_template {
+            command.arg("--chat-template-file").arg(template);
+        }
         match launch.socket {
             // llama-server listens on a Unix socket when its host ends in `.sock`.
             Some(socket) => command.arg("--host").arg(socket),
@@ -258,6 +265,37 @@ impl ServerEngine for LlamaServer {
             .or_else(|| props.get("n_ctx"))?;
         u32::try_from(n_ctx.as_u64()?).ok()
     }
+
+    async fn structured(
+        &self,
+        client: &OpenAiClient,
+        _config: &RuntimeConfig,
+        _options: &LlamaCppOptions,
+    ) -> Option<(Support, Capabilities)> {
+        // What the template does with tools, as llama-server read it. Its
+        // `auto` parser is trusted only where the template renders the tools;
+        // a template that does not gets no tools at all (llama-server would
+        // drop them silently) and is asked for `<tool_call>` tags instead.
+        let props: serde_json::Value = client
+            .get_json("/props", Duration::from_secs(5))
+            .await
+            .ok()?;
+        let caps = |key: &str| {
+            props
+                .pointer(&format!("/chat_template_caps/{key}"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false)
+        };
+        let renders_tools = caps("supports_tools") && caps("supports_tool_calls");
+        let support = Support {
+            enforcer: Enforcer::LlamaCpp,
+            native_auto: renders_tools,
+            renders_tools,
+        };
+        let capabilities =
+            Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(renders_tools);
+        Some((support, capabilities))
+    }
 }
 
 /// A llama.cpp binary's environment: the user's variables, and the binary's
@@ -344,9 +382,19 @@ mod tests {
         let args = launch_args(&config).join(" ");
         assert_eq!(
             args,
-            "--model /m/smol.gguf --alias smol --host 127.0.0.1 --port 8123 \
+            "--model /m/smol.gguf --alias smol --jinja --host 127.0.0.1 --port 8123 \
              --ctx-size 2048 --batch-size 256 --threads 2 --threads-batch 2 \
              --n-gpu-layers 0 --parallel 2 --no-webui"
+        );
+    }
+
+    #[test]
+    fn a_configured_chat_template_replaces_the_models_own() {
+        let config = RuntimeConfig::new("/m/smol.gguf").with_chat_template("/t/tools.jinja");
+        let args = launch_args(&config).join(" ");
+        assert!(
+            args.contains("--jinja --chat-template-file /t/tools.jinja"),
+            "{args}"
         );
     }
 

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runtime_core::{BackendOptions, ModelFormat, Result, RuntimeConfig};
+use runtime_core::{BackendOptions, Capabilities, ModelFormat, Result, RuntimeConfig};
 use runtime_openai::OpenAiClient;
 use runtime_process::{ServerCommand, StopPolicy};
+use runtime_structured::Support;
 
 /// Bound on one readiness or health probe.
 pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -137,6 +138,19 @@ pub trait ServerEngine: Send + Sync + 'static {
 
     /// The effective context size of the running engine, if it says.
     async fn context_size(&self, _client: &OpenAiClient) -> Option<u32> {
+        None
+    }
+
+    /// What the running engine does for tools and schemas, and what the
+    /// model accepts, derived from the engine and the model's template.
+    /// `None`, the default, serves plain chat only: tools, schemas,
+    /// log-probabilities and `n > 1` are refused by name.
+    async fn structured(
+        &self,
+        _client: &OpenAiClient,
+        _config: &RuntimeConfig,
+        _options: &Self::Options,
+    ) -> Option<(Support, Capabilities)> {
         None
     }
 }

@@ -33,3 +33,5 @@ mod managed;
 
 pub use engine::{LaunchSpec, ServerEngine};
 pub use managed::ManagedServer;
+/// What an engine does for tools and schemas ([`ServerEngine::structured`]).
+pub use runtime_structured::{Enforcer, Support};

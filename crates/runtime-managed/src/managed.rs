@@ -7,13 +7,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use runtime_core::{
-    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
-    Result, RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
+    ApiKey, Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat,
+    ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
 };
 use runtime_openai::{
     ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key,
 };
 use runtime_process::{ServerProcess, StopPolicy, ensure_port_free, free_port};
+use runtime_structured::{Plan, Support};
 
 use crate::engine::PROBE_TIMEOUT;
 use crate::{LaunchSpec, ServerEngine};
@@ -39,6 +40,8 @@ struct Running {
     format: ModelFormat,
     version: String,
     context_size: Option<u32>,
+    /// What the engine does for tools and schemas; `None`: plain chat only.
+    structured: Option<(Support, Capabilities)>,
     stop_policy: StopPolicy,
 }
 
@@ -108,6 +111,22 @@ impl<E: ServerEngine> ManagedServer<E> {
 
     fn running(&self) -> Result<&Running> {
         self.running.as_ref().ok_or(Error::NotInitialized)
+    }
+
+    /// `request` planned for the running engine: what it cannot serve is
+    /// refused by name before anything is sent.
+    fn plan(&self, running: &Running, request: &InferenceRequest) -> Result<Plan> {
+        let name = self.engine.runtime_name();
+        match &running.structured {
+            Some((support, capabilities)) => {
+                capabilities.admit(request, name)?;
+                Plan::new(request, support)
+            }
+            None => {
+                Capabilities::default().admit(request, name)?;
+                Ok(Plan::plain(request))
+            }
+        }
     }
 
     async fn start(&self, config: &RuntimeConfig) -> Result<Running> {
@@ -193,6 +212,7 @@ impl<E: ServerEngine> ManagedServer<E> {
             },
         };
         let context_size = self.engine.context_size(&client).await;
+        let structured = self.engine.structured(&client, config, &options).await;
         let client = client.with_heartbeat(Heartbeat::new(
             self.engine.engine_name(),
             config.hang_timeout,
@@ -212,6 +232,7 @@ impl<E: ServerEngine> ManagedServer<E> {
             format,
             version,
             context_size,
+            structured,
             stop_policy,
         })
     }
@@ -347,8 +368,9 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
         request.validate()?;
         let running = self.running()?;
-        match running.client.chat(&request).await {
-            Ok(response) => Ok(response),
+        let plan = self.plan(running, &request)?;
+        match running.client.chat(plan.engine_request()).await {
+            Ok(response) => plan.finish(response),
             Err(err) => Err(attribute_to_exit(&running.process, err).await),
         }
     }
@@ -359,8 +381,15 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         request.validate()?;
+        if request.choices() > 1 {
+            return Err(Error::invalid_request(
+                "n",
+                "must be 1 on a stream (one answer streams at a time); ask for several answers without streaming",
+            ));
+        }
         let running = self.running()?;
-        let events = match running.client.chat_stream(&request).await {
+        let plan = self.plan(running, &request)?;
+        let events = match running.client.chat_stream(plan.engine_request()).await {
             Ok(events) => events,
             Err(err) => return Err(attribute_to_exit(&running.process, err).await),
         };
@@ -370,9 +399,9 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             process: Arc::downgrade(&running.process),
             done: false,
         };
-        Ok(Box::new(
+        Ok(plan.events(Box::new(
             futures::stream::unfold(supervised, Supervised::next).boxed(),
-        ))
+        )))
     }
 
     async fn shutdown(&mut self) -> Result<()> {
@@ -405,17 +434,28 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     }
 
     fn metadata(&self) -> RuntimeMetadata {
-        let (format, version, context_size) = match &self.running {
+        let (format, version, context_size, capabilities) = match &self.running {
             Some(running) => (
                 running.format,
                 running.version.clone(),
                 running.context_size,
+                running
+                    .structured
+                    .as_ref()
+                    .map(|(_, capabilities)| capabilities.clone())
+                    .unwrap_or_default(),
             ),
-            None => (self.engine.supported_format(), String::new(), None),
+            None => (
+                self.engine.supported_format(),
+                String::new(),
+                None,
+                Capabilities::default(),
+            ),
         };
         RuntimeMetadata::new(format, self.engine.runtime_name(), version)
             .with_gpu(self.engine.supports_gpu())
             .with_context_size(context_size)
+            .with_capabilities(capabilities)
     }
 }
 

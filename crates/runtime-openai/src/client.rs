@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ErrorBody};
+use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use runtime_core::{
@@ -301,9 +301,30 @@ impl OpenAiClient {
     /// protection as a stream: the idle backstop, the heartbeat, and
     /// cancellation in the engine the moment the future is dropped (a
     /// non-streamed request is noticed by llama-server only at its next 1 s
-    /// check).
+    /// check). Several answers (`n > 1`) are the exception: they are asked
+    /// for whole, as a stream would interleave their chunks, with the
+    /// heartbeat still ending the request if the engine hangs.
     pub async fn chat(&self, request: &InferenceRequest) -> Result<InferenceResponse> {
-        collect_events(self.chat_stream(request).await?).await
+        if request.choices() == 1 {
+            return collect_events(self.chat_stream(request).await?).await;
+        }
+        // Several answers come whole: a stream interleaves their chunks.
+        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), false);
+        let mut interrupts = self.interrupts();
+        let answer = async {
+            let response = self.post_chat(&body).await?;
+            let bytes = response.bytes().await.map_err(transport)?;
+            serde_json::from_slice::<ChatCompletionResponse>(&bytes).map_err(|err| {
+                Error::StreamProtocol(format!(
+                    "the engine's chat completion does not parse: {err}"
+                ))
+            })
+        };
+        let span = tracing::debug_span!("engine_request", url = %self.url("/v1/chat/completions"));
+        tokio::select! {
+            answer = answer.instrument(span) => Ok(answer?.into_inference()),
+            err = interrupts.fired() => Err(err),
+        }
     }
 
     /// A streamed chat completion, as events ending in [`StreamEvent::Finished`].
@@ -621,6 +642,18 @@ impl<S> ChunkState<S> {
             self.first_delta.get_or_insert_with(Instant::now);
             self.ready
                 .push_back(Ok(StreamEvent::Delta(content.to_owned())));
+        }
+        for call in chunk.tool_calls() {
+            self.first_delta.get_or_insert_with(Instant::now);
+            self.ready.push_back(Ok(StreamEvent::ToolCall(call)));
+        }
+        let logprobs = chunk.logprobs();
+        // vLLM sends the stop token's log-probability with the empty last
+        // delta; it is no token of the answer (llama-server and OpenAI
+        // leave it out).
+        let stop_token = content.is_empty() && chunk.finish_reason() == Some(&FinishReason::Stop);
+        if !logprobs.is_empty() && !stop_token {
+            self.ready.push_back(Ok(StreamEvent::Logprobs(logprobs)));
         }
     }
 

@@ -39,7 +39,7 @@ use tracing::Instrument;
 
 use crate::wire::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
-    ErrorBody, ErrorField, Extra,
+    ErrorBody, ErrorField, Extra, WireLogprobs, WireToolCallDelta,
 };
 
 /// Which `Host` (and `Origin`) names the router accepts.
@@ -297,8 +297,9 @@ impl ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self.0.with_sources(), "request failed");
             let message = match &self.0 {
-                // Its reason is written for clients.
-                Error::ModelUnavailable { .. } => self.0.to_string(),
+                // Its reason is written for clients; an invalid answer's
+                // is about the client's own answer and schema.
+                Error::ModelUnavailable { .. } | Error::OutputInvalid { .. } => self.0.to_string(),
                 Error::EngineExited { .. } => {
                     "the model's engine stopped; the server log says why".to_owned()
                 }
@@ -581,6 +582,14 @@ async fn chat_completions(
         Ok(request) => request,
         Err(err) => return ApiError(err).into_response(),
     };
+    if request.stream && request.choices() > 1 {
+        return ApiError(Error::invalid_request(
+            "n",
+            "is more than 1 on a streamed request; several answers are served non-streamed \
+             only (send `stream: false`)",
+        ))
+        .into_response();
+    }
     let id = completion_id();
     let model = requested
         .clone()
@@ -669,6 +678,7 @@ fn sse_chunks(
             index: 0,
             delta,
             finish_reason,
+            logprobs: None,
         }],
         usage,
         extra: Extra::new(),
@@ -676,7 +686,8 @@ fn sse_chunks(
     let first = chunk(
         Delta {
             role: Some("assistant".to_owned()),
-            content: None,
+            content: Some(String::new()),
+            tool_calls: None,
         },
         None,
         None,
@@ -686,12 +697,25 @@ fn sse_chunks(
         let out: Vec<Event> = match event {
             Ok(StreamEvent::Delta(text)) => vec![data_event(&chunk(
                 Delta {
-                    role: None,
                     content: Some(text),
+                    ..Delta::default()
                 },
                 None,
                 None,
             ))],
+            Ok(StreamEvent::ToolCall(call)) => vec![data_event(&chunk(
+                Delta {
+                    tool_calls: Some(vec![WireToolCallDelta::from(&call)]),
+                    ..Delta::default()
+                },
+                None,
+                None,
+            ))],
+            Ok(StreamEvent::Logprobs(tokens)) => {
+                let mut with = chunk(Delta::default(), None, None);
+                with.choices[0].logprobs = Some(WireLogprobs::from_tokens(&tokens));
+                vec![data_event(&with)]
+            }
             Ok(StreamEvent::Finished {
                 finish_reason,
                 usage,

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use runtime_core::{
-    ChatMessage, Error, FinishReason, InferenceRequest, InferenceResponse, Result, Role, Timings,
-    Usage,
+    ChatMessage, Choice as Answer, Error, FinishReason, InferenceRequest, InferenceResponse,
+    ResponseFormat, Result, Role, Timings, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice,
+    TopLogprob, Usage,
 };
 
 /// Extra fields kept as JSON.
@@ -54,6 +55,28 @@ pub struct ChatCompletionRequest {
     /// Streaming options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
+    /// Functions the model may call: `[{"type":"function","function":{...}}]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type":"function","function":{"name":...}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    /// Whether an answer may call several tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// `{"type":"text"}`, `{"type":"json_object"}` or
+    /// `{"type":"json_schema","json_schema":{"name":...,"schema":...}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    /// Report each token's log-probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token, with `logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<i64>,
+    /// How many answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<i64>,
     /// Fields this crate does not model, passed through.
     #[serde(flatten)]
     pub extra: Extra,
@@ -94,6 +117,224 @@ pub struct WireMessage {
     /// The content; `null` in some assistant messages.
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// A tool call on the wire: `{"id","type":"function","function":{"name","arguments"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireToolCall {
+    /// The call's id.
+    #[serde(default)]
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// The function and its arguments.
+    pub function: WireFunctionCall,
+}
+
+/// The function part of a tool call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments as JSON text. Some engines send an object: it is
+    /// taken as its JSON text.
+    #[serde(deserialize_with = "arguments_text")]
+    pub arguments: String,
+}
+
+fn function_type() -> String {
+    "function".to_owned()
+}
+
+/// Arguments are JSON text; an object (as some engines send) is written out.
+fn arguments_text<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(text) => text,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+impl From<&ToolCall> for WireToolCall {
+    fn from(call: &ToolCall) -> Self {
+        Self {
+            id: call.id.clone(),
+            kind: function_type(),
+            function: WireFunctionCall {
+                name: call.name.clone(),
+                arguments: call.arguments.clone(),
+            },
+        }
+    }
+}
+
+impl From<WireToolCall> for ToolCall {
+    fn from(call: WireToolCall) -> Self {
+        ToolCall::new(call.id, call.function.name, call.function.arguments)
+    }
+}
+
+/// A piece of a tool call in a stream chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireToolCallDelta {
+    /// Which call of the answer.
+    #[serde(default)]
+    pub index: u32,
+    /// The call's id, in its first piece.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`, in its first piece.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The name (first piece) and an arguments fragment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<WireFunctionDelta>,
+}
+
+/// The function part of a tool-call piece.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFunctionDelta {
+    /// The name, in the first piece.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A fragment of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+impl From<&ToolCallDelta> for WireToolCallDelta {
+    fn from(delta: &ToolCallDelta) -> Self {
+        Self {
+            index: delta.index,
+            id: delta.id.clone(),
+            kind: delta.id.as_ref().map(|_| function_type()),
+            function: Some(WireFunctionDelta {
+                name: delta.name.clone(),
+                arguments: Some(delta.arguments.clone()),
+            }),
+        }
+    }
+}
+
+impl From<WireToolCallDelta> for ToolCallDelta {
+    fn from(delta: WireToolCallDelta) -> Self {
+        let (name, arguments) = delta
+            .function
+            .map(|f| (f.name, f.arguments.unwrap_or_default()))
+            .unwrap_or_default();
+        let mut out = ToolCallDelta::arguments(delta.index, arguments);
+        out.id = delta.id;
+        out.name = name;
+        out
+    }
+}
+
+/// `logprobs` of a choice: `{"content":[...],"refusal":null}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireLogprobs {
+    /// One entry per generated token.
+    #[serde(default)]
+    pub content: Option<Vec<WireTokenLogprob>>,
+    /// Always null here.
+    #[serde(default)]
+    pub refusal: Option<Vec<WireTokenLogprob>>,
+}
+
+/// One token's log-probability on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability (a very negative finite number for "impossible").
+    pub logprob: f64,
+    /// Its bytes, or null.
+    #[serde(default)]
+    pub bytes: Option<Vec<u8>>,
+    /// The most likely tokens at its position.
+    #[serde(default)]
+    pub top_logprobs: Vec<WireTopLogprob>,
+}
+
+/// An alternative token on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f64,
+    /// Its bytes, or null.
+    #[serde(default)]
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// JSON has no infinity: an impossible token is reported with the lowest
+/// finite `f32`, as llama.cpp does.
+fn finite(logprob: f32) -> f64 {
+    if logprob.is_finite() {
+        f64::from(logprob)
+    } else {
+        f64::from(f32::MIN)
+    }
+}
+
+impl WireLogprobs {
+    /// The wire form of `tokens`.
+    pub fn from_tokens(tokens: &[TokenLogprob]) -> Self {
+        Self {
+            content: Some(
+                tokens
+                    .iter()
+                    .map(|token| WireTokenLogprob {
+                        token: token.token.clone(),
+                        logprob: finite(token.logprob),
+                        bytes: token.bytes.clone(),
+                        top_logprobs: token
+                            .top_logprobs
+                            .iter()
+                            .map(|top| WireTopLogprob {
+                                token: top.token.clone(),
+                                logprob: finite(top.logprob),
+                                bytes: top.bytes.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            ),
+            refusal: None,
+        }
+    }
+
+    /// The crate's form.
+    pub fn into_tokens(self) -> Vec<TokenLogprob> {
+        self.content
+            .unwrap_or_default()
+            .into_iter()
+            .map(|token| {
+                let mut out = TokenLogprob::new(
+                    token.token,
+                    token.logprob as f32,
+                    token
+                        .top_logprobs
+                        .into_iter()
+                        .map(|top| {
+                            let mut alt = TopLogprob::new(top.token, top.logprob as f32);
+                            alt.bytes = top.bytes;
+                            alt
+                        })
+                        .collect(),
+                );
+                out.bytes = token.bytes;
+                out
+            })
+            .collect()
+    }
 }
 
 /// Message content: a string, or a list of typed parts of which the text ones count.
@@ -133,11 +374,163 @@ impl MessageContent {
 
 impl From<&ChatMessage> for WireMessage {
     fn from(message: &ChatMessage) -> Self {
+        let calls = !message.tool_calls.is_empty();
         Self {
             role: message.role.as_str().to_owned(),
-            content: Some(MessageContent::Text(message.content.clone())),
+            // An assistant message that only calls tools has no content.
+            content: (!(calls && message.content.is_empty()))
+                .then(|| MessageContent::Text(message.content.clone())),
+            tool_calls: calls.then(|| message.tool_calls.iter().map(WireToolCall::from).collect()),
+            tool_call_id: message.tool_call_id.clone(),
         }
     }
+}
+
+/// The wire form of a tool.
+pub fn tool_to_wire(tool: &Tool) -> Value {
+    let mut function = Map::new();
+    function.insert("name".to_owned(), tool.name.clone().into());
+    if let Some(description) = &tool.description {
+        function.insert("description".to_owned(), description.clone().into());
+    }
+    function.insert("parameters".to_owned(), tool.parameters_schema());
+    if tool.strict {
+        function.insert("strict".to_owned(), true.into());
+    }
+    serde_json::json!({"type": "function", "function": function})
+}
+
+/// The wire form of a tool choice.
+pub fn tool_choice_to_wire(choice: &ToolChoice) -> Value {
+    match choice {
+        ToolChoice::None => "none".into(),
+        ToolChoice::Auto => "auto".into(),
+        ToolChoice::Required => "required".into(),
+        ToolChoice::Function(name) => {
+            serde_json::json!({"type": "function", "function": {"name": name}})
+        }
+        _ => "auto".into(),
+    }
+}
+
+/// The wire form of a response format.
+pub fn response_format_to_wire(format: &ResponseFormat) -> Value {
+    match format {
+        ResponseFormat::JsonObject => serde_json::json!({"type": "json_object"}),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": strict},
+        }),
+        _ => serde_json::json!({"type": "text"}),
+    }
+}
+
+fn tool_from_wire(index: usize, value: Value) -> Result<Tool> {
+    let field = |name: &str| format!("tools[{index}]{name}");
+    let kind = value
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("function");
+    if kind != "function" {
+        return Err(Error::invalid_request(
+            field(".type"),
+            format!("is `{kind}`; only `function` tools are served"),
+        ));
+    }
+    let function = value
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::invalid_request(field(".function"), "is missing"))?;
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::invalid_request(field(".function.name"), "is missing"))?;
+    let parameters = match function.get("parameters") {
+        None | Some(Value::Null) => None,
+        Some(schema) => Some(schema.clone()),
+    };
+    let mut tool = Tool::function(name, Value::Null);
+    tool.parameters = parameters;
+    tool.description = function
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    tool.strict = function
+        .get("strict")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(tool)
+}
+
+fn tool_choice_from_wire(value: &Value) -> Result<Option<ToolChoice>> {
+    let refuse = || {
+        Error::invalid_request(
+            "tool_choice",
+            format!(
+                "is {value}; use \"none\", \"auto\", \"required\" or \
+                 {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            ),
+        )
+    };
+    Ok(Some(match value {
+        Value::Null => return Ok(None),
+        Value::String(text) => match text.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => return Err(refuse()),
+        },
+        Value::Object(object) if object.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = object
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(refuse)?;
+            ToolChoice::Function(name.to_owned())
+        }
+        _ => return Err(refuse()),
+    }))
+}
+
+fn response_format_from_wire(value: &Value) -> Result<Option<ResponseFormat>> {
+    let kind = value.get("type").and_then(Value::as_str);
+    Ok(match kind {
+        None if value.is_null() => None,
+        Some("text") => None,
+        Some("json_object") => Some(ResponseFormat::JsonObject),
+        Some("json_schema") => {
+            let spec = value.get("json_schema").ok_or_else(|| {
+                Error::invalid_request("response_format.json_schema", "is missing")
+            })?;
+            let schema = spec.get("schema").cloned().ok_or_else(|| {
+                Error::invalid_request(
+                    "response_format.json_schema.schema",
+                    "is missing; send the JSON Schema the answer must follow",
+                )
+            })?;
+            let name = spec
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("response")
+                .to_owned();
+            let strict = spec.get("strict").and_then(Value::as_bool).unwrap_or(false);
+            Some(ResponseFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            })
+        }
+        _ => {
+            return Err(Error::invalid_request(
+                "response_format",
+                format!("is {value}; use type `text`, `json_object` or `json_schema`"),
+            ));
+        }
+    })
 }
 
 impl ChatCompletionRequest {
@@ -159,6 +552,21 @@ impl ChatCompletionRequest {
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
             }),
+            tools: (!request.tools.is_empty())
+                .then(|| request.tools.iter().map(tool_to_wire).collect()),
+            tool_choice: request.tool_choice.as_ref().map(tool_choice_to_wire),
+            parallel_tool_calls: request.parallel_tool_calls,
+            response_format: request
+                .response_format
+                .as_ref()
+                .filter(|format| !matches!(format, ResponseFormat::Text))
+                .map(response_format_to_wire),
+            logprobs: request.logprobs.then_some(true),
+            top_logprobs: request
+                .top_logprobs
+                .filter(|_| request.logprobs)
+                .map(i64::from),
+            n: request.n.filter(|n| *n > 1).map(i64::from),
             extra: Extra::new(),
         }
     }
@@ -199,7 +607,15 @@ impl ChatCompletionRequest {
                     .as_ref()
                     .map(MessageContent::text)
                     .unwrap_or_default();
-                Ok(ChatMessage::new(role, content))
+                let mut out = ChatMessage::new(role, content);
+                out.tool_calls = message
+                    .tool_calls
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(ToolCall::from)
+                    .collect();
+                out.tool_call_id = message.tool_call_id;
+                Ok(out)
             })
             .collect::<Result<Vec<_>>>()?;
         refuse_unsupported(&self.extra)?;
@@ -217,6 +633,47 @@ impl ChatCompletionRequest {
         request.seed = self.seed;
         request.stop = self.stop.map(Stop::into_vec).unwrap_or_default();
         request.stream = self.stream.unwrap_or(false);
+        request.tools = self
+            .tools
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, tool)| tool_from_wire(index, tool))
+            .collect::<Result<_>>()?;
+        request.tool_choice = match &self.tool_choice {
+            Some(choice) => tool_choice_from_wire(choice)?,
+            None => None,
+        };
+        request.parallel_tool_calls = self.parallel_tool_calls;
+        request.response_format = match &self.response_format {
+            Some(format) => response_format_from_wire(format)?,
+            None => None,
+        };
+        request.logprobs = self.logprobs.unwrap_or(false);
+        request.top_logprobs = match self.top_logprobs {
+            None => None,
+            Some(top) => Some(u8::try_from(top).map_err(|_| {
+                Error::invalid_request(
+                    "top_logprobs",
+                    format!(
+                        "must be between 0 and {}, got {top}",
+                        runtime_core::MAX_TOP_LOGPROBS
+                    ),
+                )
+            })?),
+        };
+        request.n = match self.n {
+            None => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                Error::invalid_request(
+                    "n",
+                    format!(
+                        "must be between 1 and {}, got {n}",
+                        runtime_core::MAX_CHOICES
+                    ),
+                )
+            })?),
+        };
         request.validate()?;
         Ok(request)
     }
@@ -254,13 +711,8 @@ const METADATA_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier"];
 /// answer and a 200.
 fn neutral(field: &str, value: &Value) -> bool {
     match field {
-        "n" => value.as_u64() == Some(1),
-        "response_format" => value.get("type").and_then(Value::as_str) == Some("text"),
-        "tools" | "functions" => value.as_array().is_some_and(Vec::is_empty),
-        "tool_choice" | "function_call" => value.as_str() == Some("none"),
-        "parallel_tool_calls" => true,
-        "logprobs" => value.as_bool() == Some(false),
-        "top_logprobs" => value.as_u64() == Some(0),
+        "functions" => value.as_array().is_some_and(Vec::is_empty),
+        "function_call" => value.as_str() == Some("none"),
         "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
         "logit_bias" => value.as_object().is_some_and(Map::is_empty),
         _ => false,
@@ -271,6 +723,12 @@ fn refuse_unsupported(extra: &Extra) -> Result<()> {
     for (field, value) in extra {
         if value.is_null() || METADATA_FIELDS.contains(&field.as_str()) || neutral(field, value) {
             continue;
+        }
+        if field == "functions" || field == "function_call" {
+            return Err(Error::invalid_request(
+                field.clone(),
+                "is the deprecated form of tools; send `tools` and `tool_choice` instead",
+            ));
         }
         return Err(Error::invalid_request(
             field.clone(),
@@ -320,6 +778,9 @@ pub struct Choice {
     /// Why generation ended.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// The tokens' log-probabilities, when asked (else null).
+    #[serde(default)]
+    pub logprobs: Option<WireLogprobs>,
 }
 
 /// The assistant message of an answer.
@@ -331,6 +792,59 @@ pub struct ResponseMessage {
     /// The text, `null` for some tool calls.
     #[serde(default)]
     pub content: Option<String>,
+    /// The tools the answer calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    /// Always null: no answer is refused here. Sent so clients that read it
+    /// (`parse()` helpers) find it.
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+impl Choice {
+    fn into_answer(self) -> Answer {
+        let mut answer = Answer::default();
+        answer.content = self.message.content.unwrap_or_default();
+        answer.tool_calls = self
+            .message
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .map(ToolCall::from)
+            .collect();
+        answer.logprobs = self.logprobs.map(|logprobs| {
+            let mut tokens = logprobs.into_tokens();
+            // vLLM counts the stop token among the answer's (see the stream's
+            // reader); it spells nothing of the content.
+            let spelled: String = tokens.iter().map(|token| token.token.as_str()).collect();
+            if self.finish_reason == Some(FinishReason::Stop)
+                && let Some(last) = tokens.last()
+                && spelled != answer.content
+                && spelled.strip_suffix(last.token.as_str()) == Some(answer.content.as_str())
+            {
+                tokens.pop();
+            }
+            tokens
+        });
+        answer.finish_reason = self.finish_reason;
+        answer
+    }
+
+    fn from_answer(index: u32, answer: &Answer) -> Self {
+        let calls = !answer.tool_calls.is_empty();
+        Self {
+            index,
+            message: ResponseMessage {
+                role: "assistant".to_owned(),
+                content: (!(calls && answer.content.is_empty())).then(|| answer.content.clone()),
+                tool_calls: calls
+                    .then(|| answer.tool_calls.iter().map(WireToolCall::from).collect()),
+                refusal: None,
+            },
+            finish_reason: answer.finish_reason.clone(),
+            logprobs: answer.logprobs.as_deref().map(WireLogprobs::from_tokens),
+        }
+    }
 }
 
 impl ChatCompletionResponse {
@@ -338,9 +852,11 @@ impl ChatCompletionResponse {
     /// llama.cpp's `timings` extra when present.
     pub fn into_inference(self) -> InferenceResponse {
         let timings = timings_from_extra(&self.extra);
-        let choice = self.choices.into_iter().next().unwrap_or_default();
-        let mut response = InferenceResponse::new(choice.message.content.unwrap_or_default());
-        response.finish_reason = choice.finish_reason;
+        let mut choices = self.choices;
+        choices.sort_by_key(|choice| choice.index);
+        let mut answers = choices.into_iter().map(Choice::into_answer);
+        let mut response = answers.next().unwrap_or_default().into_response();
+        response.alternatives = answers.collect();
         response.usage = self.usage;
         response.timings = timings;
         response.model = (!self.model.is_empty()).then_some(self.model);
@@ -359,14 +875,12 @@ impl ChatCompletionResponse {
             object: "chat.completion".to_owned(),
             created,
             model: model.to_owned(),
-            choices: vec![Choice {
-                index: 0,
-                message: ResponseMessage {
-                    role: "assistant".to_owned(),
-                    content: Some(response.content.clone()),
-                },
-                finish_reason: response.finish_reason.clone(),
-            }],
+            choices: response
+                .choices()
+                .iter()
+                .zip(0..)
+                .map(|(answer, index)| Choice::from_answer(index, answer))
+                .collect(),
             usage: response.usage,
             extra: Extra::new(),
         }
@@ -411,6 +925,9 @@ pub struct ChunkChoice {
     /// Set on the last content chunk.
     #[serde(default)]
     pub finish_reason: Option<FinishReason>,
+    /// The log-probabilities of this chunk's tokens, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<WireLogprobs>,
 }
 
 /// The new part of the answer.
@@ -422,6 +939,9 @@ pub struct Delta {
     /// New text; `null` or absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<WireToolCallDelta>>,
 }
 
 impl ChatCompletionChunk {
@@ -431,6 +951,26 @@ impl ChatCompletionChunk {
             .first()
             .and_then(|choice| choice.delta.content.as_deref())
             .unwrap_or("")
+    }
+
+    /// The tool-call pieces this chunk adds.
+    pub fn tool_calls(&self) -> Vec<ToolCallDelta> {
+        self.choices
+            .first()
+            .and_then(|choice| choice.delta.tool_calls.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(ToolCallDelta::from)
+            .collect()
+    }
+
+    /// The log-probabilities of this chunk's tokens.
+    pub fn logprobs(&self) -> Vec<TokenLogprob> {
+        self.choices
+            .first()
+            .and_then(|choice| choice.logprobs.clone())
+            .map(WireLogprobs::into_tokens)
+            .unwrap_or_default()
     }
 
     /// The finish reason, on the chunk that ends the answer.

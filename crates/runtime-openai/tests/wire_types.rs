@@ -3,7 +3,9 @@
 mod common;
 
 use common::{capture, sse_payloads};
-use runtime_core::{ChatMessage, Error, FinishReason, InferenceRequest, Usage};
+use runtime_core::{
+    ChatMessage, Error, FinishReason, InferenceRequest, ResponseFormat, ToolChoice, Usage,
+};
 use runtime_openai::wire::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody,
 };
@@ -199,18 +201,20 @@ fn max_completion_tokens_is_honoured_and_the_smaller_limit_wins() {
 fn fields_this_server_does_not_implement_are_refused_by_name() {
     let base = r#""messages":[{"role":"user","content":"x"}]"#;
     for (field, value) in [
-        ("n", "2"),
-        ("response_format", r#"{"type":"json_object"}"#),
-        ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
-        ("tool_choice", r#""required""#),
-        ("logprobs", "true"),
+        ("functions", r#"[{"name":"f"}]"#),
+        ("function_call", r#""auto""#),
+        ("n", "0"),
+        ("response_format", r#"{"type":"xml"}"#),
+        ("tools", r#"[{"type":"retrieval"}]"#),
+        ("tool_choice", r#""sometimes""#),
+        ("top_logprobs", "3"),
         ("frequency_penalty", "0.5"),
         ("n_probs", "3"),
         ("top_k", "40"),
     ] {
         let err = parse(&format!(r#"{{{base},"{field}":{value}}}"#)).unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidRequest { field: named, .. } if named == field),
+            matches!(&err, Error::InvalidRequest { field: named, .. } if named.starts_with(field)),
             "{field}: {err:?}"
         );
     }
@@ -239,4 +243,71 @@ fn wire_requests_with_an_unknown_role_or_negative_max_tokens_are_rejected() {
         negative.into_inference(),
         Err(Error::InvalidRequest { field, .. }) if field == "max_tokens"
     ));
+}
+
+#[test]
+fn tools_formats_logprobs_and_n_map_to_core_and_back_exactly() {
+    let body = r#"{"messages":[
+        {"role":"user","content":"weather?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"weather","arguments":"{\"city\":\"Paris\"}"}}]},
+        {"role":"tool","tool_call_id":"call_1","content":"sunny"}],
+      "tools":[{"type":"function","function":{"name":"weather","description":"Weather by city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]},"strict":true}}],
+      "tool_choice":{"type":"function","function":{"name":"weather"}},
+      "parallel_tool_calls":false,
+      "logprobs":true,"top_logprobs":5,"n":3}"#;
+    let request = parse(body).unwrap();
+    assert_eq!(request.tools.len(), 1);
+    assert_eq!(request.tools[0].name, "weather");
+    assert_eq!(
+        request.tools[0].description.as_deref(),
+        Some("Weather by city")
+    );
+    assert!(request.tools[0].strict);
+    assert_eq!(
+        request.tool_choice,
+        Some(ToolChoice::Function("weather".into()))
+    );
+    assert_eq!(request.parallel_tool_calls, Some(false));
+    assert!(request.logprobs);
+    assert_eq!(request.top_logprobs, Some(5));
+    assert_eq!(request.n, Some(3));
+    let calls = &request.messages[1].tool_calls;
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].id, "call_1");
+    assert_eq!(calls[0].arguments, r#"{"city":"Paris"}"#);
+    assert_eq!(request.messages[2].tool_call_id.as_deref(), Some("call_1"));
+
+    // Back to the wire and in again: nothing lost, nothing added.
+    let wire = ChatCompletionRequest::from_inference(&request, Some("m"), false);
+    let again =
+        serde_json::from_value::<ChatCompletionRequest>(serde_json::to_value(&wire).unwrap())
+            .unwrap()
+            .into_inference()
+            .unwrap();
+    assert_eq!(again, request);
+
+    let format = parse(
+        r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"w","schema":{"type":"object"},"strict":true}}}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        &format.response_format,
+        Some(ResponseFormat::JsonSchema { name, strict: true, .. }) if name == "w"
+    ));
+    let wire = ChatCompletionRequest::from_inference(&format, None, false);
+    let again =
+        serde_json::from_value::<ChatCompletionRequest>(serde_json::to_value(&wire).unwrap())
+            .unwrap()
+            .into_inference()
+            .unwrap();
+    assert_eq!(again, format);
+}
+
+#[test]
+fn tool_call_arguments_given_as_an_object_are_kept_as_json_text() {
+    let body = r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":{"a":1}}}]}]}"#;
+    let request = parse(body).unwrap();
+    let arguments: serde_json::Value =
+        serde_json::from_str(&request.messages[0].tool_calls[0].arguments).unwrap();
+    assert_eq!(arguments, serde_json::json!({"a": 1}));
 }

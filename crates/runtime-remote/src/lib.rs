@@ -35,10 +35,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{
-    ApiKey, BackendOptions, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat,
-    ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+    ApiKey, BackendOptions, Capabilities, Error, EventStream, InferenceRequest, InferenceResponse,
+    ModelFormat, ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
 };
 use runtime_openai::{ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient};
+use runtime_structured::{Enforcer, Plan, Support};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -354,7 +355,8 @@ impl ModelRuntime for RemoteRuntime {
 
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
         request.validate()?;
-        self.attached()?.client.chat(&request).await
+        let plan = Plan::new(&request, &REMOTE)?;
+        plan.finish(self.attached()?.client.chat(plan.engine_request()).await?)
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -363,7 +365,13 @@ impl ModelRuntime for RemoteRuntime {
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         request.validate()?;
-        self.attached()?.client.chat_stream(&request).await
+        let plan = Plan::new(&request, &REMOTE)?;
+        let events = self
+            .attached()?
+            .client
+            .chat_stream(plan.engine_request())
+            .await?;
+        Ok(plan.events(events))
     }
 
     /// Closes our streams (they end with [`Error::ShutDown`]) and detaches;
@@ -381,9 +389,24 @@ impl ModelRuntime for RemoteRuntime {
             .as_ref()
             .map(|a| a.version.clone())
             .unwrap_or_default();
-        RuntimeMetadata::new(ModelFormat::Safetensors, "remote", version).with_gpu(true)
+        // What the server enforces is not known here: everything is passed
+        // on, and every answer checked.
+        RuntimeMetadata::new(ModelFormat::Safetensors, "remote", version)
+            .with_gpu(true)
+            .with_capabilities(
+                Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(true),
+            )
     }
 }
+
+/// What a server elsewhere is trusted with: its own template and tool
+/// parser, and no keyword refused up front (its enforcement is not known
+/// here); every answer is validated after.
+const REMOTE: Support = Support {
+    enforcer: Enforcer::Unknown,
+    native_auto: true,
+    renders_tools: true,
+};
 
 /// The version the server reports: vLLM's and our gateway's `/version`,
 /// llama-server's `/props` build, else what `/v1/models` says owns the model.

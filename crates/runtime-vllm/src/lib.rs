@@ -48,15 +48,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runtime_core::{Error, ModelFormat, Result, RuntimeConfig};
+use runtime_core::{Capabilities, Error, ModelFormat, Result, RuntimeConfig};
 pub use runtime_managed::ManagedServer;
-use runtime_managed::{LaunchSpec, ServerEngine};
+use runtime_managed::{Enforcer, LaunchSpec, ServerEngine, Support};
 use runtime_openai::OpenAiClient;
 use runtime_process::{BinarySearch, ParentDeath, ServerCommand};
 use serde_json::Value;
 
 pub use crate::headless::VllmHeadlessRank;
-pub use crate::options::{VllmLaunch, VllmOptions};
+pub use crate::options::{ToolCallParser, VllmLaunch, VllmOptions};
 
 /// The environment variable that may name a Python with vLLM installed.
 pub const PYTHON_ENV: &str = "VLLM_PYTHON";
@@ -252,6 +252,57 @@ impl ServerEngine for VllmServer {
         let length = models.pointer("/data/0/max_model_len")?.as_u64()?;
         u32::try_from(length).ok()
     }
+
+    async fn structured(
+        &self,
+        _client: &OpenAiClient,
+        config: &RuntimeConfig,
+        _options: &VllmOptions,
+    ) -> Option<(Support, Capabilities)> {
+        // Started with the guidance backend and a tool parser (see
+        // `engine_command`): schemas by llguidance, `auto` calls by the parser.
+        let renders_tools = chat_template(config)
+            .is_some_and(|template| runtime_structured::template::renders_tools(&template));
+        let support = Support {
+            enforcer: Enforcer::LlGuidance,
+            native_auto: true,
+            renders_tools,
+        };
+        let capabilities =
+            Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(renders_tools);
+        Some((support, capabilities))
+    }
+}
+
+/// The chat template vLLM renders with: the configured one, else the
+/// model directory's (`chat_template.jinja`, or `chat_template` in
+/// `tokenizer_config.json`, the default of several).
+fn chat_template(config: &RuntimeConfig) -> Option<String> {
+    if let Ok(Some(template)) = config.read_chat_template() {
+        return Some(template);
+    }
+    let dir = &config.model_path;
+    if let Ok(template) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        return Some(template);
+    }
+    let tokenizer: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer_config.json")).ok()?).ok()?;
+    match tokenizer.get("chat_template")? {
+        Value::String(template) => Some(template.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| named.first())
+            .and_then(|entry| entry.get("template")?.as_str().map(str::to_owned)),
+        _ => None,
+    }
+}
+
+/// The model's family, `model_type` in its `config.json`.
+fn model_type(config: &RuntimeConfig) -> Option<String> {
+    let model: Value =
+        serde_json::from_slice(&std::fs::read(config.model_path.join("config.json")).ok()?).ok()?;
+    model.get("model_type")?.as_str().map(str::to_owned)
 }
 
 /// What a vLLM process is: the API server (rank 0 of a multi-node set-up),
@@ -329,6 +380,30 @@ fn engine_command(launch: &LaunchSpec<'_, VllmOptions>, role: Role) -> Result<Se
     }
     if options.enforce_eager {
         command.arg("--enforce-eager");
+    }
+    if role == Role::Server {
+        // Schemas by llguidance, which the CPU build ships and which takes
+        // the widest set of keywords; compact JSON, so a small model cannot
+        // spend its tokens on whitespace.
+        command.args([
+            "--structured-outputs-config.backend",
+            "guidance",
+            "--structured-outputs-config.disable_any_whitespace",
+            "true",
+        ]);
+        let renders_tools = chat_template(config)
+            .is_some_and(|template| runtime_structured::template::renders_tools(&template));
+        let parser = options.tool_call_parser.unwrap_or_else(|| {
+            ToolCallParser::for_model(model_type(config).as_deref(), renders_tools)
+        });
+        command.args([
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            parser.as_str(),
+        ]);
+        if let Some(template) = &config.chat_template {
+            command.arg("--chat-template").arg(template);
+        }
     }
     add_node_flags(&mut command, options);
     command.args(&config.extra_args);
@@ -549,6 +624,41 @@ mod tests {
             .join(" ")
     }
 
+    /// The flags every API server gets: schemas by llguidance, calls read
+    /// by the Hermes parser (these models have no template that renders tools).
+    const STRUCTURED: &str = "--structured-outputs-config.backend guidance \
+        --structured-outputs-config.disable_any_whitespace true \
+        --enable-auto-tool-choice --tool-call-parser hermes";
+
+    #[test]
+    fn the_tool_parser_fits_the_family_when_the_template_renders_tools_and_is_hermes_else() {
+        use crate::ToolCallParser::*;
+        assert_eq!(ToolCallParser::for_model(Some("qwen2"), true), Hermes);
+        assert_eq!(ToolCallParser::for_model(Some("mistral"), true), Mistral);
+        assert_eq!(ToolCallParser::for_model(Some("llama"), true), Llama3Json);
+        // No tools in the template: our note asks for Hermes tags.
+        assert_eq!(ToolCallParser::for_model(Some("llama"), false), Hermes);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type":"mistral"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template":"{% for tool in tools %}{{ tool }}{% endfor %}"}"#,
+        )
+        .unwrap();
+        let config = RuntimeConfig::new(dir.path());
+        assert!(
+            args_of(Path::new("/venv/bin/python3"), &config).contains("--tool-call-parser mistral")
+        );
+        let chosen = config.with_options(&VllmOptions::new().with_tool_call_parser(Granite));
+        assert!(
+            args_of(Path::new("/venv/bin/python3"), &chosen).contains("--tool-call-parser granite")
+        );
+    }
+
     #[test]
     fn a_python_is_launched_with_the_api_server_module() {
         let config = RuntimeConfig::new("/m/smol-hf")
@@ -556,9 +666,11 @@ mod tests {
             .with_parallel(4);
         assert_eq!(
             args_of(Path::new("/venv/bin/python3"), &config),
-            "/venv/bin/python3 -m vllm.entrypoints.openai.api_server --model /m/smol-hf \
+            format!(
+                "/venv/bin/python3 -m vllm.entrypoints.openai.api_server --model /m/smol-hf \
              --host 127.0.0.1 --port 8000 --served-model-name smol \
-             --max-model-len 2048 --max-num-seqs 4"
+             --max-model-len 2048 --max-num-seqs 4 {STRUCTURED}"
+            )
         );
     }
 
@@ -666,7 +778,8 @@ mod tests {
         assert_eq!(
             args_of(&script, &config),
             format!(
-                "{} serve /m/smol-hf --host 127.0.0.1 --port 8000 --served-model-name smol",
+                "{} serve /m/smol-hf --host 127.0.0.1 --port 8000 --served-model-name smol \
+                 {STRUCTURED}",
                 script.display()
             )
         );
@@ -732,7 +845,7 @@ mod tests {
             format!(
                 "{} -m vllm.entrypoints.openai.api_server --model /m/smol-hf --host 127.0.0.1 \
                  --port 8000 --served-model-name smol --pipeline-parallel-size 2 \
-                 --distributed-executor-backend mp --nnodes 2 --node-rank 0 \
+                 --distributed-executor-backend mp {STRUCTURED} --nnodes 2 --node-rank 0 \
                  --master-addr 10.0.0.1 --master-port 29500",
                 python.display()
             )

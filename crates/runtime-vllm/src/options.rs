@@ -73,6 +73,57 @@ pub struct VllmOptions {
     /// The port ranks meet on (`--master-port`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_port: Option<u16>,
+    /// How vLLM reads `auto` tool calls out of the model's output
+    /// (`--tool-call-parser`); unset, the default for the model's family
+    /// ([`ToolCallParser::for_model`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_parser: Option<ToolCallParser>,
+}
+
+/// vLLM's readers of tool calls out of generated text, the ones whose
+/// format fits the common chat templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ToolCallParser {
+    /// `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Hermes,
+    /// Qwen 2.5 and 3, and any model told so by our system note).
+    Hermes,
+    /// A bare `{"name": ..., "parameters": ...}` (Llama 3.1 and later).
+    #[serde(rename = "llama3_json")]
+    Llama3Json,
+    /// `[TOOL_CALLS][...]` (Mistral).
+    Mistral,
+    /// `<|tool_call|>[...]` (Granite 3).
+    Granite,
+}
+
+impl ToolCallParser {
+    /// The name vLLM knows it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hermes => "hermes",
+            Self::Llama3Json => "llama3_json",
+            Self::Mistral => "mistral",
+            Self::Granite => "granite",
+        }
+    }
+
+    /// The parser that fits a model: its family (`model_type` in
+    /// `config.json`) when its chat template renders tools in that family's
+    /// format, else Hermes tags, which is what the tool note written for a
+    /// template without tools asks for.
+    pub fn for_model(model_type: Option<&str>, template_renders_tools: bool) -> Self {
+        if !template_renders_tools {
+            return Self::Hermes;
+        }
+        match model_type {
+            Some("mistral" | "mixtral") => Self::Mistral,
+            Some("granite") => Self::Granite,
+            Some("llama") => Self::Llama3Json,
+            _ => Self::Hermes,
+        }
+    }
 }
 
 /// Which command line starts vLLM.
@@ -185,6 +236,13 @@ impl VllmOptions {
     /// Ranks in all: tensor × pipeline parallelism.
     pub fn world_size(&self) -> u32 {
         self.tensor_parallel_size.unwrap_or(1) * self.pipeline_parallel_size.unwrap_or(1)
+    }
+
+    /// Sets [`tool_call_parser`](Self::tool_call_parser).
+    #[must_use]
+    pub fn with_tool_call_parser(mut self, parser: ToolCallParser) -> Self {
+        self.tool_call_parser = Some(parser);
+        self
     }
 
     /// Sets [`allow_gguf`](Self::allow_gguf).

@@ -18,12 +18,14 @@ mod faults;
 mod generation;
 mod lifecycle;
 mod load;
+mod structured;
 mod surface;
 
 pub use faults::*;
 pub use generation::*;
 pub use lifecycle::*;
 pub use load::*;
+pub use structured::*;
 pub use surface::*;
 
 const QUESTION: &str = "What is the capital of France?";
@@ -45,6 +47,9 @@ pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(engine_routes_need_the_key, shared),
     crate::check!(fault_port_taken, shared),
     crate::check!(gateway_load, shared),
+    crate::check!(structured_output, shared),
+    crate::check!(tool_calls, shared),
+    crate::check!(logprobs, shared),
     crate::check!(secrets, shared),
     crate::check!(slow_readers, shared),
     crate::check!(shutdown_in_flight, own),

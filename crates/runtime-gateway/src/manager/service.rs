@@ -5,7 +5,7 @@ use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use runtime_core::{
-    EventStream, InferenceRequest, InferenceResponse, ModelCard, ModelService, Result,
+    Capabilities, EventStream, InferenceRequest, InferenceResponse, ModelCard, ModelService, Result,
 };
 use serde::Serialize;
 
@@ -38,6 +38,12 @@ pub struct ModelStatus {
     pub failure: Option<String>,
     /// Its engine's most recent log lines.
     pub log_tail: Vec<String>,
+    /// While loaded: the context window in effect, in tokens.
+    pub context_size: Option<u32>,
+    /// While loaded: what it accepts beyond plain chat (tools, schemas,
+    /// log-probabilities, answers per request), as its engine and template
+    /// serve them.
+    pub capabilities: Option<Capabilities>,
 }
 
 impl Inner {
@@ -59,6 +65,10 @@ impl Inner {
                     served.log_tail().await,
                 ),
             };
+            let metadata = match &state {
+                State::Loaded { served, .. } => served.metadata().await,
+                _ => None,
+            };
             report.push(ModelStatus {
                 name: model.name().to_owned(),
                 aliases: model.spec.aliases.clone(),
@@ -74,6 +84,8 @@ impl Inner {
                 restarts: model.restarts.load(Ordering::SeqCst),
                 failure,
                 log_tail: log_tail.into_iter().rev().take(20).rev().collect(),
+                context_size: metadata.as_ref().and_then(|m| m.context_size),
+                capabilities: metadata.map(|m| m.capabilities),
             });
         }
         report
@@ -128,6 +140,11 @@ impl ModelService for RuntimeManager {
                     .with("state", status.state)
                     .with("backend", status.backend)
                     .with("aliases", status.aliases)
+                    .with("context_size", status.context_size)
+                    .with(
+                        "capabilities",
+                        serde_json::to_value(status.capabilities).unwrap_or_default(),
+                    )
             })
             .collect()
     }
