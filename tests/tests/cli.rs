@@ -391,6 +391,106 @@ async fn the_gateway_refuses_cross_site_and_unimplemented_requests() {
     serve.assert_engine_gone(Duration::from_secs(2)).await;
 }
 
+/// Tools and schemas pass through the gateway to llama-server and back:
+/// `/v1/models` says what the model accepts, a `json_schema` answer is valid
+/// JSON of the schema, a required tool choice is a call with valid
+/// arguments, and a keyword llama.cpp cannot enforce is a 400 naming it.
+#[tokio::test]
+async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
+    conformance::init_tracing();
+    let mut serve = Serve::start(&[]).await;
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        http.post(serve.completions())
+            .bearer_auth(GATEWAY_KEY)
+            .json(&body)
+            .send()
+    };
+    let models: serde_json::Value = http
+        .get(serve.completions().replace("/chat/completions", "/models"))
+        .bearer_auth(GATEWAY_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let capabilities = &models["data"][0]["capabilities"];
+    assert_eq!(capabilities["tools"], true, "{models}");
+    assert_eq!(capabilities["json_schema"], true, "{models}");
+
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": false
+    });
+    let answer: serde_json::Value = post(serde_json::json!({
+        "messages": [{"role": "user", "content": "Is Paris in France?"}],
+        "max_tokens": 32,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    }))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let content: serde_json::Value =
+        serde_json::from_str(answer["choices"][0]["message"]["content"].as_str().unwrap())
+            .unwrap_or_else(|err| panic!("{err}: {answer}"));
+    assert!(
+        content["answer"] == "yes" || content["answer"] == "no",
+        "{answer}"
+    );
+
+    let call: serde_json::Value = post(serde_json::json!({
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "max_tokens": 64,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,30}$"}},
+            "required": ["city"], "additionalProperties": false
+        }}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+    }))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let choice = &call["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{call}");
+    let function = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(function["name"], "get_weather", "{call}");
+    let arguments: serde_json::Value =
+        serde_json::from_str(function["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{call}");
+
+    let refused = post(serde_json::json!({
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "type": "object", "properties": {"x": {"type": "number", "maximum": 1.5}}
+        }}}
+    }))
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), 400);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        error["error"]["param"], "response_format.json_schema.schema",
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum"),
+        "{error}"
+    );
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+}
+
 /// A non-loopback address without a key is refused before anything starts.
 #[tokio::test]
 async fn serve_refuses_a_public_address_without_a_key() {

@@ -175,15 +175,15 @@ pub async fn check_http_surface(completions_url: &str, key: &str) {
     assert_eq!(foreign_origin.status(), 403, "a foreign Origin is refused");
 
     for (field, value) in [
-        ("n", serde_json::json!(2)),
+        // OpenAI's deprecated spelling of tools: refused with a pointer to
+        // `tools`, never taken as plain chat.
         (
-            "response_format",
-            serde_json::json!({"type": "json_object"}),
+            "functions",
+            serde_json::json!([{"name": "f", "parameters": {}}]),
         ),
-        (
-            "tools",
-            serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ),
+        ("frequency_penalty", serde_json::json!(0.5)),
+        ("top_k", serde_json::json!(40)),
+        ("response_format", serde_json::json!({"type": "xml"})),
     ] {
         let mut asking = body.clone();
         asking[field] = value;
