@@ -251,28 +251,7 @@ pub async fn collect_events(mut events: EventStream) -> Result<InferenceResponse
         let next = std::future::poll_fn(|cx| Pin::new(&mut events).poll_next(cx)).await;
         match next {
             Some(Ok(StreamEvent::Delta(text))) => response.content.push_str(&text),
-            Some(Ok(StreamEvent::ToolCall(delta))) => {
-                let index = delta.index as usize;
-                if index > response.tool_calls.len() {
-                    return Err(Error::StreamProtocol(format!(
-                        "tool call {index} came before call {}",
-                        response.tool_calls.len()
-                    )));
-                }
-                if index == response.tool_calls.len() {
-                    response
-                        .tool_calls
-                        .push(crate::ToolCall::new("", "", String::new()));
-                }
-                let call = &mut response.tool_calls[index];
-                if let Some(id) = delta.id {
-                    call.id = id;
-                }
-                if let Some(name) = delta.name {
-                    call.name = name;
-                }
-                call.arguments.push_str(&delta.arguments);
-            }
+            Some(Ok(StreamEvent::ToolCall(delta))) => delta.apply_to(&mut response.tool_calls)?,
             Some(Ok(StreamEvent::Logprobs(tokens))) => response
                 .logprobs
                 .get_or_insert_with(Vec::new)

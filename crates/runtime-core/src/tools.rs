@@ -161,6 +161,31 @@ impl ToolCallDelta {
             arguments: fragment.into(),
         }
     }
+
+    /// Adds this piece to the calls assembled so far: the start of the
+    /// next call, or more of the one at its index. A piece for a call past
+    /// the next is a protocol error.
+    pub fn apply_to(self, calls: &mut Vec<ToolCall>) -> crate::Result<()> {
+        let index = self.index as usize;
+        if index > calls.len() {
+            return Err(crate::Error::StreamProtocol(format!(
+                "tool call {index} came before call {}",
+                calls.len()
+            )));
+        }
+        if index == calls.len() {
+            calls.push(ToolCall::new("", "", String::new()));
+        }
+        let call = &mut calls[index];
+        if let Some(id) = self.id {
+            call.id = id;
+        }
+        if let Some(name) = self.name {
+            call.name = name;
+        }
+        call.arguments.push_str(&self.arguments);
+        Ok(())
+    }
 }
 
 /// What shape the answer's text must have.

@@ -114,12 +114,8 @@ impl Plan {
         let check = match (&choice, &request.response_format) {
             (ToolChoice::None, format) => {
                 // No call may come: the engine is not told of any tool.
-                engine.tools.clear();
-                engine.tool_choice = None;
-                engine.parallel_tool_calls = None;
-                if !support.renders_tools {
-                    engine.messages = lowered(&request.messages, CallStyle::Tagged);
-                }
+                without_tools(&mut engine);
+                engine.messages = history(request, support, CallStyle::Tagged);
                 match format {
                     Some(ResponseFormat::JsonSchema { schema, .. }) => {
                         const FIELD: &str = "response_format.json_schema.schema";
@@ -139,15 +135,11 @@ impl Plan {
                 let parallel = matches!(choice, ToolChoice::Required)
                     && request.parallel_tool_calls.unwrap_or(true);
                 let style = CallStyle::Json { parallel };
-                let messages = if support.renders_tools {
-                    request.messages.clone()
-                } else {
-                    lowered(&request.messages, style)
-                };
-                engine.messages = with_note(messages, &tools_note(&chosen, style));
-                engine.tools.clear();
-                engine.tool_choice = None;
-                engine.parallel_tool_calls = None;
+                engine.messages = with_note(
+                    history(request, support, style),
+                    &tools_note(&chosen, style),
+                );
+                without_tools(&mut engine);
                 engine.response_format = Some(ResponseFormat::JsonSchema {
                     name: "tool_calls".into(),
                     schema: call_schema(&chosen, parallel),
@@ -178,18 +170,13 @@ impl Plan {
                 } else {
                     // Calls as tags, which the engine's parser reads when it
                     // has one, and ours when not.
-                    let messages = if support.renders_tools {
-                        request.messages.clone()
-                    } else {
-                        lowered(&request.messages, CallStyle::Tagged)
-                    };
-                    engine.messages = with_note(messages, &tools_note(&all, CallStyle::Tagged));
+                    let style = CallStyle::Tagged;
+                    engine.messages =
+                        with_note(history(request, support, style), &tools_note(&all, style));
                     if support.native_auto {
                         Check::Native(tools)
                     } else {
-                        engine.tools.clear();
-                        engine.tool_choice = None;
-                        engine.parallel_tool_calls = None;
+                        without_tools(&mut engine);
                         Check::Tagged(tools)
                     }
                 }
@@ -310,6 +297,28 @@ impl Plan {
             done: false,
         };
         Box::new(futures::stream::unfold(state, Streaming::next).boxed())
+    }
+}
+
+/// The engine is told of no tool: the plan reads or refuses calls itself.
+fn without_tools(engine: &mut InferenceRequest) {
+    engine.tools.clear();
+    engine.tool_choice = None;
+    engine.parallel_tool_calls = None;
+}
+
+/// The conversation as the engine gets it: as it is where the engine
+/// renders tools, with earlier calls and results as text written `style`
+/// where it would drop them.
+fn history(
+    request: &InferenceRequest,
+    support: &Support,
+    style: CallStyle,
+) -> Vec<runtime_core::ChatMessage> {
+    if support.renders_tools {
+        request.messages.clone()
+    } else {
+        lowered(&request.messages, style)
     }
 }
 
@@ -485,19 +494,7 @@ impl Streaming {
                         "holds a tool call, which the request did not allow",
                     ));
                 }
-                let index = delta.index as usize;
-                if index == self.calls.len() {
-                    self.calls.push(ToolCall::new("", "", String::new()));
-                }
-                if let Some(call) = self.calls.get_mut(index) {
-                    if let Some(id) = &delta.id {
-                        call.id.clone_from(id);
-                    }
-                    if let Some(name) = &delta.name {
-                        call.name.clone_from(name);
-                    }
-                    call.arguments.push_str(&delta.arguments);
-                }
+                delta.clone().apply_to(&mut self.calls)?;
                 self.out.push_back(Ok(StreamEvent::ToolCall(delta)));
             }
             StreamEvent::Finished {

@@ -261,8 +261,7 @@ impl ServerEngine for VllmServer {
     ) -> Option<(Support, Capabilities)> {
         // Started with the guidance backend and a tool parser (see
         // `engine_command`): schemas by llguidance, `auto` calls by the parser.
-        let renders_tools = chat_template(config)
-            .is_some_and(|template| runtime_structured::template::renders_tools(&template));
+        let renders_tools = template_renders_tools(config);
         let support = Support {
             enforcer: Enforcer::LlGuidance,
             native_auto: true,
@@ -296,6 +295,12 @@ fn chat_template(config: &RuntimeConfig) -> Option<String> {
             .and_then(|entry| entry.get("template")?.as_str().map(str::to_owned)),
         _ => None,
     }
+}
+
+/// Whether the chat template vLLM renders with reads `tools`.
+fn template_renders_tools(config: &RuntimeConfig) -> bool {
+    chat_template(config)
+        .is_some_and(|template| runtime_structured::template::renders_tools(&template))
 }
 
 /// The model's family, `model_type` in its `config.json`.
@@ -391,8 +396,7 @@ fn engine_command(launch: &LaunchSpec<'_, VllmOptions>, role: Role) -> Result<Se
             "--structured-outputs-config.disable_any_whitespace",
             "true",
         ]);
-        let renders_tools = chat_template(config)
-            .is_some_and(|template| runtime_structured::template::renders_tools(&template));
+        let renders_tools = template_renders_tools(config);
         let parser = options.tool_call_parser.unwrap_or_else(|| {
             ToolCallParser::for_model(model_type(config).as_deref(), renders_tools)
         });

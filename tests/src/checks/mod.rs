@@ -206,13 +206,7 @@ pub async fn engine_activity(backend: &Backend, runtime: &dyn ModelRuntime) -> u
                 .text()
                 .await
                 .expect("metrics text");
-            let values: Vec<f64> = text
-                .lines()
-                .filter(|line| line.starts_with(gauge))
-                .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
-                .collect();
-            assert!(!values.is_empty(), "{gauge} is in /metrics:\n{text}");
-            values.iter().sum::<f64>() as usize
+            metric_sum(&text, gauge) as usize
         }
     }
 }
@@ -237,13 +231,19 @@ pub async fn engine_generated_tokens(backend: &Backend, runtime: &dyn ModelRunti
         .text()
         .await
         .expect("metrics text");
+    Some(metric_sum(&text, counter) as u64)
+}
+
+/// The sum of a Prometheus metric's samples in `text` (every label set),
+/// or a panic when the metric is missing.
+fn metric_sum(text: &str, metric: &str) -> f64 {
     let values: Vec<f64> = text
         .lines()
-        .filter(|line| line.starts_with(counter))
+        .filter(|line| line.starts_with(metric))
         .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
         .collect();
-    assert!(!values.is_empty(), "{counter} is in /metrics:\n{text}");
-    Some(values.iter().sum::<f64>() as u64)
+    assert!(!values.is_empty(), "{metric} is in /metrics:\n{text}");
+    values.iter().sum()
 }
 
 /// Waits up to `within` for the engine to run no generation; returns how long it took.

@@ -347,18 +347,7 @@ pub async fn tool_calls(backend: &Backend) {
         match event.expect("event") {
             StreamEvent::ToolCall(delta) => {
                 pieces += 1;
-                let index = delta.index as usize;
-                if index == calls.len() {
-                    calls.push(ToolCall::new("", "", String::new()));
-                }
-                let call = &mut calls[index];
-                if let Some(id) = delta.id {
-                    call.id = id;
-                }
-                if let Some(name) = delta.name {
-                    call.name = name;
-                }
-                call.arguments.push_str(&delta.arguments);
+                delta.apply_to(&mut calls).expect("call pieces in order");
             }
             StreamEvent::Delta(delta) => text.push_str(&delta),
             StreamEvent::Finished { finish_reason, .. } => finish = finish_reason,
