@@ -70,7 +70,7 @@ async fn tokenizer_matches_llama_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie() {
     conformance::init_tracing();
-    // llama.cpp build 7e4c0a9 in its exact configuration, this model, this
+    // llama.cpp build 11434 (the pinned one) in its exact configuration, this model, this
     // question, temperature 0, 24 tokens, each with its top log-probabilities.
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),

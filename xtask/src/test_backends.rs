@@ -1,5 +1,6 @@
-//! `cargo xtask test-backends [BACKEND...]`: provision, unit tests, then each
-//! backend's conformance suite against its real engine, and a table.
+//! `cargo xtask test-backends [BACKEND...]`: unit tests while the engines are
+//! provisioned beside them, then each backend's conformance suite against its
+//! real engine, and a table.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -51,16 +52,29 @@ struct SuiteResult {
 
 pub(crate) fn run(args: &[String]) -> Result {
     let selected = select(args)?;
-    let env = provision_for(&selected)?;
-
-    step("unit tests (cargo test --workspace --exclude conformance)");
-    run_checked(cargo().args(["test", "--workspace", "--exclude", "conformance"]))?;
-    run_checked(cargo().args(["test", "-p", "conformance", "--lib"]))?;
-
-    step("building the conformance suite and the model-runtime binary");
-    run_checked(cargo().args(["test", "-p", "conformance", "--no-run"]))?;
-    run_checked(cargo().args(["build", "-p", "runtime-cli"]))?;
-    let mut env = env;
+    // Provisioning (downloads from the registries, llama.cpp's build) runs
+    // beside the Rust build and the unit tests: on a fresh machine the two
+    // together take little more than the longer of them, and a failing unit
+    // test still shows in minutes.
+    let provisioning = {
+        let selected = selected.clone();
+        std::thread::Builder::new()
+            .name("provision".into())
+            .spawn(move || provision_for(&selected))
+            .map_err(|err| format!("could not start provisioning: {err}"))?
+    };
+    let built = build_and_unit_test();
+    if built.is_err() {
+        step(
+            "the build or a unit test failed; waiting for provisioning to finish, so the cache is whole for the next run",
+        );
+    }
+    // Joined whatever the build did: provisioning is never abandoned halfway.
+    let provisioned = provisioning
+        .join()
+        .map_err(|_| "provisioning panicked".to_owned())?;
+    built?;
+    let mut env = provisioned?;
     env.push((
         "MODEL_RUNTIME_CLI_BIN".into(),
         crate::target_dir().join("debug/model-runtime").into(),
@@ -105,6 +119,17 @@ pub(crate) fn run(args: &[String]) -> Result {
     }
 }
 
+/// The unit tests, then the conformance suite and the `model-runtime` binary
+/// the suites run.
+fn build_and_unit_test() -> Result {
+    step("unit tests (cargo test --workspace --exclude conformance)");
+    run_checked(cargo().args(["test", "--workspace", "--exclude", "conformance"]))?;
+    run_checked(cargo().args(["test", "-p", "conformance", "--lib"]))?;
+    step("building the conformance suite and the model-runtime binary");
+    run_checked(cargo().args(["test", "-p", "conformance", "--no-run"]))?;
+    run_checked(cargo().args(["build", "-p", "runtime-cli"]))
+}
+
 pub(crate) fn select(args: &[String]) -> Result<Vec<&'static str>> {
     if args.is_empty() {
         return Ok(BACKENDS.to_vec());
@@ -126,8 +151,19 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
         "MODEL_RUNTIME_TEST_GGUF".into(),
         provision::demo_model()?.into(),
     )];
-    for backend in backends {
-        match *backend {
+    // The cli suite drives the gateway with OpenAI's own client.
+    if ["candle", "llamacpp"].iter().all(|b| backends.contains(b)) {
+        env.push((
+            "MODEL_RUNTIME_TEST_OPENAI_CLIENT".into(),
+            provision::openai_client()?.into(),
+        ));
+    }
+    // vLLM first: its environment is mostly downloading, which overlaps
+    // best with the CPU-bound work beside it (the Rust build, llama.cpp's).
+    let mut order = backends.to_vec();
+    order.sort_by_key(|backend| *backend != "vllm");
+    for backend in order {
+        match backend {
             "llamacpp" => {
                 let llama = provision::llama_cpp()?;
                 env.push(("LLAMA_SERVER_BIN".into(), llama.server.into()));
