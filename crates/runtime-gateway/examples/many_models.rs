@@ -3,11 +3,11 @@
 //! would pass `max_loaded`.
 //!
 //! ```sh
-//! cargo run -p model-runtime --example many_models -- A.gguf B.gguf
+//! cargo run -p runtime-gateway --example many_models -- A.gguf B.gguf
 //! ```
 //!
-//! The manager is `runtime-gateway`'s; `runtime-openai`'s router serves the
-//! same manager over HTTP (what `model-runtime serve --config` does).
+//! `runtime-openai`'s router serves the same manager over HTTP (what
+//! `model-runtime serve --config` does).
 #![allow(clippy::print_stdout)]
 
 use model_runtime::{InferenceRequest, ModelService};
