@@ -570,9 +570,10 @@ async fn openais_python_client_parses_schemas_and_round_trips_tool_calls() {
     );
 }
 
-/// `run --json-schema FILE` prints only an answer valid against the schema;
-/// a backend that cannot be held to one refuses, leaving stdout empty; a file
-/// that is not a schema is refused before any engine starts.
+/// `run --json-schema FILE` prints only an answer valid against the schema,
+/// on llama.cpp and on candle; a schema the engine cannot enforce is refused
+/// by its keyword, leaving stdout empty; a file that is not a schema is
+/// refused before any engine starts.
 #[tokio::test]
 async fn run_with_a_json_schema_prints_json_valid_against_it_or_fails() {
     conformance::init_tracing();
@@ -601,23 +602,36 @@ async fn run_with_a_json_schema_prints_json_valid_against_it_or_fails() {
         command.output()
     };
 
-    let output = run("llamacpp", file.clone()).await.unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
     // The suite's own validator, not the one the runtime checked with.
     let validator = jsonschema::validator_for(&schema).unwrap();
-    assert!(validator.is_valid(&answer), "{answer}");
+    for backend in ["llamacpp", "candle"] {
+        let output = run(backend, file.clone()).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{backend}: {stderr}");
+        let answer: serde_json::Value =
+            serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+                panic!(
+                    "{backend}: {err}: {}",
+                    String::from_utf8_lossy(&output.stdout)
+                )
+            });
+        assert!(validator.is_valid(&answer), "{backend}: {answer}");
+    }
 
-    let output = run("candle", file).await.unwrap();
+    let unique = dir.path().join("unique.json");
+    std::fs::write(
+        &unique,
+        r#"{"type": "array", "items": {"type": "integer"}, "uniqueItems": true}"#,
+    )
+    .unwrap();
+    let output = run("candle", unique).await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
-        "candle cannot enforce a schema yet"
+        "llguidance cannot enforce uniqueItems"
     );
     assert!(output.stdout.is_empty(), "nothing unchecked on stdout");
-    assert!(stderr.contains("response_format"), "{stderr}");
+    assert!(stderr.contains("uniqueItems"), "{stderr}");
 
     let not_a_schema = dir.path().join("list.json");
     std::fs::write(&not_a_schema, "[1, 2]").unwrap();

@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use candle_transformers::generation::Sampling;
 use runtime_core::{
-    Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, ModelService, Result,
-    StreamEvent, collect_events,
+    Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, MAX_CHOICES,
+    ModelService, Result, StreamEvent, Usage, collect_events,
 };
+use runtime_structured::{Enforcer, Plan, Support};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::constraint::Constraint;
 use crate::model::LoadedModel;
 use crate::runner::Runner;
 use crate::sampling::{random_seed, sampling_of};
@@ -51,6 +53,8 @@ pub(crate) struct Job {
     pub(crate) sampling: Sampling,
     pub(crate) seed: u64,
     pub(crate) stop: Vec<String>,
+    /// The grammar a structured answer is held to, token by token.
+    pub(crate) constraint: Option<Constraint>,
     pub(crate) events: Events,
     pub(crate) queued_at: Instant,
 }
@@ -111,22 +115,31 @@ impl Engine {
         &self.model
     }
 
-    /// Queues `request` and returns its events; a full queue is
-    /// [`Error::Busy`].
+    /// `request` (validated) planned for candle: what it does not serve is
+    /// refused by name, a schema it cannot enforce by its keyword.
+    fn plan(&self, request: &InferenceRequest) -> Result<Plan> {
+        capabilities().admit(request, "candle")?;
+        Plan::new(request, &SUPPORT)
+    }
+
+    /// Queues one answer to `request` (as planned) and returns its events;
+    /// a full queue is [`Error::Busy`].
     pub(crate) async fn submit(&self, request: InferenceRequest) -> Result<EventStream> {
-        request.validate()?;
-        // Plain chat only, for now: tools, schemas, log-probabilities and
-        // several answers are refused by name, never dropped.
-        capabilities().admit(&request, "candle")?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::NotInitialized);
         }
-        let (prompt, max_tokens) = {
+        let (prompt, max_tokens, constraint) = {
             let model = self.model.clone();
             let request = request.clone();
-            tokio::task::spawn_blocking(move || prepare(&model, &request))
-                .await
-                .map_err(|err| Error::engine("request preparation panicked", err))??
+            tokio::task::spawn_blocking(move || {
+                let (prompt, max_tokens) = prepare(&model, &request)?;
+                let constraint = model
+                    .grammars
+                    .constraint(&model.tokenizer, request.response_format.as_ref())?;
+                Ok::<_, Error>((prompt, max_tokens, constraint))
+            })
+            .await
+            .map_err(|err| Error::engine("request preparation panicked", err))??
         };
         let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
@@ -138,6 +151,7 @@ impl Engine {
                 None => random_seed()?,
             },
             stop: request.stop.clone(),
+            constraint,
             events,
             queued_at: Instant::now(),
         };
@@ -228,9 +242,48 @@ fn prepare(model: &LoadedModel, request: &InferenceRequest) -> Result<(Vec<u32>,
     Ok((tokens, max_tokens))
 }
 
-/// What candle serves beyond plain chat (`metadata().capabilities`).
+/// What candle does for tools and schemas: llguidance enforces schemas;
+/// calls are read here (from the schema of a required call, or `<tool_call>`
+/// tags for `auto`), and tools and earlier calls are written into the
+/// conversation as text.
+const SUPPORT: Support = Support {
+    enforcer: Enforcer::LlGuidance,
+    native_auto: false,
+    renders_tools: false,
+};
+
+/// What candle serves beyond plain chat (`metadata().capabilities`): tools,
+/// schemas and several answers; not yet log-probabilities.
 pub(crate) fn capabilities() -> Capabilities {
-    Capabilities::default()
+    let mut capabilities = Capabilities::full(MAX_CHOICES);
+    capabilities.logprobs = false;
+    capabilities
+}
+
+/// The `index`th of a request's answers, asked for alone: a seeded request's
+/// answers are reproducible and differ from each other.
+fn one_of(request: &InferenceRequest, index: u32) -> InferenceRequest {
+    let mut one = request.clone();
+    one.n = None;
+    one.seed = request.seed.map(|seed| seed.wrapping_add(u64::from(index)));
+    one
+}
+
+/// Several answers as one response: the first's, the rest as alternatives,
+/// and the tokens of all of them (the prompt counted once).
+fn several(answers: Vec<InferenceResponse>) -> InferenceResponse {
+    let mut answers = answers.into_iter();
+    let mut first = answers.next().unwrap_or_default();
+    for answer in answers {
+        if let (Some(total), Some(usage)) = (&mut first.usage, &answer.usage) {
+            *total = Usage::new(
+                total.prompt_tokens,
+                total.completion_tokens + usage.completion_tokens,
+            );
+        }
+        first.alternatives.extend(answer.choices());
+    }
+    first
 }
 
 #[async_trait]
@@ -241,10 +294,19 @@ impl ModelService for Engine {
 
     async fn generate(
         &self,
-        model: Option<&str>,
+        _model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<InferenceResponse> {
-        collect_events(ModelService::generate_events(self, model, request).await?).await
+        request.validate()?;
+        let plan = self.plan(&request)?;
+        let engine = plan.engine_request();
+        // Several answers are sequences of their own, generated together.
+        let answers = futures::future::try_join_all((0..request.choices()).map(|index| {
+            let one = one_of(engine, index);
+            async move { collect_events(self.submit(one).await?).await }
+        }))
+        .await?;
+        plan.finish(several(answers))
     }
 
     async fn metrics(&self) -> Option<String> {
@@ -265,6 +327,16 @@ impl ModelService for Engine {
         _model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<EventStream> {
-        self.submit(request).await
+        request.validate()?;
+        if request.choices() > 1 {
+            return Err(Error::invalid_request(
+                "n",
+                "must be 1 on a stream (one answer streams at a time); ask for several \
+                 answers without streaming",
+            ));
+        }
+        let plan = self.plan(&request)?;
+        let events = self.submit(plan.engine_request().clone()).await?;
+        Ok(plan.events(events))
     }
 }

@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+mod constraint;
 mod engine;
 mod kernels;
 mod model;
@@ -60,7 +61,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use runtime_core::{
     ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
-    ModelService, Result, RuntimeConfig, RuntimeMetadata, TextStream, collect_events, text_deltas,
+    ModelService, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
 };
 use runtime_openai::{
     ClientTimeouts, HostPolicy, OpenAiClient, ServeLimits, ServeOptions, http_base_url,
@@ -290,7 +291,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
-        collect_events(self.running()?.engine.submit(request).await?).await
+        ModelService::generate(&*self.running()?.engine, None, request).await
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -300,7 +301,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        self.running()?.engine.submit(request).await
+        ModelService::generate_events(&*self.running()?.engine, None, request).await
     }
 
     async fn shutdown(&mut self) -> Result<()> {

@@ -42,6 +42,8 @@ pub(crate) struct LoadedModel {
     pub(crate) context_limit: usize,
     /// The bytes the weights take in memory.
     pub(crate) weight_bytes: u64,
+    /// The compiler of schemas into token masks, built on first use.
+    pub(crate) grammars: crate::constraint::Grammars,
 }
 
 /// Re-quantization applied on load, trading a little accuracy for candle's
@@ -152,6 +154,7 @@ fn load_gguf(
         template,
         context_limit,
         weight_bytes,
+        grammars: Default::default(),
     })
 }
 
@@ -283,6 +286,7 @@ fn load_safetensors(dir: &Path, context_size: Option<u32>) -> Result<LoadedModel
         template,
         context_limit,
         weight_bytes,
+        grammars: Default::default(),
     })
 }
 

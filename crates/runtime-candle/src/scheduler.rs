@@ -230,7 +230,7 @@ impl Scheduler {
                 continue;
             }
             let Some(row) = rows.next() else { break };
-            let progress = match sample(&mut sequence.sampler, row) {
+            let progress = match sequence.draw(row) {
                 Ok(token) => sequence.advance(token, &self.model),
                 Err(err) => {
                     let _ = sequence.job.events.send(Err(err));
@@ -260,6 +260,19 @@ impl Scheduler {
 }
 
 impl Sequence<'_> {
+    /// Samples the next token from `logits`; a structured answer's grammar
+    /// masks them first and takes the token.
+    fn draw(&mut self, logits: &[f32]) -> Result<u32> {
+        let Some(constraint) = self.job.constraint.as_mut() else {
+            return sample(&mut self.sampler, logits);
+        };
+        let mut logits = logits.to_vec();
+        constraint.mask(&mut logits)?;
+        let token = sample(&mut self.sampler, &logits)?;
+        constraint.consume(token)?;
+        Ok(token)
+    }
+
     /// Takes the token just sampled: sends its text, or finishes.
     fn advance(&mut self, token: u32, model: &LoadedModel) -> Result<Progress> {
         if self.decode_started.is_none() {
@@ -284,7 +297,13 @@ impl Sequence<'_> {
             if !ready.is_empty() && events.send(Ok(StreamEvent::Delta(ready))).is_err() {
                 return Ok(Progress::Cancelled);
             }
-            if stopped {
+            // A structured answer ends where its grammar is complete.
+            let complete = self
+                .job
+                .constraint
+                .as_ref()
+                .is_some_and(|constraint| constraint.is_complete());
+            if stopped || complete {
                 Some(FinishReason::Stop)
             } else if self.generated >= self.job.max_tokens {
                 Some(FinishReason::Length)

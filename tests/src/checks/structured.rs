@@ -104,29 +104,53 @@ async fn refused_by_name(runtime: &dyn ModelRuntime, request: InferenceRequest, 
     }
 }
 
-/// Whether the backend serves tools and schemas at all; when not, checks
-/// that it refuses them by name and records the check as not applicable.
-async fn serves_structured(backend: &Backend, runtime: &dyn ModelRuntime, check: &str) -> bool {
+/// What a check needs of a backend.
+#[derive(Clone, Copy)]
+enum Feature {
+    /// `response_format` schemas and objects, and `n`.
+    Schemas,
+    Tools,
+    Logprobs,
+}
+
+/// Whether the backend serves `feature`; when not, checks that it refuses
+/// it by name and records the check as not applicable.
+async fn serves(
+    backend: &Backend,
+    runtime: &dyn ModelRuntime,
+    check: &str,
+    feature: Feature,
+) -> bool {
     let capabilities = runtime.metadata().capabilities;
-    if capabilities.tools && capabilities.json_schema && capabilities.logprobs {
+    let plain = greedy(QUESTION, 4);
+    let (served, refused) = match feature {
+        Feature::Schemas => (
+            capabilities.json_schema && capabilities.max_choices > 1,
+            "schemas (`response_format`) and several answers (`n`) are",
+        ),
+        Feature::Tools => (capabilities.tools, "tools are"),
+        Feature::Logprobs => (capabilities.logprobs, "log-probabilities are"),
+    };
+    if served {
         return true;
     }
-    let plain = greedy(QUESTION, 4);
-    refused_by_name(runtime, plain.clone().with_tool(weather()), "tools").await;
-    refused_by_name(
-        runtime,
-        plain
-            .clone()
-            .with_json_schema("s", json!({"type": "object"})),
-        "response_format",
-    )
-    .await;
-    refused_by_name(runtime, plain.clone().with_logprobs(5), "logprobs").await;
-    refused_by_name(runtime, plain.with_n(2), "n").await;
+    match feature {
+        Feature::Schemas if !capabilities.json_schema => {
+            refused_by_name(
+                runtime,
+                plain.with_json_schema("s", json!({"type": "object"})),
+                "response_format",
+            )
+            .await;
+        }
+        Feature::Schemas => refused_by_name(runtime, plain.with_n(2), "n").await,
+        Feature::Tools => refused_by_name(runtime, plain.with_tool(weather()), "tools").await,
+        Feature::Logprobs => refused_by_name(runtime, plain.with_logprobs(5), "logprobs").await,
+    }
     not_applicable(
         backend,
         check,
-        "serves plain chat only so far: tools, schemas, logprobs and n are refused by name",
+        &format!("not served here so far: {refused} refused by name"),
     );
     false
 }
@@ -137,7 +161,7 @@ async fn serves_structured(backend: &Backend, runtime: &dyn ModelRuntime, check:
 pub async fn structured_output(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let runtime = &*shared;
-    if !serves_structured(backend, runtime, "structured_output").await {
+    if !serves(backend, runtime, "structured_output", Feature::Schemas).await {
         return;
     }
     for (label, prompt, schema) in schemas() {
@@ -300,7 +324,7 @@ fn assert_valid_calls(calls: &[ToolCall], context: &str) {
 pub async fn tool_calls(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let runtime = &*shared;
-    if !serves_structured(backend, runtime, "tool_calls").await {
+    if !serves(backend, runtime, "tool_calls", Feature::Tools).await {
         return;
     }
 
@@ -429,7 +453,7 @@ pub async fn tool_calls(backend: &Backend) {
 pub async fn logprobs(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let runtime = &*shared;
-    if !serves_structured(backend, runtime, "logprobs").await {
+    if !serves(backend, runtime, "logprobs", Feature::Logprobs).await {
         return;
     }
     // Cut off by the limit, so every generated token is one of the answer's.
