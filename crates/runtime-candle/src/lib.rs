@@ -16,6 +16,11 @@
 //!   GGUF's own metadata the way llama.cpp reads it;
 //! - the model's own chat template, rendered with minijinja;
 //! - sampling (temperature, top-p, seed), stop strings, EOS, UTF-8-safe streaming;
+//! - structured answers: a `json_schema` or `json_object` held to its schema
+//!   token by token with llguidance (the mask of allowed tokens applied to the
+//!   logits before each draw), tool calls planned by `runtime-structured` on
+//!   top of it, and `n` answers as sequences of their own (log-probabilities
+//!   are refused by name for now);
 //! - a scheduler thread of its own (never the async runtime's) that runs the
 //!   sequences in its slots together, one batch per step, behind a bounded
 //!   queue: a full queue is [`Error::Busy`], not a hang.
