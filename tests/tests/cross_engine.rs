@@ -222,3 +222,75 @@ async fn every_candle_token_is_llama_servers_choice_up_to_near_ties() {
         Err(failures) => panic!("{failures}"),
     }
 }
+
+/// candle's log-probabilities are llama.cpp's: over the captured answer's
+/// tokens, as long as candle's greedy answer follows it, the drawn token's
+/// and the top five's log-probabilities lie within [`identity::NEAR_TIE`] of
+/// llama.cpp's, and the top five are the same tokens up to near ties.
+///
+/// Measured: candle (f32 cache) is at most 0.27 nats from llama.cpp's exact
+/// configuration over the 7 tokens the answers share; llama.cpp's own
+/// default configuration (f16 cache, flash attention as it chooses) is 0.67
+/// from it over all 24, so the bound is tighter than the engine against
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candles_logprobs_are_llama_servers_within_the_near_tie_bound() {
+    conformance::init_tracing();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/llama-server-chat.json"
+    );
+    let captured: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let reference = captured["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("captured log-probabilities");
+    let mut runtime = start(&exact_candle()).await;
+    let request = InferenceRequest::from_prompt(PROMPTS[0])
+        .with_max_tokens(24)
+        .with_temperature(0.0)
+        .with_logprobs(5);
+    let answer = runtime.generate(request).await.expect("candle");
+    runtime.shutdown().await.unwrap();
+    let tokens = answer.logprobs.expect("candle's log-probabilities");
+
+    let mut worst: f64 = 0.0;
+    let mut compared = 0;
+    for (index, (ours, theirs)) in tokens.iter().zip(reference).enumerate() {
+        if ours.token != theirs["token"].as_str().unwrap() {
+            break; // the answers part here; past it the contexts differ
+        }
+        let gap = (f64::from(ours.logprob) - theirs["logprob"].as_f64().unwrap()).abs();
+        worst = worst.max(gap);
+        for alternative in theirs["top_logprobs"].as_array().unwrap() {
+            let text = alternative["token"].as_str().unwrap();
+            let logprob = alternative["logprob"].as_f64().unwrap();
+            match ours.top_logprobs.iter().find(|t| t.token == text) {
+                Some(mine) => worst = worst.max((f64::from(mine.logprob) - logprob).abs()),
+                // Missing from ours: only if it was last-but-near in theirs.
+                None => {
+                    let fifth = f64::from(ours.top_logprobs.last().unwrap().logprob);
+                    assert!(
+                        logprob - fifth < identity::NEAR_TIE,
+                        "token {index}: llama.cpp's candidate {text:?} ({logprob:.3}) is not in candle's top five {:?}",
+                        ours.top_logprobs
+                    );
+                }
+            }
+        }
+        compared += 1;
+    }
+    tracing::info!(
+        compared,
+        worst,
+        "candle's log-probabilities against llama.cpp's"
+    );
+    assert!(
+        compared > 0,
+        "the answers share no token: candle's first is not llama.cpp's"
+    );
+    assert!(
+        worst < identity::NEAR_TIE,
+        "a log-probability {worst:.3} nats from llama.cpp's"
+    );
+}

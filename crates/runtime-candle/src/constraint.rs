@@ -26,9 +26,11 @@ use crate::tokenizer::TextTokenizer;
 /// The field a schema the grammar compiler refuses is named by.
 const SCHEMA_FIELD: &str = "response_format.json_schema.schema";
 
-/// A model's grammar compiler, built on first use.
+/// A model's vocabulary as bytes, and its grammar compiler, each built on
+/// first use.
 #[derive(Default)]
 pub(crate) struct Grammars {
+    words: OnceLock<std::result::Result<Vec<Vec<u8>>, String>>,
     factory: OnceLock<std::result::Result<Arc<ParserFactory>, String>>,
 }
 
@@ -41,6 +43,14 @@ impl std::fmt::Debug for Grammars {
 }
 
 impl Grammars {
+    /// Each token's bytes, by id (a control token is `0xFF` and its name).
+    pub(crate) fn words(&self, tokenizer: &TextTokenizer) -> Result<&[Vec<u8>]> {
+        self.words
+            .get_or_init(|| token_bytes(tokenizer))
+            .as_deref()
+            .map_err(|reason| vocabulary_failed(reason))
+    }
+
     /// The constraint for `format`, or `None` for free text.
     pub(crate) fn constraint(
         &self,
@@ -58,16 +68,12 @@ impl Grammars {
                 ));
             }
         };
+        let words = self.words(tokenizer)?;
         let factory = self
             .factory
-            .get_or_init(|| factory(tokenizer))
+            .get_or_init(|| factory(words, &tokenizer.end_tokens))
             .as_ref()
-            .map_err(|reason| {
-                Error::engine(
-                    "error building the grammar vocabulary of the model's tokenizer",
-                    std::io::Error::other(reason.clone()),
-                )
-            })?;
+            .map_err(|reason| vocabulary_failed(reason))?;
         let grammar = TopLevelGrammar::from_json_schema(compact(schema));
         let matcher = Matcher::new(factory.create_parser(grammar));
         if let Some(reason) = matcher.get_error() {
@@ -98,20 +104,29 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or(text)
 }
 
-/// The grammar compiler for `tokenizer`'s vocabulary: each token's bytes
-/// (control tokens marked special, so no grammar text can spell them), and
-/// the tokens that end a turn as the grammar's end of sentence. Errors are
-/// text: llguidance's are `anyhow`, and the result is kept for the model's
-/// lifetime.
-fn factory(tokenizer: &TextTokenizer) -> std::result::Result<Arc<ParserFactory>, String> {
+fn vocabulary_failed(reason: &str) -> Error {
+    Error::engine(
+        "error reading the token bytes of the model's tokenizer",
+        std::io::Error::other(reason.to_owned()),
+    )
+}
+
+/// Each token's bytes, from the tokenizer's own description (byte-level BPE
+/// or byte fallback); control tokens marked special, so no grammar text can
+/// spell them. Errors are text: llguidance's are `anyhow`, and the result is
+/// kept for the model's lifetime.
+fn token_bytes(tokenizer: &TextTokenizer) -> std::result::Result<Vec<Vec<u8>>, String> {
     let json = tokenizer
         .inner()
         .to_string(false)
         .map_err(|err| err.to_string())?;
     let json: Value = serde_json::from_str(&json).map_err(|err| err.to_string())?;
-    let words =
-        llguidance::token_bytes_from_tokenizer_json(&json).map_err(|err| format!("{err:#}"))?;
-    let ends = &tokenizer.end_tokens;
+    llguidance::token_bytes_from_tokenizer_json(&json).map_err(|err| format!("{err:#}"))
+}
+
+/// The grammar compiler for a vocabulary, with the tokens that end a turn
+/// as the grammar's end of sentence.
+fn factory(words: &[Vec<u8>], ends: &[u32]) -> std::result::Result<Arc<ParserFactory>, String> {
     let Some(&first) = ends.first() else {
         return Err(
             "the tokenizer has no end-of-turn token, so a constrained answer could not end"
@@ -119,7 +134,7 @@ fn factory(tokenizer: &TextTokenizer) -> std::result::Result<Arc<ParserFactory>,
         );
     };
     let info = TokRxInfo::new(words.len() as u32, first);
-    let trie = TokTrie::from(&info, &words).with_eos_tokens(ends);
+    let trie = TokTrie::from(&info, words).with_eos_tokens(ends);
     let env: TokEnv = Arc::new(Vocabulary { trie });
     let mut factory = ParserFactory::new_simple(&env).map_err(|err| format!("{err:#}"))?;
     // Warnings reach callers through our errors, never stderr; errors carry

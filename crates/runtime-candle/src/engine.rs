@@ -55,6 +55,9 @@ pub(crate) struct Job {
     pub(crate) stop: Vec<String>,
     /// The grammar a structured answer is held to, token by token.
     pub(crate) constraint: Option<Constraint>,
+    /// With log-probabilities: how many of the most likely tokens each
+    /// token's entry lists.
+    pub(crate) logprobs: Option<usize>,
     pub(crate) events: Events,
     pub(crate) queued_at: Instant,
 }
@@ -136,6 +139,10 @@ impl Engine {
                 let constraint = model
                     .grammars
                     .constraint(&model.tokenizer, request.response_format.as_ref())?;
+                if request.logprobs {
+                    // Built here, not in the scheduler's step.
+                    model.grammars.words(&model.tokenizer)?;
+                }
                 Ok::<_, Error>((prompt, max_tokens, constraint))
             })
             .await
@@ -152,6 +159,9 @@ impl Engine {
             },
             stop: request.stop.clone(),
             constraint,
+            logprobs: request
+                .logprobs
+                .then(|| usize::from(request.top_logprobs.unwrap_or(0))),
             events,
             queued_at: Instant::now(),
         };
@@ -253,11 +263,9 @@ const SUPPORT: Support = Support {
 };
 
 /// What candle serves beyond plain chat (`metadata().capabilities`): tools,
-/// schemas and several answers; not yet log-probabilities.
+/// schemas, log-probabilities and several answers.
 pub(crate) fn capabilities() -> Capabilities {
-    let mut capabilities = Capabilities::full(MAX_CHOICES);
-    capabilities.logprobs = false;
-    capabilities
+    Capabilities::full(MAX_CHOICES)
 }
 
 /// The `index`th of a request's answers, asked for alone: a seeded request's

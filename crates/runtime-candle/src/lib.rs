@@ -19,8 +19,8 @@
 //! - structured answers: a `json_schema` or `json_object` held to its schema
 //!   token by token with llguidance (the mask of allowed tokens applied to the
 //!   logits before each draw), tool calls planned by `runtime-structured` on
-//!   top of it, and `n` answers as sequences of their own (log-probabilities
-//!   are refused by name for now);
+//!   top of it, `n` answers as sequences of their own, and log-probabilities
+//!   from the logits;
 //! - a scheduler thread of its own (never the async runtime's) that runs the
 //!   sequences in its slots together, one batch per step, behind a bounded
 //!   queue: a full queue is [`Error::Busy`], not a hang.
@@ -50,6 +50,7 @@
 mod constraint;
 mod engine;
 mod kernels;
+mod logprobs;
 mod model;
 mod native;
 mod options;

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use candle_transformers::generation::LogitsProcessor;
-use runtime_core::{Error, FinishReason, Result, StreamEvent, Timings, Usage};
+use runtime_core::{Error, FinishReason, Result, StreamEvent, Timings, TokenLogprob, Usage};
 
 use crate::engine::Job;
 use crate::model::LoadedModel;
@@ -49,6 +49,8 @@ pub(crate) struct Sequence<'t> {
     pub(crate) started: Option<Instant>,
     pub(crate) prefill: Duration,
     pub(crate) decode_started: Option<Instant>,
+    /// The log-probabilities of the token just drawn, when asked for.
+    pub(crate) logprob: Option<TokenLogprob>,
 }
 
 pub(crate) type Decoder<'t> = tokenizers::DecodeStream<
@@ -127,6 +129,7 @@ impl Scheduler {
                     started: None,
                     prefill: Duration::ZERO,
                     decode_started: None,
+                    logprob: None,
                 });
             }
             // Readers that left free their slots.
@@ -230,7 +233,7 @@ impl Scheduler {
                 continue;
             }
             let Some(row) = rows.next() else { break };
-            let progress = match sequence.draw(row) {
+            let progress = match sequence.draw(row, &self.model) {
                 Ok(token) => sequence.advance(token, &self.model),
                 Err(err) => {
                     let _ = sequence.job.events.send(Err(err));
@@ -262,14 +265,23 @@ impl Scheduler {
 impl Sequence<'_> {
     /// Samples the next token from `logits`; a structured answer's grammar
     /// masks them first and takes the token.
-    fn draw(&mut self, logits: &[f32]) -> Result<u32> {
-        let Some(constraint) = self.job.constraint.as_mut() else {
-            return sample(&mut self.sampler, logits);
+    /// Asked for, the token's log-probabilities come from the logits as the
+    /// model gave them.
+    fn draw(&mut self, logits: &[f32], model: &LoadedModel) -> Result<u32> {
+        let token = match self.job.constraint.as_mut() {
+            None => sample(&mut self.sampler, logits)?,
+            Some(constraint) => {
+                let mut masked = logits.to_vec();
+                constraint.mask(&mut masked)?;
+                let token = sample(&mut self.sampler, &masked)?;
+                constraint.consume(token)?;
+                token
+            }
         };
-        let mut logits = logits.to_vec();
-        constraint.mask(&mut logits)?;
-        let token = sample(&mut self.sampler, &logits)?;
-        constraint.consume(token)?;
+        if let Some(top) = self.job.logprobs {
+            let words = model.grammars.words(&model.tokenizer)?;
+            self.logprob = Some(crate::logprobs::entry(logits, token, top, words));
+        }
         Ok(token)
     }
 
@@ -289,6 +301,12 @@ impl Sequence<'_> {
             self.generated += 1;
             self.generated_total.fetch_add(1, Ordering::Relaxed);
             self.next = token;
+            // A token of the answer (an end token is none).
+            if let Some(entry) = self.logprob.take()
+                && events.send(Ok(StreamEvent::Logprobs(vec![entry]))).is_err()
+            {
+                return Ok(Progress::Cancelled);
+            }
             let piece = self
                 .decoder
                 .step(token)
