@@ -5,14 +5,22 @@
 use crate::{Result, cargo, run_checked, step, target_dir, test_backends};
 
 /// What can be benchmarked: candle against llama.cpp, each server backend,
-/// the gateway over several models, and the distributed setups.
-const TARGETS: &[&str] = &["candle", "llamacpp", "vllm", "gateway", "distributed"];
+/// the gateway over several models, the distributed setups, and structured
+/// answers against free ones.
+const TARGETS: &[&str] = &[
+    "candle",
+    "llamacpp",
+    "vllm",
+    "gateway",
+    "distributed",
+    "structured",
+];
 
 /// The engines a target needs: candle and the gateway are compared with, or
 /// run, llama-server too.
 fn engines_of(target: &str) -> &'static [&'static str] {
     match target {
-        "candle" | "gateway" => &["candle", "llamacpp"],
+        "candle" | "gateway" | "structured" => &["candle", "llamacpp"],
         "llamacpp" | "distributed" => &["llamacpp"],
         "vllm" => &["vllm"],
         _ => &[],

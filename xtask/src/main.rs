@@ -37,9 +37,11 @@ tasks:
                                    (default: llamacpp, candle and vllm), then the suites
                                    that compare two of them (candle against llama-server,
                                    the CLI, candle's safetensors loader against vLLM)
-  bench [BACKEND]...               readiness lag, streaming overhead and stop time, as
-                                   medians over interleaved runs (release build; default:
-                                   every backend)
+  bench [TARGET]...                readiness lag, streaming overhead, stop time, candle
+                                   against llama.cpp, structured answers against free ones
+                                   (candle, llamacpp, vllm, gateway, distributed,
+                                   structured), as medians over interleaved runs (release
+                                   build; default: every target)
   package                          cargo package every published crate, then run each
                                    crate's own tests from its packaged sources
   help                             show this message

@@ -10,11 +10,14 @@
 //! own start, stop and layers), `llamacpp` and `vllm` (start, stop, our
 //! layers against the engine directly; vLLM's speed too), `gateway` (many
 //! models), `distributed` (llama.cpp over an RPC worker, and a server we
-//! attach to). `report` only renders what earlier runs saved.
+//! attach to), `structured` (a schema's cost to decode and twenty tools'
+//! cost to the first token, candle and llama.cpp each against itself).
+//! `report` only renders what earlier runs saved.
 #![allow(clippy::print_stdout)]
 
 mod measure;
 mod report;
+mod structured;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,6 +53,7 @@ async fn main() {
             "vllm" => vllm(&mut results).await,
             "gateway" => many_models(&mut results).await,
             "distributed" => distributed(&mut results).await,
+            "structured" => structured::structured(&mut results).await,
             other => panic!("unknown bench target {other:?}"),
         }
         let saved = results.save(&dir).expect("the results are saved");

@@ -211,10 +211,17 @@ pub(crate) fn render(dir: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn target_order(target: &str) -> usize {
-    ["candle", "llamacpp", "vllm", "gateway", "distributed"]
-        .iter()
-        .position(|t| *t == target)
-        .unwrap_or(usize::MAX)
+    [
+        "candle",
+        "llamacpp",
+        "vllm",
+        "gateway",
+        "distributed",
+        "structured",
+    ]
+    .iter()
+    .position(|t| *t == target)
+    .unwrap_or(usize::MAX)
 }
 
 fn section(md: &mut String, dir: &Path, r: &Results) -> std::io::Result<()> {
@@ -279,7 +286,12 @@ fn section(md: &mut String, dir: &Path, r: &Results) -> std::io::Result<()> {
         let _ = writeln!(md);
     }
     if !r.overheads.is_empty() {
-        let _ = writeln!(md, "### Our layers against the engine directly\n");
+        let heading = if r.target == "structured" {
+            "### Structured answers and tools against the same engine without them"
+        } else {
+            "### Our layers against the engine directly"
+        };
+        let _ = writeln!(md, "{heading}\n");
         let _ = writeln!(
             md,
             "| engine | ours | baseline | ours, ms | baseline, ms | ratio |"
