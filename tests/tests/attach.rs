@@ -35,6 +35,18 @@ async fn start_outside(backend: &Backend) -> (ServerProcess, u16) {
     (process, port)
 }
 
+/// Stops a server started by [`start_outside`], and checks it is gone.
+async fn stop_outside(server: ServerProcess) {
+    let pids = vec![server.pid() as i32];
+    server.stop(StopPolicy::new(Duration::from_secs(3))).await;
+    assert!(
+        procs::wait_gone(&pids, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "the server is gone"
+    );
+}
+
 /// A remote backend for the checks: `config` attaches to the server.
 fn attached(name: &'static str, config: RuntimeConfig, activity: Activity) -> Backend {
     Backend {
@@ -190,13 +202,7 @@ async fn a_gateway_routes_a_model_to_an_attached_server_beside_a_local_one() {
         server.is_running(),
         "the gateway left the attached server alone"
     );
-    let pids = vec![server.pid() as i32];
-    server.stop(StopPolicy::new(Duration::from_secs(3))).await;
-    assert!(
-        procs::wait_gone(&pids, Duration::from_secs(2))
-            .await
-            .is_empty()
-    );
+    stop_outside(server).await;
 }
 
 /// A man in the middle between a runtime and a real engine: it forwards every
@@ -426,11 +432,5 @@ async fn a_corrupted_engine_answer_reaches_the_client_as_output_invalid() {
     manager.shutdown_within(Duration::ZERO).await;
     gateway.abort();
     proxy.task.abort();
-    let pids = vec![server.pid() as i32];
-    server.stop(StopPolicy::new(Duration::from_secs(3))).await;
-    assert!(
-        procs::wait_gone(&pids, Duration::from_secs(2))
-            .await
-            .is_empty()
-    );
+    stop_outside(server).await;
 }

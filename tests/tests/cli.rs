@@ -181,6 +181,19 @@ impl Serve {
         format!("{}/v1/chat/completions", self.base)
     }
 
+    /// `/v1/models`, with the key.
+    async fn models(&self) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(format!("{}/v1/models", self.base))
+            .bearer_auth(GATEWAY_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32),
@@ -406,15 +419,7 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
             .json(&body)
             .send()
     };
-    let models: serde_json::Value = http
-        .get(serve.completions().replace("/chat/completions", "/models"))
-        .bearer_auth(GATEWAY_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = serve.models().await;
     let capabilities = &models["data"][0]["capabilities"];
     assert_eq!(capabilities["tools"], true, "{models}");
     assert_eq!(capabilities["json_schema"], true, "{models}");
@@ -501,16 +506,7 @@ async fn openais_python_client_parses_schemas_and_round_trips_tool_calls() {
     conformance::init_tracing();
     let client = required_env("MODEL_RUNTIME_TEST_OPENAI_CLIENT");
     let mut serve = Serve::start(&[]).await;
-    let http = reqwest::Client::new();
-    let models: serde_json::Value = http
-        .get(format!("{}/v1/models", serve.base))
-        .bearer_auth(GATEWAY_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = serve.models().await;
     let model = models["data"][0]["id"]
         .as_str()
         .expect("a model id")

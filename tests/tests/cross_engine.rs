@@ -67,20 +67,26 @@ async fn tokenizer_matches_llama_server() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie() {
-    conformance::init_tracing();
-    // llama.cpp build 11434 (the pinned one) in its exact configuration, this model, this
-    // question, temperature 0, 24 tokens, each with its top log-probabilities.
+/// The captured answer's tokens: llama.cpp build 11434 (the pinned one) in
+/// its exact configuration, this model, [`PROMPTS`]`[0]`, temperature 0, 24
+/// tokens, each with its top five log-probabilities.
+fn captured_tokens() -> Vec<serde_json::Value> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/llama-server-chat.json"
     );
-    let captured: serde_json::Value =
+    let mut captured: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let tokens = captured["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .expect("captured log-probabilities");
+    match captured["choices"][0]["logprobs"]["content"].take() {
+        serde_json::Value::Array(tokens) => tokens,
+        other => panic!("captured log-probabilities, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_output_follows_the_captured_llama_server_answer_up_to_a_near_tie() {
+    conformance::init_tracing();
+    let tokens = captured_tokens();
     let mut runtime = start(&exact_candle()).await;
     let request = InferenceRequest::from_prompt(PROMPTS[0])
         .with_max_tokens(24)
@@ -236,15 +242,7 @@ async fn every_candle_token_is_llama_servers_choice_up_to_near_ties() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candles_logprobs_are_llama_servers_within_the_near_tie_bound() {
     conformance::init_tracing();
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/llama-server-chat.json"
-    );
-    let captured: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let reference = captured["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .expect("captured log-probabilities");
+    let reference = captured_tokens();
     let mut runtime = start(&exact_candle()).await;
     let request = InferenceRequest::from_prompt(PROMPTS[0])
         .with_max_tokens(24)
