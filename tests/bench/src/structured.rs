@@ -19,6 +19,7 @@ const RUNS: usize = 7;
 struct Timed {
     first_ms: f64,
     per_token_ms: Option<f64>,
+    generated: u64,
 }
 
 async fn timed(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Timed {
@@ -48,6 +49,7 @@ async fn timed(runtime: &dyn ModelRuntime, request: InferenceRequest) -> Timed {
     Timed {
         first_ms: first.as_secs_f64() * 1000.0,
         per_token_ms,
+        generated,
     }
 }
 
@@ -121,14 +123,19 @@ pub(crate) async fn structured(results: &mut Results) {
         let mut decode = (Vec::new(), Vec::new(), Vec::new());
         let mut first = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..RUNS {
-            let (schema, free) = if run % 2 == 0 {
-                let schema = timed(runtime_ref, story(run, true)).await;
-                (schema, timed(runtime_ref, story(run, false)).await)
-            } else {
-                let free = timed(runtime_ref, story(run, false)).await;
-                (timed(runtime_ref, story(run, true)).await, free)
-            };
-            if let (Some(ours), Some(base)) = (schema.per_token_ms, free.per_token_ms) {
+            // The free answer is held to the schema answer's length, so both
+            // decode the same positions (a token costs more the longer the
+            // context); one that ends sooner by itself is no fair pair.
+            let schema = timed(runtime_ref, story(run, true)).await;
+            let free = timed(
+                runtime_ref,
+                story(run, false).with_max_tokens(schema.generated.max(1) as u32),
+            )
+            .await;
+            let same_length = free.generated * 10 >= schema.generated * 9;
+            if let (true, Some(ours), Some(base)) =
+                (same_length, schema.per_token_ms, free.per_token_ms)
+            {
                 decode.0.push(ours);
                 decode.1.push(base);
                 decode.2.push(ours / base);
@@ -147,7 +154,7 @@ pub(crate) async fn structured(results: &mut Results) {
         let engine = engine_name(backend).to_owned();
         if decode.2.is_empty() {
             results.notes.push(format!(
-                "{engine}: every pair had an answer of 16 tokens or fewer; no decode figure"
+                "{engine}: no pair of answers of the same length over 16 tokens; no decode figure"
             ));
         } else {
             results.overheads.push(OverheadRow {
