@@ -551,21 +551,10 @@ pub(crate) fn openai_client() -> Result<PathBuf> {
     let how = if is_complete(&dir) {
         "cached"
     } else {
+        // The dependency check is against the system's packages, which this
+        // directory does not join.
         install_dir(&dir, |staging| {
-            run_checked(
-                pip()
-                    .args([
-                        "install",
-                        "--quiet",
-                        "--root-user-action=ignore",
-                        // The check is against the system's packages, which
-                        // this directory does not join.
-                        "--no-warn-conflicts",
-                        "--target",
-                    ])
-                    .arg(staging)
-                    .args(OPENAI_CLIENT),
-            )
+            pip_into(staging, &["--no-warn-conflicts"], &OPENAI_CLIENT)
         })?;
         "installed"
     };
@@ -587,17 +576,10 @@ fn cmake() -> Result<PathBuf> {
     }
     step(&format!("installing cmake {CMAKE_VERSION} from PyPI"));
     install_dir(&dir, |staging| {
-        run_checked(
-            pip()
-                .args([
-                    "install",
-                    "--quiet",
-                    "--no-deps",
-                    "--root-user-action=ignore",
-                    "--target",
-                ])
-                .arg(staging)
-                .arg(format!("cmake=={CMAKE_VERSION}")),
+        pip_into(
+            staging,
+            &["--no-deps"],
+            &[&format!("cmake=={CMAKE_VERSION}")],
         )
     })?;
     Ok(bin)
@@ -642,6 +624,19 @@ fn smoke_test(binary: &Path, model: &Path) -> std::result::Result<(), String> {
     let _ = child.kill();
     let _ = child.wait();
     outcome
+}
+
+/// `pip install` of `packages` into the directory `target` (for
+/// `PYTHONPATH`, or a tool run from there), with `options`.
+fn pip_into(target: &Path, options: &[&str], packages: &[&str]) -> Result {
+    run_checked(
+        pip()
+            .args(["install", "--quiet", "--root-user-action=ignore"])
+            .args(options)
+            .arg("--target")
+            .arg(target)
+            .args(packages),
+    )
 }
 
 fn pip() -> Command {

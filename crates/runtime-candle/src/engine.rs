@@ -335,14 +335,7 @@ impl ModelService for Engine {
         _model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<EventStream> {
-        request.validate()?;
-        if request.choices() > 1 {
-            return Err(Error::invalid_request(
-                "n",
-                "must be 1 on a stream (one answer streams at a time); ask for several \
-                 answers without streaming",
-            ));
-        }
+        request.validate_for_stream()?;
         let plan = self.plan(&request)?;
         let events = self.submit(plan.engine_request().clone()).await?;
         Ok(plan.events(events))

@@ -290,6 +290,20 @@ impl InferenceRequest {
         self.n.unwrap_or(1)
     }
 
+    /// [`validate`](Self::validate), for a request to be streamed: one
+    /// answer streams at a time, so `n` must be 1.
+    pub fn validate_for_stream(&self) -> Result<()> {
+        self.validate()?;
+        if self.choices() > 1 {
+            return Err(Error::invalid_request(
+                "n",
+                "must be 1 on a stream (one answer streams at a time); ask for several \
+                 answers without streaming",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the request before it reaches an engine, naming the first bad field.
     pub fn validate(&self) -> Result<()> {
         if self.messages.is_empty() {

@@ -380,13 +380,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        request.validate()?;
-        if request.choices() > 1 {
-            return Err(Error::invalid_request(
-                "n",
-                "must be 1 on a stream (one answer streams at a time); ask for several answers without streaming",
-            ));
-        }
+        request.validate_for_stream()?;
         let running = self.running()?;
         let plan = self.plan(running, &request)?;
         let events = match running.client.chat_stream(plan.engine_request()).await {
