@@ -150,33 +150,85 @@ fn shared_engine(backend: &Backend) -> &SharedEngine {
 /// healthy when they return.
 pub async fn shared_runtime(backend: &Backend) -> SharedRuntime {
     let shared = shared_engine(backend);
-    let mut slot = shared.runtime.lock().await;
+    let slot = shared.runtime.lock().await;
     if let Some(runtime) = &*slot {
         return runtime.clone();
     }
     tracing::info!(backend = backend.name, "starting the suite's shared engine");
-    crate::log_capture::start();
-    // An engine we start gets the shared key; a server we attach to keeps
-    // its own, which the configuration names.
-    let config = match &backend.config.api_key {
-        Some(_) => backend.config.clone(),
-        None => backend.config.clone().with_api_key(shared.key()),
-    };
-    let runtime = crate::checks::start_with(backend, config).await;
-    if backend.server.is_some() {
-        let mut groups: Vec<i32> = crate::checks::engine_processes(backend, runtime.as_ref())
-            .iter()
-            .map(|p| p.pgid)
-            .collect();
-        groups.dedup();
-        *shared
-            .groups
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
+    Vacancy { backend, slot }
+        .fill((backend.new_runtime)())
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "{} failed to initialize: {}",
+                backend.name,
+                crate::checks::chain(&err)
+            )
+        })
+}
+
+/// The shared engine's slot while no engine fills it: whoever holds it may
+/// start the shared engine on a runtime of its own ([`Vacancy::fill`]).
+///
+/// For a check that starts an engine anyway, as `lifecycle` does when it
+/// initializes again after a shutdown: that engine becomes the shared one,
+/// and the suite starts one engine fewer (30 to 60 s each on vLLM here).
+pub struct Vacancy<'a> {
+    backend: &'a Backend,
+    slot: tokio::sync::MutexGuard<'a, Option<SharedRuntime>>,
+}
+
+impl std::fmt::Debug for Vacancy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vacancy")
+            .field("backend", &self.backend.name)
+            .finish_non_exhaustive()
     }
-    let runtime = SharedRuntime(Arc::new(runtime));
-    *slot = Some(runtime.clone());
-    runtime
+}
+
+/// The shared engine's slot, if the suite shares an engine and none runs yet.
+pub async fn vacancy(backend: &Backend) -> Option<Vacancy<'_>> {
+    let slot = backend.shared.as_ref()?.runtime.lock().await;
+    slot.is_none().then_some(Vacancy { backend, slot })
+}
+
+impl Vacancy<'_> {
+    /// Initializes `runtime` as the shared engine is started (the backend's
+    /// configuration with the shared key, logs captured from here on) and
+    /// makes it the suite's shared engine.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `initialize` returns; the slot stays empty.
+    pub async fn fill(
+        mut self,
+        mut runtime: Box<dyn ModelRuntime>,
+    ) -> runtime_core::Result<SharedRuntime> {
+        let backend = self.backend;
+        let shared = shared_engine(backend);
+        crate::log_capture::start();
+        // An engine we start gets the shared key; a server we attach to
+        // keeps its own, which the configuration names.
+        let config = match &backend.config.api_key {
+            Some(_) => backend.config.clone(),
+            None => backend.config.clone().with_api_key(shared.key()),
+        };
+        runtime.initialize(config).await?;
+        if backend.server.is_some() {
+            let mut groups: Vec<i32> = crate::checks::engine_processes(backend, runtime.as_ref())
+                .iter()
+                .map(|p| p.pgid)
+                .collect();
+            groups.dedup();
+            *shared
+                .groups
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = groups;
+        }
+        let runtime = SharedRuntime(Arc::new(runtime));
+        *self.slot = Some(runtime.clone());
+        Ok(runtime)
+    }
 }
 
 /// Takes the shared engine for a check that ends it (starting it first if no

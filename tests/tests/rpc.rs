@@ -59,8 +59,8 @@ async fn llama_server_over_two_rpc_workers_passes_lifecycle_generation_and_strea
     conformance::init_tracing();
     let workers = two_workers().await;
     let backend = over(&workers);
-    checks::lifecycle(&backend).await;
     conformance::harness::sharing_an_engine(&backend, async |backend| {
+        checks::lifecycle(backend).await;
         checks::generation(backend).await;
         checks::streaming_utf8(backend).await;
     })

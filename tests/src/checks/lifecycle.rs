@@ -3,7 +3,8 @@
 use super::*;
 
 /// initialize, is_ready, health_check, base_url over HTTP, metadata, shutdown,
-/// shutdown twice, initialize twice, initialize again after shutdown.
+/// shutdown twice, initialize twice, initialize again after shutdown (which
+/// starts the suite's shared engine, where there is one to start).
 pub async fn lifecycle(backend: &Backend) {
     let mut runtime = (backend.new_runtime)();
     assert!(!runtime.is_ready().await, "not ready before initialize");
@@ -142,12 +143,27 @@ pub async fn lifecycle(backend: &Backend) {
     );
     runtime.shutdown().await.expect("shutdown twice is fine");
 
-    runtime
-        .initialize(backend.config.clone())
-        .await
-        .unwrap_or_else(|err| panic!("initialize after shutdown: {}", chain(&err)));
-    assert!(runtime.is_ready().await);
-    runtime.shutdown().await.expect("shutdown");
+    // Initialize again after shutdown. In a suite that shares an engine and
+    // has not started it yet, this engine becomes the shared one: one start
+    // fewer, and the checks that share it run on an engine that was shut
+    // down and started again.
+    match crate::harness::vacancy(backend).await {
+        Some(vacancy) => {
+            let shared = vacancy
+                .fill(runtime)
+                .await
+                .unwrap_or_else(|err| panic!("initialize after shutdown: {}", chain(&err)));
+            assert!(shared.is_ready().await);
+        }
+        None => {
+            runtime
+                .initialize(backend.config.clone())
+                .await
+                .unwrap_or_else(|err| panic!("initialize after shutdown: {}", chain(&err)));
+            assert!(runtime.is_ready().await);
+            runtime.shutdown().await.expect("shutdown");
+        }
+    }
 }
 
 /// Shutdown with a stream in flight ends the stream with `ShutDown` and does

@@ -34,8 +34,10 @@ const QUESTION: &str = "What is the capital of France?";
 /// checks only need a running engine; `own` ones start, stop, break or
 /// configure their engine, which is what they check.
 ///
-/// The sharing checks come first, `secrets` last but one (it reads the log of
-/// all of them), then `slow_readers`, which ends the shared engine.
+/// `lifecycle` comes first: the engine it starts again after a shutdown
+/// becomes the shared one. The sharing checks follow, `secrets` last but one
+/// (it reads the log of all of them), then `slow_readers`, which ends the
+/// shared engine.
 pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(lifecycle, own),
     crate::check!(generation, shared),
