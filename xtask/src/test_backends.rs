@@ -151,11 +151,12 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
         "MODEL_RUNTIME_TEST_GGUF".into(),
         provision::demo_model()?.into(),
     )];
-    // The cli suite drives the gateway with OpenAI's own client.
+    // The cli suite drives the gateway with OpenAI's and Anthropic's own
+    // clients.
     if ["candle", "llamacpp"].iter().all(|b| backends.contains(b)) {
         env.push((
-            "MODEL_RUNTIME_TEST_OPENAI_CLIENT".into(),
-            provision::openai_client()?.into(),
+            "MODEL_RUNTIME_TEST_API_CLIENTS".into(),
+            provision::api_clients()?.into(),
         ));
     }
     // vLLM first: its environment is mostly downloading, which overlaps

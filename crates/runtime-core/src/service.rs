@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::{EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result};
+use crate::{
+    Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result, ToolChoice,
+};
 
 /// The requests a server answers, by the model each names.
 ///
@@ -40,6 +42,44 @@ pub trait ModelService: Send + Sync + 'static {
         model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<EventStream>;
+
+    /// How many tokens the prompt of `request` is, as the engine serving
+    /// `model` counts them: what Anthropic's `/v1/messages/count_tokens`
+    /// answers.
+    ///
+    /// The provided implementation asks that engine, through
+    /// [`generate`](Self::generate): it reads the prompt and generates one
+    /// token (dropped) at temperature 0, and the prompt tokens it reports
+    /// are the count. The tools are kept in the prompt but not required
+    /// (`tool_choice: none`) and the output format is dropped, so the one
+    /// token cannot be an invalid answer; a model whose template renders
+    /// tools only when they may be called counts them out.
+    async fn count_prompt_tokens(
+        &self,
+        model: Option<&str>,
+        mut request: InferenceRequest,
+    ) -> Result<u64> {
+        request.max_tokens = Some(1);
+        request.temperature = Some(0.0);
+        request.stream = false;
+        request.n = None;
+        request.logprobs = false;
+        request.top_logprobs = None;
+        request.response_format = None;
+        if !request.tools.is_empty() {
+            request.tool_choice = Some(ToolChoice::None);
+        }
+        let response = self.generate(model, request).await?;
+        response
+            .usage
+            .map(|usage| usage.prompt_tokens)
+            .ok_or_else(|| {
+                Error::StreamProtocol(
+                    "the engine answered without token counts, so the prompt cannot be counted"
+                        .to_owned(),
+                )
+            })
+    }
 
     /// The models served, as `/v1/models` lists them; empty means the one
     /// model the server was started for.

@@ -1,8 +1,12 @@
-//! The OpenAI chat-completions protocol for model-runtime, written once.
+//! The protocols on the wire for model-runtime, written once.
 //!
 //! This crate owns:
-//! - [`wire`]: the request, response, chunk and error types as engines really
-//!   send them, and their mapping to `runtime-core`'s types;
+//! - [`wire`]: the chat-completions request, response, chunk and error types
+//!   as engines really send them, and their mapping to `runtime-core`'s types;
+//! - [`responses`] and [`anthropic`]: OpenAI's Responses API and Anthropic's
+//!   Messages API, mapped onto the same chat types, with encoders that turn
+//!   a chat event stream into their event sequences, and the bounded store
+//!   of responses kept for `previous_response_id`;
 //! - [`SseDecoder`]: a byte-level server-sent-events decoder (LF, CR and CRLF
 //!   line ends, multi-line data, comments, events and UTF-8 characters split
 //!   across network chunks);
@@ -13,7 +17,7 @@
 //!   one alone;
 //! - with the `server` feature, [`router`]: an axum router serving any
 //!   [`ModelService`](runtime_core::ModelService) (every
-//!   [`ModelRuntime`](runtime_core::ModelRuntime) is one) over the same API, hardened for a local server (key, `Host` and content-type
+//!   [`ModelRuntime`](runtime_core::ModelRuntime) is one) over all three, hardened for a local server (key, `Host` and content-type
 //!   checks, generic 5xx bodies), and [`serve`], which runs it with a
 //!   header-read timeout, a connection cap and a graceful drain; used by the
 //!   in-process candle backend and by the gateway.
@@ -25,10 +29,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod anthropic;
 mod client;
 mod heartbeat;
 mod io;
 mod key;
+pub mod responses;
 #[cfg(feature = "server")]
 mod serve;
 #[cfg(feature = "server")]

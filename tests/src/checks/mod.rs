@@ -18,6 +18,7 @@ mod faults;
 mod generation;
 mod lifecycle;
 mod load;
+mod protocols;
 mod structured;
 mod surface;
 
@@ -25,6 +26,7 @@ pub use faults::*;
 pub use generation::*;
 pub use lifecycle::*;
 pub use load::*;
+pub use protocols::*;
 pub use structured::*;
 pub use surface::*;
 
@@ -52,6 +54,8 @@ pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(structured_output, shared),
     crate::check!(tool_calls, shared),
     crate::check!(logprobs, shared),
+    crate::check!(messages_api, shared),
+    crate::check!(responses_api, shared),
     crate::check!(secrets, shared),
     crate::check!(slow_readers, shared),
     crate::check!(shutdown_in_flight, own),

@@ -91,7 +91,7 @@ fn schemas() -> Vec<(&'static str, &'static str, Value)> {
 }
 
 /// `schema` compiled by an independent validator (the suite's own).
-fn validator(schema: &Value) -> jsonschema::Validator {
+pub(super) fn validator(schema: &Value) -> jsonschema::Validator {
     jsonschema::validator_for(schema).expect("the suite's schemas compile")
 }
 
@@ -256,7 +256,7 @@ pub async fn structured_output(backend: &Backend) {
     }
 }
 
-fn weather() -> Tool {
+pub(super) fn weather() -> Tool {
     Tool::function(
         "get_weather",
         json!({

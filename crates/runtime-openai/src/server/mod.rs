@@ -1,12 +1,19 @@
-//! An axum router that serves any runtime over the OpenAI chat API.
+//! An axum router that serves any runtime over the OpenAI chat API, the
+//! Responses API and Anthropic's Messages API.
 //!
 //! Routes: `POST /v1/chat/completions` (plain, and streamed as SSE with a usage
-//! chunk when `stream_options.include_usage` is set), `GET /v1/models`,
-//! `GET /metrics` and `GET /status` (when the service keeps them),
-//! `GET /health`, `GET /version`.
+//! chunk when `stream_options.include_usage` is set), `POST /v1/responses`
+//! (and `GET`/`DELETE /v1/responses/{id}` for stored ones), `POST
+//! /v1/messages` and `/v1/messages/count_tokens` (errors in Anthropic's
+//! shape), `GET /v1/models`, `GET /metrics` and `GET /status` (when the
+//! service keeps them), `GET /health`, `GET /version`. The Responses and
+//! Messages requests are translated to chat requests here, so every service
+//! serves all three.
 //!
 //! What a local server must refuse, it refuses here, once:
-//! - without the API key (when one is set), every route but `/health` is 401;
+//! - without the API key (when one is set; sent as a bearer token or, as
+//!   Anthropic's clients send it, `x-api-key`), every route but `/health`
+//!   is 401;
 //! - a chat request that is not `Content-Type: application/json` is 415, so a
 //!   web page cannot drive the model with a form or a `text/plain` POST (which
 //!   browsers send cross-site without asking);
@@ -37,10 +44,14 @@ use runtime_core::{
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::responses::{ResponseStore, StoreLimits};
 use crate::wire::{
     ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, Delta,
     ErrorBody, ErrorField, Extra, WireLogprobs, WireToolCallDelta,
 };
+
+mod messages;
+mod responses;
 
 /// Which `Host` (and `Origin`) names the router accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -142,6 +153,10 @@ pub struct ServeOptions {
     pub hosts: HostPolicy,
     /// What `POST /reload` runs (none: the route answers 404).
     pub reload: Option<Reload>,
+    /// How many Responses API responses are kept for
+    /// `previous_response_id` (those sent with `store: true`), and for how
+    /// long.
+    pub stored_responses: StoreLimits,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -152,6 +167,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("body_limit", &self.body_limit)
             .field("hosts", &self.hosts)
             .field("reload", &self.reload.is_some())
+            .field("stored_responses", &self.stored_responses)
             .finish()
     }
 }
@@ -166,6 +182,7 @@ impl ServeOptions {
             body_limit: 4 * 1024 * 1024,
             hosts: HostPolicy::Loopback,
             reload: None,
+            stored_responses: StoreLimits::default(),
         }
     }
 
@@ -204,6 +221,13 @@ impl ServeOptions {
         self.reload = Some(reload);
         self
     }
+
+    /// Sets [`stored_responses`](Self::stored_responses).
+    #[must_use]
+    pub fn with_stored_responses(mut self, limits: StoreLimits) -> Self {
+        self.stored_responses = limits;
+        self
+    }
 }
 
 /// Refuses to expose a server without an API key on a non-loopback address,
@@ -230,6 +254,7 @@ pub fn check_exposure(
 struct AppState {
     service: Arc<dyn ModelService>,
     options: Arc<ServeOptions>,
+    responses: Arc<ResponseStore>,
 }
 
 /// The OpenAI router for `service`.
@@ -237,10 +262,18 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
     let body_limit = options.body_limit;
     let state = AppState {
         service,
+        responses: Arc::new(ResponseStore::new(options.stored_responses)),
         options: Arc::new(options),
     };
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let admin = Router::new()
@@ -289,34 +322,39 @@ impl ApiError {
         }
     }
 
-    /// The body: the error's own message for the caller's mistakes, a generic
-    /// one for failures of the server or the engine, whose details (log lines,
-    /// paths) stay in our log.
+    /// What the client is told: the error's own message for the caller's
+    /// mistakes, a generic one for failures of the server or the engine,
+    /// whose details (log lines, paths) stay in our log (logged here).
+    fn public_message(&self) -> String {
+        let status = self.status();
+        if !status.is_server_error() {
+            return self.0.to_string();
+        }
+        tracing::warn!(status = status.as_u16(), error = %self.0.with_sources(), "request failed");
+        match &self.0 {
+            // Its reason is written for clients; an invalid answer's
+            // is about the client's own answer and schema.
+            Error::ModelUnavailable { .. } | Error::OutputInvalid { .. } => self.0.to_string(),
+            Error::EngineExited { .. } => {
+                "the model's engine stopped; the server log says why".to_owned()
+            }
+            Error::EngineUnresponsive { .. } => "the model's engine stopped answering".to_owned(),
+            Error::ShutDown => "the server is shutting down".to_owned(),
+            Error::NotInitialized => "the model is not loaded".to_owned(),
+            _ => "the model's engine failed; the server log says why".to_owned(),
+        }
+    }
+
+    /// The body in the OpenAI shape ([`public_message`](Self::public_message)).
     fn body(&self) -> ErrorBody {
         let status = self.status();
+        let mut body = ErrorBody::new(self.public_message(), self.kind(), status.as_u16());
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self.0.with_sources(), "request failed");
-            let message = match &self.0 {
-                // Its reason is written for clients; an invalid answer's
-                // is about the client's own answer and schema.
-                Error::ModelUnavailable { .. } | Error::OutputInvalid { .. } => self.0.to_string(),
-                Error::EngineExited { .. } => {
-                    "the model's engine stopped; the server log says why".to_owned()
-                }
-                Error::EngineUnresponsive { .. } => {
-                    "the model's engine stopped answering".to_owned()
-                }
-                Error::ShutDown => "the server is shutting down".to_owned(),
-                Error::NotInitialized => "the model is not loaded".to_owned(),
-                _ => "the model's engine failed; the server log says why".to_owned(),
-            };
-            let mut body = ErrorBody::new(message, self.kind(), status.as_u16());
             if let ErrorField::Detail(detail) = &mut body.error {
                 detail.code = Some(self.0.code().into());
             }
             return body;
         }
-        let mut body = ErrorBody::new(self.0.to_string(), self.kind(), status.as_u16());
         if let ErrorField::Detail(detail) = &mut body.error {
             match &self.0 {
                 Error::InvalidRequest { field, .. } => detail.param = Some(field.to_string()),
@@ -333,7 +371,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), Json(self.body())).into_response();
+        let response = (self.status(), Json(self.body())).into_response();
+        self.with_retry_after(response)
+    }
+}
+
+impl ApiError {
+    /// `Retry-After` on a response to a busy or loading model.
+    fn with_retry_after(&self, mut response: Response) -> Response {
         let retry_after = match &self.0 {
             Error::Busy(_) => Some(1),
             Error::ModelUnavailable { retry_after, .. } => {
@@ -359,6 +404,13 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
     let keys = state.options.keys.snapshot();
     if keys.clients.is_empty() || matches_any(&keys.clients, bearer(request.headers())) {
         next.run(request).await
+    } else if messages::is_messages_route(request.uri().path()) {
+        messages::error_response(&ApiError(Error::Api {
+            status: 401,
+            kind: None,
+            message: "invalid or missing API key (send it as `x-api-key` or a bearer token)"
+                .to_owned(),
+        }))
     } else {
         unauthorized()
     }
@@ -410,12 +462,18 @@ fn unauthorized() -> Response {
     )
 }
 
-/// The bearer token of a request, if it sends one.
+/// The key a request presents: its bearer token, else its `x-api-key`
+/// (Anthropic's clients send that), if it sends one.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|value| value.to_str().ok())
+        })
 }
 
 /// Whether `given` is one of `keys` ([`ApiKey::any_matches`]).
@@ -752,17 +810,26 @@ fn unix_time() -> u64 {
 }
 
 fn completion_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    format!(
-        "chatcmpl-{:x}{:08x}",
-        NEXT.fetch_add(1, Ordering::Relaxed),
-        nanos
-    )
+    new_id("chatcmpl-")
+}
+
+/// A fresh id: `prefix` and 128 random bits in hex (a counter and the clock
+/// where the system has no randomness to give), so a stored response's id
+/// cannot be guessed from another's.
+fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let fallback = (u128::from(NEXT.fetch_add(1, Ordering::Relaxed)) << 64) ^ nanos;
+        bytes = fallback.to_le_bytes();
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
 }
 
 #[cfg(test)]

@@ -1,0 +1,512 @@
+//! The other protocols clients speak: Anthropic's Messages API and OpenAI's
+//! Responses API, served by the gateway over the real engine. Each is held
+//! to the chat answer of the same conversation (temperature 0): the same
+//! text and the same prompt token count prove the translation rendered the
+//! same prompt with the same settings, not merely some answer.
+
+use serde_json::{Value, json};
+
+use super::structured::{validator, weather};
+use super::*;
+
+const SYSTEM: &str = "You are a helpful assistant. Answer briefly.";
+
+/// The chat request every protocol's plain request must equal.
+fn chat_twin(max_tokens: u32) -> InferenceRequest {
+    InferenceRequest::new(vec![
+        ChatMessage::system(SYSTEM),
+        ChatMessage::user(QUESTION),
+    ])
+    .with_max_tokens(max_tokens)
+    .with_temperature(0.0)
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("POST {url}: {err}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("a body");
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("POST {url}: not JSON ({err}): {text:?}"));
+    (status, value)
+}
+
+/// A streamed request's events: `(event name, data)`, in order.
+async fn post_events(http: &reqwest::Client, url: &str, body: &Value) -> Vec<(String, Value)> {
+    let response = http
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("POST {url}: {err}"));
+    assert_eq!(response.status(), 200, "POST {url} streamed");
+    let mut decoder = runtime_openai::SseDecoder::new();
+    let mut events = Vec::new();
+    let mut bytes = response.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(STREAM_TIMEOUT, bytes.next())
+        .await
+        .expect("the stream moves")
+    {
+        decoder
+            .feed(&chunk.expect("a chunk"), &mut events)
+            .expect("well-formed SSE");
+    }
+    events
+        .into_iter()
+        .map(|event| {
+            let data = serde_json::from_str(&event.data)
+                .unwrap_or_else(|err| panic!("an event's data is JSON ({err}): {:?}", event.data));
+            (event.event.expect("every event is named"), data)
+        })
+        .collect()
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(name, _)| name.as_str()).collect()
+}
+
+/// Anthropic's Messages API through the gateway: a plain answer equals the
+/// chat answer of the same conversation, with the same prompt token count
+/// (which `count_tokens` gives too); the streamed events come in the order
+/// the SDK accumulates and join to the plain text; a required tool call is a
+/// `tool_use` block with schema-valid input, streamed as the same input,
+/// and its result is answered; `output_config` gives schema-valid JSON;
+/// `max_tokens` is required, and errors take Anthropic's shape.
+pub async fn messages_api(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let twin = shared.generate(chat_twin(24)).await.expect("the chat twin");
+    let twin_usage = twin.usage.expect("usage");
+    let (manager, chat_url, server) =
+        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
+    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let url = format!("{base}/v1/messages");
+    let http = reqwest::Client::new();
+    let plain_body = json!({
+        "model": "conformance",
+        "max_tokens": 24,
+        "temperature": 0,
+        "system": SYSTEM,
+        "messages": [{"role": "user", "content": QUESTION}],
+    });
+
+    let (status, plain) = post(&http, &url, &plain_body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain["type"], "message");
+    assert_eq!(plain["role"], "assistant");
+    assert!(
+        plain["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_"))
+    );
+    let text = plain["content"][0]["text"].as_str().expect("a text block");
+    assert_eq!(text, twin.content, "the Messages answer is the chat answer");
+    assert_eq!(plain["usage"]["input_tokens"], twin_usage.prompt_tokens);
+    assert_eq!(
+        plain["usage"]["output_tokens"],
+        twin_usage.completion_tokens
+    );
+    let expected_stop = match twin.finish_reason {
+        Some(FinishReason::Length) => "max_tokens",
+        _ => "end_turn",
+    };
+    assert_eq!(plain["stop_reason"], expected_stop);
+
+    let mut counting = plain_body.clone();
+    counting.as_object_mut().unwrap().remove("max_tokens");
+    let (status, counted) = post(&http, &format!("{url}/count_tokens"), &counting).await;
+    assert_eq!(status, 200, "{counted}");
+    assert_eq!(
+        counted["input_tokens"], twin_usage.prompt_tokens,
+        "count_tokens counts the prompt the engine reads"
+    );
+
+    let mut streamed_body = plain_body.clone();
+    streamed_body["stream"] = json!(true);
+    let events = post_events(&http, &url, &streamed_body).await;
+    let order = names(&events);
+    assert_eq!(order.first(), Some(&"message_start"), "{order:?}");
+    assert_eq!(order.last(), Some(&"message_stop"), "{order:?}");
+    assert_eq!(order[1], "content_block_start");
+    assert_eq!(
+        events[1].1["content_block"],
+        json!({"type": "text", "text": ""})
+    );
+    let joined: String = events
+        .iter()
+        .filter(|(name, _)| name == "content_block_delta")
+        .map(|(_, data)| data["delta"]["text"].as_str().expect("a text delta"))
+        .collect();
+    assert_eq!(joined, text, "the streamed text is the plain text");
+    let delta = &events[events.len() - 2].1;
+    assert_eq!(delta["type"], "message_delta");
+    assert_eq!(delta["delta"]["stop_reason"], expected_stop);
+    assert_eq!(
+        delta["usage"]["output_tokens"],
+        twin_usage.completion_tokens
+    );
+
+    // A required call, plain and streamed.
+    let tool = weather();
+    let schema = tool.parameters.clone().expect("parameters");
+    let calling = json!({
+        "model": "conformance",
+        "max_tokens": 160,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the weather in Paris right now?"}],
+        "tools": [{"name": tool.name, "description": tool.description, "input_schema": schema}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+    });
+    let (status, called) = post(&http, &url, &calling).await;
+    assert_eq!(status, 200, "{called}");
+    assert_eq!(called["stop_reason"], "tool_use", "{called}");
+    let use_block = called["content"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .find(|block| block["type"] == "tool_use")
+        .cloned()
+        .unwrap_or_else(|| panic!("a tool_use block in {called}"));
+    assert_eq!(use_block["name"], tool.name);
+    assert!(
+        use_block["input"].is_object(),
+        "input is an object: {use_block}"
+    );
+    if let Err(err) = validator(&schema).validate(&use_block["input"]) {
+        panic!("the tool's input: {err} in {}", use_block["input"]);
+    }
+    let mut streamed_call = calling.clone();
+    streamed_call["stream"] = json!(true);
+    let events = post_events(&http, &url, &streamed_call).await;
+    let start = events
+        .iter()
+        .find(|(name, data)| {
+            name == "content_block_start" && data["content_block"]["type"] == "tool_use"
+        })
+        .unwrap_or_else(|| panic!("a tool_use block starts: {:?}", names(&events)));
+    assert_eq!(start.1["content_block"]["name"], tool.name);
+    assert_eq!(start.1["content_block"]["input"], json!({}));
+    let index = start.1["index"].clone();
+    let partial: String = events
+        .iter()
+        .filter(|(name, data)| name == "content_block_delta" && data["index"] == index)
+        .map(|(_, data)| {
+            data["delta"]["partial_json"]
+                .as_str()
+                .expect("a JSON delta")
+        })
+        .collect();
+    let streamed_input: Value = serde_json::from_str(&partial).expect("the pieces join to JSON");
+    assert_eq!(
+        streamed_input, use_block["input"],
+        "streamed input is the plain input"
+    );
+
+    // The call's result goes back as a tool_result block and is answered.
+    let answering = json!({
+        "model": "conformance",
+        "max_tokens": 24,
+        "temperature": 0,
+        "messages": [
+            {"role": "user", "content": "What is the weather in Paris right now?"},
+            {"role": "assistant", "content": [use_block]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use_block["id"],
+                "content": "It is 18 degrees Celsius and sunny in Paris."}]},
+        ],
+        "tools": calling["tools"],
+        "tool_choice": {"type": "none"},
+    });
+    let (status, answered) = post(&http, &url, &answering).await;
+    assert_eq!(status, 200, "{answered}");
+    assert!(
+        answered["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.trim().is_empty()),
+        "the result is answered: {answered}"
+    );
+
+    // Structured output.
+    let enum_schema = json!({
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
+        "required": ["answer"],
+        "additionalProperties": false
+    });
+    let (status, shaped) = post(
+        &http,
+        &url,
+        &json!({
+            "model": "conformance",
+            "max_tokens": 64,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Is Paris in France? Answer as JSON."}],
+            "output_config": {"format": {"type": "json_schema", "schema": enum_schema}},
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{shaped}");
+    let value: Value = serde_json::from_str(shaped["content"][0]["text"].as_str().expect("text"))
+        .expect("the answer is JSON");
+    assert!(validator(&enum_schema).is_valid(&value), "{value}");
+
+    // Anthropic's errors.
+    let mut no_limit = plain_body.clone();
+    no_limit.as_object_mut().unwrap().remove("max_tokens");
+    let (status, refused) = post(&http, &url, &no_limit).await;
+    assert_eq!(status, 400);
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["error"]["type"], "invalid_request_error");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
+    let mut unknown = plain_body.clone();
+    unknown["model"] = json!("no-such-model");
+    let (status, refused) = post(&http, &url, &unknown).await;
+    assert_eq!(status, 404, "{refused}");
+    assert_eq!(refused["error"]["type"], "not_found_error");
+
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+}
+
+fn output_text(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .expect("output items")
+        .iter()
+        .filter(|item| item["type"] == "message")
+        .flat_map(|item| item["content"].as_array().cloned().unwrap_or_default())
+        .filter_map(|part| part["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// OpenAI's Responses API through the gateway: a plain answer equals the
+/// chat answer, with the same prompt token count; streamed events are
+/// numbered, start with `response.created`, join to the plain text and end
+/// with the whole response; a required call is a `function_call` item with
+/// schema-valid arguments, streamed as the same arguments; `text.format`
+/// gives schema-valid JSON; a stored response is continued by
+/// `previous_response_id` with exactly the history's prompt, and one that
+/// is not kept is refused by name.
+pub async fn responses_api(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let twin = shared.generate(chat_twin(24)).await.expect("the chat twin");
+    let twin_usage = twin.usage.expect("usage");
+    let (manager, chat_url, server) =
+        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
+    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let url = format!("{base}/v1/responses");
+    let http = reqwest::Client::new();
+    let plain_body = json!({
+        "model": "conformance",
+        "instructions": SYSTEM,
+        "input": QUESTION,
+        "max_output_tokens": 24,
+        "temperature": 0,
+    });
+
+    let (status, plain) = post(&http, &url, &plain_body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain["object"], "response");
+    assert_eq!(
+        output_text(&plain),
+        twin.content,
+        "the Responses answer is the chat answer"
+    );
+    assert_eq!(plain["usage"]["input_tokens"], twin_usage.prompt_tokens);
+    assert_eq!(
+        plain["usage"]["output_tokens"],
+        twin_usage.completion_tokens
+    );
+    let expected_status = match twin.finish_reason {
+        Some(FinishReason::Length) => "incomplete",
+        _ => "completed",
+    };
+    assert_eq!(plain["status"], expected_status);
+
+    let mut streamed_body = plain_body.clone();
+    streamed_body["stream"] = json!(true);
+    let events = post_events(&http, &url, &streamed_body).await;
+    for (n, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str(), "each event's data names it");
+        assert_eq!(
+            data["sequence_number"], n as u64,
+            "events are numbered in order"
+        );
+    }
+    let order = names(&events);
+    assert_eq!(&order[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(events[0].1["response"]["output"], json!([]));
+    let last = events.last().expect("events");
+    assert_eq!(last.0, format!("response.{expected_status}"));
+    let joined: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.output_text.delta")
+        .map(|(_, data)| data["delta"].as_str().expect("a delta"))
+        .collect();
+    assert_eq!(
+        joined,
+        output_text(&plain),
+        "the streamed text is the plain text"
+    );
+    assert_eq!(
+        output_text(&last.1["response"]),
+        joined,
+        "the last event is the whole response"
+    );
+
+    // A required call, plain and streamed.
+    let tool = weather();
+    let schema = tool.parameters.clone().expect("parameters");
+    let calling = json!({
+        "model": "conformance",
+        "input": "What is the weather in Paris right now?",
+        "max_output_tokens": 160,
+        "temperature": 0,
+        "tools": [{"type": "function", "name": tool.name, "description": tool.description,
+                   "parameters": schema, "strict": true}],
+        "tool_choice": "required",
+        "parallel_tool_calls": false,
+    });
+    let (status, called) = post(&http, &url, &calling).await;
+    assert_eq!(status, 200, "{called}");
+    let call = called["output"]
+        .as_array()
+        .expect("output items")
+        .iter()
+        .find(|item| item["type"] == "function_call")
+        .cloned()
+        .unwrap_or_else(|| panic!("a function_call item in {called}"));
+    assert_eq!(call["name"], tool.name);
+    let arguments: Value =
+        serde_json::from_str(call["arguments"].as_str().expect("arguments text")).expect("JSON");
+    if let Err(err) = validator(&schema).validate(&arguments) {
+        panic!("the call's arguments: {err} in {arguments}");
+    }
+    let mut streamed_call = calling.clone();
+    streamed_call["stream"] = json!(true);
+    let events = post_events(&http, &url, &streamed_call).await;
+    let done = events
+        .iter()
+        .find(|(name, _)| name == "response.function_call_arguments.done")
+        .unwrap_or_else(|| panic!("the arguments complete: {:?}", names(&events)));
+    assert_eq!(
+        done.1["arguments"], call["arguments"],
+        "streamed arguments are the plain ones"
+    );
+    assert_eq!(done.1["name"], tool.name);
+    let pieces: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.function_call_arguments.delta")
+        .map(|(_, data)| data["delta"].as_str().expect("a delta"))
+        .collect();
+    assert_eq!(
+        pieces,
+        call["arguments"].as_str().unwrap(),
+        "the deltas join to the arguments"
+    );
+
+    // Structured output.
+    let enum_schema = json!({
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
+        "required": ["answer"],
+        "additionalProperties": false
+    });
+    let (status, shaped) = post(
+        &http,
+        &url,
+        &json!({
+            "model": "conformance",
+            "input": "Is Paris in France? Answer as JSON.",
+            "max_output_tokens": 64,
+            "temperature": 0,
+            "text": {"format": {"type": "json_schema", "name": "answer", "schema": enum_schema,
+                                "strict": true}},
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{shaped}");
+    let value: Value = serde_json::from_str(&output_text(&shaped)).expect("the answer is JSON");
+    assert!(validator(&enum_schema).is_valid(&value), "{value}");
+
+    // A stored response, continued: the prompt is exactly the history's.
+    let mut stored_body = plain_body.clone();
+    stored_body["store"] = json!(true);
+    let (status, first) = post(&http, &url, &stored_body).await;
+    assert_eq!(status, 200, "{first}");
+    let id = first["id"].as_str().expect("an id").to_owned();
+    let follow_up = "And what is the capital of Germany?";
+    let (status, second) = post(
+        &http,
+        &url,
+        &json!({
+            "model": "conformance",
+            "previous_response_id": id,
+            "input": follow_up,
+            "max_output_tokens": 8,
+            "temperature": 0,
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    let history = InferenceRequest::new(vec![
+        ChatMessage::user(QUESTION),
+        ChatMessage::assistant(output_text(&first)),
+        ChatMessage::user(follow_up),
+    ])
+    .with_max_tokens(8)
+    .with_temperature(0.0);
+    let continued = shared.generate(history).await.expect("the history as chat");
+    assert_eq!(
+        second["usage"]["input_tokens"],
+        continued.usage.expect("usage").prompt_tokens,
+        "previous_response_id continues from the stored conversation, without its instructions"
+    );
+    assert_eq!(output_text(&second), continued.content);
+    let fetched: Value = http
+        .get(format!("{url}/{id}"))
+        .send()
+        .await
+        .expect("GET the stored response")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(fetched["id"], id.as_str());
+    let deleted = http
+        .delete(format!("{url}/{id}"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(deleted.status(), 200);
+    let (status, refused) = post(
+        &http,
+        &url,
+        &json!({"model": "conformance", "previous_response_id": id, "input": follow_up,
+                "max_output_tokens": 8}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "previous_response_id");
+    // Without `store: true`, nothing is kept.
+    let unstored = plain["id"].as_str().expect("an id");
+    let gone = http
+        .get(format!("{url}/{unstored}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        gone.status(),
+        404,
+        "a response not asked to be stored is not kept"
+    );
+
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+}
