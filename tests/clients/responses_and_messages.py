@@ -1,9 +1,10 @@
-"""Drives a model-runtime gateway through the two other protocols clients
+"""Drives a model-runtime gateway through the other protocols clients
 speak, with their official Python clients: OpenAI's Responses API (as agent
 frameworks call it: plain, streamed through the SDK's accumulator, parsed
 into a pydantic model, continued by previous_response_id) and Anthropic's
 Messages API (as coding agents call it: plain, streamed through the SDK's
-accumulator, count_tokens, a tool call and its result, a wrong key). Prints
+accumulator, count_tokens, a tool call and its result, a wrong key), and the
+legacy completions API (a raw prompt, plain and streamed). Prints
 what came back as one JSON object for the cli suite to check.
 
 Environment: BASE_URL (the gateway's root), API_KEY, MODEL. Any exception
@@ -77,20 +78,32 @@ out["responses_continued"] = {
     "second_input": second.usage.input_tokens,
 }
 
-# Messages: plain, streamed through the SDK's accumulator, counted.
+# The legacy completions API: a raw prompt continued, plain and streamed.
+counting = dict(model=model, prompt="1, 2, 3, 4, 5, 6,", max_tokens=8, temperature=0)
+completion = openai.completions.create(**counting)
+chunks = openai.completions.create(**counting, stream=True)
+out["completions"] = {
+    "text": completion.choices[0].text,
+    "streamed": "".join(chunk.choices[0].text for chunk in chunks if chunk.choices),
+}
+
+# Messages: plain, streamed through the SDK's accumulator, counted. This SDK
+# no longer offers `temperature` (Anthropic's newest models fix it), so the
+# greedy setting older clients send goes as an extra field.
+greedy = {"temperature": 0}
 conversation = dict(
     model=model,
     system="Answer briefly.",
     messages=[{"role": "user", "content": QUESTION}],
 )
-message = claude.messages.create(**conversation, max_tokens=24, temperature=0)
+message = claude.messages.create(**conversation, max_tokens=24, extra_body=greedy)
 out["messages_plain"] = {
     "text": message.content[0].text,
     "stop_reason": message.stop_reason,
     "input_tokens": message.usage.input_tokens,
     "output_tokens": message.usage.output_tokens,
 }
-with claude.messages.stream(**conversation, max_tokens=24, temperature=0) as stream:
+with claude.messages.stream(**conversation, max_tokens=24, extra_body=greedy) as stream:
     text = "".join(stream.text_stream)
     final = stream.get_final_message()
 out["messages_stream"] = {
@@ -114,7 +127,7 @@ asking = [{"role": "user", "content": "What is the weather in Paris?"}]
 called = claude.messages.create(
     model=model,
     max_tokens=64,
-    temperature=0,
+    extra_body=greedy,
     tools=[tool],
     tool_choice={"type": "any"},
     messages=asking,
@@ -123,7 +136,7 @@ use = next(block for block in called.content if block.type == "tool_use")
 reply = claude.messages.create(
     model=model,
     max_tokens=24,
-    temperature=0,
+    extra_body=greedy,
     tools=[tool],
     tool_choice={"type": "none"},
     messages=asking

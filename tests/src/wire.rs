@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 /// A streamed chat completion as it arrived.
 #[derive(Debug, Clone, Default)]
 pub struct SseAnswer {
-    /// The content deltas joined.
+    /// The content deltas (or a completion's text chunks) joined.
     pub text: String,
     /// The finish reason, if a chunk carried one.
     pub finish_reason: Option<String>,
@@ -41,7 +41,12 @@ impl SseAnswer {
                 answer.errors.push(error.clone());
                 continue;
             }
-            if let Some(text) = chunk["choices"][0]["delta"]["content"].as_str() {
+            // A chat chunk's delta, or a legacy completion chunk's text.
+            let choice = &chunk["choices"][0];
+            if let Some(text) = choice["delta"]["content"]
+                .as_str()
+                .or(choice["text"].as_str())
+            {
                 answer.text.push_str(text);
             }
             if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {

@@ -496,16 +496,18 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
     serve.assert_engine_gone(Duration::from_secs(2)).await;
 }
 
-/// The Responses API and Anthropic's Messages API through their official
-/// Python clients against the gateway (`clients/responses_and_messages.py`):
+/// The Responses API, Anthropic's Messages API and the legacy completions
+/// API through their official Python clients against the gateway
+/// (`clients/responses_and_messages.py`):
 /// plain and streamed answers agree, through the SDKs' own stream
 /// accumulators; `responses.parse` fills a pydantic model; a stored
-/// response is continued with its history; `count_tokens` counts what the
+/// response is continued with its history; a raw prompt is continued, plain
+/// and streamed alike; `count_tokens` counts what the
 /// answer's usage says; a required tool call and its result round-trip as
 /// the SDK's blocks; a wrong `x-api-key` raises the SDK's
 /// `AuthenticationError`.
 #[tokio::test]
-async fn official_clients_speak_the_responses_and_messages_apis() {
+async fn official_clients_speak_the_responses_messages_and_completions_apis() {
     conformance::init_tracing();
     let clients = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
     let mut serve = Serve::start(&[]).await;
@@ -558,6 +560,14 @@ async fn official_clients_speak_the_responses_and_messages_apis() {
             > number(&continued["first_input"]) + number(&continued["first_output"]),
         "the continued response's prompt holds the stored conversation: {continued}"
     );
+
+    let completion = &got["completions"];
+    let continued_text = completion["text"].as_str().expect("a completion");
+    assert!(
+        continued_text.trim_start().starts_with('7'),
+        "a raw prompt is continued: {got}"
+    );
+    assert_eq!(completion["streamed"], continued_text, "{got}");
 
     let message = &got["messages_plain"];
     let said = message["text"].as_str().expect("a text block");

@@ -231,15 +231,23 @@ impl Engine {
 /// Renders, tokenizes and checks a request: blocking work, run off the async workers.
 /// Returns the prompt's tokens and how many may be generated.
 fn prepare(model: &LoadedModel, request: &InferenceRequest) -> Result<(Vec<u32>, usize)> {
-    let template = model.template.as_ref().ok_or_else(|| {
-        Error::invalid_request(
-            "messages",
-            "cannot be formatted: the model has no chat template (none in the GGUF, \
-             tokenizer_config.json or chat_template.jinja)",
-        )
-    })?;
-    let prompt = template.render(&request.messages)?;
-    let tokens = model.tokenizer.encode(&prompt)?;
+    let tokens = match &request.prompt {
+        // A raw prompt is continued as is: no template.
+        Some(raw) => model.tokenizer.encode_prompt(raw)?,
+        None => {
+            let template = model.template.as_ref().ok_or_else(|| {
+                Error::invalid_request(
+                    "messages",
+                    "cannot be formatted: the model has no chat template (none in the GGUF, \
+                     tokenizer_config.json or chat_template.jinja); send a raw `prompt` \
+                     (the completions API) instead",
+                )
+            })?;
+            model
+                .tokenizer
+                .encode(&template.render(&request.messages)?)?
+        }
+    };
     let limit = model.context_limit;
     if tokens.len() >= limit {
         return Err(Error::ContextExceeded {

@@ -32,6 +32,10 @@ pub struct TextTokenizer {
     pub(crate) bos_token: String,
     /// The end-of-sequence token's text, for chat templates.
     pub(crate) eos_token: String,
+    /// The token a raw prompt starts with, where the model says to add one
+    /// (the GGUF's `tokenizer.ggml.add_bos_token`, tokenizer_config.json's
+    /// `add_bos_token`); a chat template writes its own.
+    pub(crate) prompt_start: Option<u32>,
 }
 
 impl TextTokenizer {
@@ -59,11 +63,18 @@ impl TextTokenizer {
         .filter_map(|token| inner.token_to_id(token))
         .collect();
         end_tokens.dedup();
+        let adds_bos = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let prompt_start = adds_bos.then(|| inner.token_to_id(&bos_token)).flatten();
         Ok(Self {
             inner,
             end_tokens,
             bos_token,
             eos_token,
+            prompt_start,
         })
     }
 
@@ -164,11 +175,16 @@ impl TextTokenizer {
                 end_tokens.push(position as u32);
             }
         }
+        let adds_bos = metadata
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         Ok(Self {
             inner,
             end_tokens,
             bos_token: text(id("tokenizer.ggml.bos_token_id")),
             eos_token: text(eos),
+            prompt_start: id("tokenizer.ggml.bos_token_id").filter(|_| adds_bos),
         })
     }
 
@@ -179,6 +195,14 @@ impl TextTokenizer {
             .encode(text, false)
             .map_err(|err| Error::engine("error tokenizing the prompt", err))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of a raw prompt: [`encode`](Self::encode), after the
+    /// start token where the model adds one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut tokens: Vec<u32> = self.prompt_start.into_iter().collect();
+        tokens.extend(self.encode(text)?);
+        Ok(tokens)
     }
 
     /// The underlying `tokenizers` tokenizer.

@@ -102,7 +102,9 @@ impl ChatMessage {
     }
 }
 
-/// A chat completion request, shaped like OpenAI's.
+/// A chat completion request, shaped like OpenAI's; or, with
+/// [`prompt`](Self::prompt), a completion of raw text (the legacy
+/// completions API).
 ///
 /// ```
 /// use runtime_core::{ChatMessage, InferenceRequest};
@@ -115,8 +117,14 @@ impl ChatMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InferenceRequest {
-    /// The conversation so far; the model answers the last message.
+    /// The conversation so far; the model answers the last message. Empty
+    /// when [`prompt`](Self::prompt) is set.
     pub messages: Vec<ChatMessage>,
+    /// Raw text the model continues, as is: no chat template, so a base
+    /// model without one can be used. Tools, output formats,
+    /// log-probabilities and `n` are chat features and refused with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     /// The most tokens to generate; `None` lets the engine decide.
     #[serde(default)]
     pub max_tokens: Option<u32>,
@@ -168,6 +176,7 @@ impl InferenceRequest {
     pub fn new(messages: Vec<ChatMessage>) -> Self {
         Self {
             messages,
+            prompt: None,
             max_tokens: None,
             temperature: None,
             top_p: None,
@@ -187,6 +196,15 @@ impl InferenceRequest {
     /// A request with one user message.
     pub fn from_prompt(prompt: impl Into<String>) -> Self {
         Self::new(vec![ChatMessage::user(prompt)])
+    }
+
+    /// A completion of raw text: the model continues `text` as is, with no
+    /// chat template ([`prompt`](Self::prompt)).
+    pub fn completion(text: impl Into<String>) -> Self {
+        Self {
+            prompt: Some(text.into()),
+            ..Self::new(Vec::new())
+        }
     }
 
     /// Sets [`max_tokens`](Self::max_tokens).
@@ -306,11 +324,15 @@ impl InferenceRequest {
 
     /// Checks the request before it reaches an engine, naming the first bad field.
     pub fn validate(&self) -> Result<()> {
-        if self.messages.is_empty() {
-            return Err(Error::invalid_request(
-                "messages",
-                "is empty; send at least one message",
-            ));
+        match &self.prompt {
+            None if self.messages.is_empty() => {
+                return Err(Error::invalid_request(
+                    "messages",
+                    "is empty; send at least one message",
+                ));
+            }
+            None => {}
+            Some(_) => self.validate_completion()?,
         }
         if self.max_tokens == Some(0) {
             return Err(Error::invalid_request(
@@ -383,6 +405,34 @@ impl InferenceRequest {
             }
         }
         Ok(())
+    }
+
+    /// A raw-text completion takes none of chat's features.
+    fn validate_completion(&self) -> Result<()> {
+        if !self.messages.is_empty() {
+            return Err(Error::invalid_request(
+                "messages",
+                "cannot be sent with a raw `prompt`; send one or the other",
+            ));
+        }
+        let refused = if !self.tools.is_empty() {
+            Some("tools")
+        } else if !matches!(self.response_format, None | Some(ResponseFormat::Text)) {
+            Some("response_format")
+        } else if self.logprobs {
+            Some("logprobs")
+        } else if self.choices() > 1 {
+            Some("n")
+        } else {
+            None
+        };
+        match refused {
+            Some(field) => Err(Error::invalid_request(
+                field,
+                "is not served with a raw prompt; use the chat API for it",
+            )),
+            None => Ok(()),
+        }
     }
 
     fn validate_tools(&self) -> Result<()> {
@@ -488,6 +538,23 @@ mod tests {
 
     fn valid() -> InferenceRequest {
         InferenceRequest::from_prompt("hi")
+    }
+
+    #[test]
+    fn a_raw_prompt_takes_no_messages_and_no_chat_features() {
+        InferenceRequest::completion("Once upon a time")
+            .validate()
+            .unwrap();
+        let mut both = InferenceRequest::completion("x");
+        both.messages.push(ChatMessage::user("y"));
+        assert_eq!(field_of(both.validate().unwrap_err()), "messages");
+        let tools = InferenceRequest::completion("x").with_tool(crate::Tool::function(
+            "f",
+            serde_json::json!({"type": "object"}),
+        ));
+        assert_eq!(field_of(tools.validate().unwrap_err()), "tools");
+        let several = InferenceRequest::completion("x").with_n(2);
+        assert_eq!(field_of(several.validate().unwrap_err()), "n");
     }
 
     #[test]

@@ -369,7 +369,13 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         request.validate()?;
         let running = self.running()?;
         let plan = self.plan(running, &request)?;
-        match running.client.chat(plan.engine_request()).await {
+        // A raw prompt goes to the engine's legacy completions endpoint,
+        // which applies no chat template.
+        let answered = match request.prompt {
+            Some(_) => running.client.complete(plan.engine_request()).await,
+            None => running.client.chat(plan.engine_request()).await,
+        };
+        match answered {
             Ok(response) => plan.finish(response),
             Err(err) => Err(attribute_to_exit(&running.process, err).await),
         }
@@ -383,7 +389,11 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         request.validate_for_stream()?;
         let running = self.running()?;
         let plan = self.plan(running, &request)?;
-        let events = match running.client.chat_stream(plan.engine_request()).await {
+        let started = match request.prompt {
+            Some(_) => running.client.complete_stream(plan.engine_request()).await,
+            None => running.client.chat_stream(plan.engine_request()).await,
+        };
+        let events = match started {
             Ok(events) => events,
             Err(err) => return Err(attribute_to_exit(&running.process, err).await),
         };

@@ -88,8 +88,19 @@ pub enum Content {
     Blocks(Vec<Value>),
 }
 
-/// Fields that describe the caller and change nothing about the answer.
-const METADATA_FIELDS: &[&str] = &["metadata", "service_tier"];
+/// Fields that describe the caller or hint at how to serve it (prompt
+/// caching, which our engines do or not on their own; where and how fast to
+/// run) and change nothing about the answer.
+const METADATA_FIELDS: &[&str] = &[
+    "metadata",
+    "service_tier",
+    "cache_control",
+    "inference_geo",
+    "speed",
+    "diagnostics",
+    "user_profile_id",
+    "workspace_id",
+];
 
 fn refuse_unsupported(extra: &Extra) -> Result<()> {
     for (field, value) in extra {

@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::completions::CompletionRequest;
 use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -312,7 +313,7 @@ impl OpenAiClient {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), false);
         let mut interrupts = self.interrupts();
         let answer = async {
-            let response = self.post_chat(&body).await?;
+            let response = self.post("/v1/chat/completions", &body).await?;
             let bytes = response.bytes().await.map_err(transport)?;
             serde_json::from_slice::<ChatCompletionResponse>(&bytes).map_err(|err| {
                 Error::StreamProtocol(format!(
@@ -336,11 +337,35 @@ impl OpenAiClient {
     /// [`close_streams`](Self::close_streams) does the same for every stream.
     pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
+        self.stream_from("/v1/chat/completions", &body).await
+    }
+
+    /// A raw-prompt request ([`InferenceRequest::prompt`]) completed through
+    /// the engine's legacy `/v1/completions`, streamed and collected as
+    /// [`chat`](Self::chat) is.
+    pub async fn complete(&self, request: &InferenceRequest) -> Result<InferenceResponse> {
+        collect_events(self.complete_stream(request).await?).await
+    }
+
+    /// A raw-prompt request ([`InferenceRequest::prompt`]) streamed from the
+    /// engine's `/v1/completions`, as events ending in
+    /// [`StreamEvent::Finished`], with the same protection as
+    /// [`chat_stream`](Self::chat_stream).
+    pub async fn complete_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
+        let body = CompletionRequest::from_inference(request, self.model.as_deref(), true);
+        self.stream_from("/v1/completions", &body).await
+    }
+
+    async fn stream_from(
+        &self,
+        path: &str,
+        body: &(impl serde::Serialize + Sync),
+    ) -> Result<EventStream> {
         let started = Instant::now();
         let mut interrupts = self.interrupts();
-        let span = tracing::debug_span!("engine_request", url = %self.url("/v1/chat/completions"));
+        let span = tracing::debug_span!("engine_request", url = %self.url(path));
         let response = tokio::select! {
-            response = self.post_chat(&body).instrument(span) => response?,
+            response = self.post(path, body).instrument(span) => response?,
             err = interrupts.fired() => return Err(err),
         };
         let bytes = pump(response, interrupts);
@@ -349,14 +374,18 @@ impl OpenAiClient {
         ))
     }
 
-    async fn post_chat(&self, body: &ChatCompletionRequest) -> Result<reqwest::Response> {
+    async fn post(
+        &self,
+        path: &str,
+        body: &(impl serde::Serialize + Sync),
+    ) -> Result<reqwest::Response> {
         if let Some(err) = self.unresponsive_error() {
             return Err(err);
         }
         let mut attempt = 0;
         let response = loop {
             let sent = self
-                .authorized(self.http.post(self.url("/v1/chat/completions")))
+                .authorized(self.http.post(self.url(path)))
                 .json(body)
                 .send();
             let sent = match self.timeouts.request {

@@ -31,6 +31,7 @@
 
 pub mod anthropic;
 mod client;
+pub mod completions;
 mod heartbeat;
 mod io;
 mod key;

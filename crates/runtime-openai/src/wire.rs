@@ -93,7 +93,7 @@ pub enum Stop {
 }
 
 impl Stop {
-    fn into_vec(self) -> Vec<String> {
+    pub(crate) fn into_vec(self) -> Vec<String> {
         match self {
             Self::One(one) => vec![one],
             Self::Many(many) => many,
@@ -928,6 +928,10 @@ pub struct ChunkChoice {
     /// The log-probabilities of this chunk's tokens, when asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<WireLogprobs>,
+    /// New text of a legacy completion's chunk (`/v1/completions`), which
+    /// has no `delta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 /// The new part of the answer.
@@ -945,11 +949,12 @@ pub struct Delta {
 }
 
 impl ChatCompletionChunk {
-    /// The text this chunk adds (empty when none).
+    /// The text this chunk adds (empty when none): a chat chunk's
+    /// `delta.content`, or a legacy completion chunk's `text`.
     pub fn content(&self) -> &str {
         self.choices
             .first()
-            .and_then(|choice| choice.delta.content.as_deref())
+            .and_then(|choice| choice.delta.content.as_deref().or(choice.text.as_deref()))
             .unwrap_or("")
     }
 

@@ -356,7 +356,13 @@ impl ModelRuntime for RemoteRuntime {
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
         request.validate()?;
         let plan = Plan::new(&request, &REMOTE)?;
-        plan.finish(self.attached()?.client.chat(plan.engine_request()).await?)
+        let client = &self.attached()?.client;
+        // A raw prompt goes to the server's legacy completions endpoint.
+        let answered = match request.prompt {
+            Some(_) => client.complete(plan.engine_request()).await?,
+            None => client.chat(plan.engine_request()).await?,
+        };
+        plan.finish(answered)
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -366,11 +372,11 @@ impl ModelRuntime for RemoteRuntime {
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         request.validate()?;
         let plan = Plan::new(&request, &REMOTE)?;
-        let events = self
-            .attached()?
-            .client
-            .chat_stream(plan.engine_request())
-            .await?;
+        let client = &self.attached()?.client;
+        let events = match request.prompt {
+            Some(_) => client.complete_stream(plan.engine_request()).await?,
+            None => client.chat_stream(plan.engine_request()).await?,
+        };
         Ok(plan.events(events))
     }
 

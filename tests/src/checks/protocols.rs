@@ -510,3 +510,139 @@ pub async fn responses_api(backend: &Backend) {
     manager.shutdown_within(Duration::ZERO).await;
     server.abort();
 }
+
+/// The legacy completions API, through the gateway: a raw prompt is
+/// continued as text, with no chat template (a counting prompt is carried
+/// on, and its prompt is far shorter than the same text as a chat turn);
+/// temperature 0 repeats and equals the runtime's own completion; a
+/// streamed completion joins to the plain one; `stop` cuts the same answer
+/// where the stop string was; `echo` returns the prompt first; unset
+/// `max_tokens` is OpenAI's 16; chat features are refused by name.
+pub async fn completions_api(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let counting = "1, 2, 3, 4, 5, 6,";
+    let own = shared
+        .generate(
+            InferenceRequest::completion(counting)
+                .with_max_tokens(8)
+                .with_temperature(0.0),
+        )
+        .await
+        .expect("a raw completion");
+    assert!(
+        own.content.trim_start().starts_with('7'),
+        "a raw prompt is continued, not answered: {:?}",
+        own.content
+    );
+    let own_usage = own.usage.expect("usage");
+    let as_chat = shared
+        .generate(greedy(counting, 1))
+        .await
+        .expect("the same text as a chat turn");
+    assert!(
+        own_usage.prompt_tokens + 5 <= as_chat.usage.expect("usage").prompt_tokens,
+        "no chat template around a raw prompt: {} tokens raw, {} as chat",
+        own_usage.prompt_tokens,
+        as_chat.usage.expect("usage").prompt_tokens
+    );
+
+    let (manager, chat_url, server) =
+        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
+    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let url = format!("{base}/v1/completions");
+    let http = reqwest::Client::new();
+    let body =
+        json!({"model": "conformance", "prompt": counting, "max_tokens": 8, "temperature": 0});
+    let (status, plain) = post(&http, &url, &body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain["object"], "text_completion");
+    let text = plain["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_owned();
+    assert_eq!(
+        text, own.content,
+        "the gateway's completion is the runtime's"
+    );
+    assert_eq!(plain["usage"]["prompt_tokens"], own_usage.prompt_tokens);
+    let (_, again) = post(&http, &url, &body).await;
+    assert_eq!(
+        again["choices"][0]["text"],
+        text.as_str(),
+        "temperature 0 repeats"
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let response = http
+        .post(&url)
+        .json(&streamed)
+        .send()
+        .await
+        .expect("a stream");
+    assert_eq!(response.status(), 200);
+    let answer = SseAnswer::parse(&response.text().await.expect("the stream's body"));
+    assert!(answer.is_well_formed(), "ends with [DONE]");
+    assert_eq!(
+        answer.text, text,
+        "the streamed completion is the plain one"
+    );
+
+    // `stop`: the same answer, cut where the stop string begins.
+    let cut_at = text
+        .char_indices()
+        .filter(|(_, c)| c.is_ascii_digit())
+        .nth(1)
+        .map(|(at, _)| at)
+        .unwrap_or_else(|| panic!("two numbers to cut between in {text:?}"));
+    let stop = &text[cut_at..=cut_at];
+    let mut stopping = body.clone();
+    stopping["stop"] = json!([stop]);
+    let (_, stopped) = post(&http, &url, &stopping).await;
+    assert_eq!(
+        stopped["choices"][0]["text"],
+        text[..cut_at],
+        "stop {stop:?} ends the answer where it begins"
+    );
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    let mut echoing = body.clone();
+    echoing["echo"] = json!(true);
+    let (_, echoed) = post(&http, &url, &echoing).await;
+    assert_eq!(
+        echoed["choices"][0]["text"],
+        format!("{counting}{text}"),
+        "echo"
+    );
+
+    let (_, unbounded) = post(
+        &http,
+        &url,
+        &json!({"model": "conformance", "prompt": "Write a long story about a dragon.", "temperature": 0}),
+    )
+    .await;
+    assert!(
+        unbounded["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("usage")
+            <= 16,
+        "max_tokens defaults to 16: {unbounded}"
+    );
+
+    for (extra, field) in [
+        (json!({"suffix": "}"}), "suffix"),
+        (json!({"logprobs": 3}), "logprobs"),
+        (json!({"prompt": [1, 2, 3]}), "prompt"),
+    ] {
+        let mut refused = body.clone();
+        for (key, value) in extra.as_object().unwrap() {
+            refused[key] = value.clone();
+        }
+        let (status, error) = post(&http, &url, &refused).await;
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+
+    manager.shutdown_within(Duration::ZERO).await;
+    server.abort();
+}

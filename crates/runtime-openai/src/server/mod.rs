@@ -2,7 +2,8 @@
 //! Responses API and Anthropic's Messages API.
 //!
 //! Routes: `POST /v1/chat/completions` (plain, and streamed as SSE with a usage
-//! chunk when `stream_options.include_usage` is set), `POST /v1/responses`
+//! chunk when `stream_options.include_usage` is set), `POST /v1/completions`
+//! (a raw prompt, no chat template), `POST /v1/responses`
 //! (and `GET`/`DELETE /v1/responses/{id}` for stored ones), `POST
 //! /v1/messages` and `/v1/messages/count_tokens` (errors in Anthropic's
 //! shape), `GET /v1/models`, `GET /metrics` and `GET /status` (when the
@@ -50,6 +51,7 @@ use crate::wire::{
     ErrorBody, ErrorField, Extra, WireLogprobs, WireToolCallDelta,
 };
 
+mod completions;
 mod messages;
 mod responses;
 
@@ -267,6 +269,7 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
     };
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions::create))
         .route("/v1/responses", post(responses::create))
         .route(
             "/v1/responses/{id}",
@@ -737,6 +740,7 @@ fn sse_chunks(
             delta,
             finish_reason,
             logprobs: None,
+            text: None,
         }],
         usage,
         extra: Extra::new(),
