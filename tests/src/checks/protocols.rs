@@ -517,7 +517,8 @@ pub async fn responses_api(backend: &Backend) {
 /// temperature 0 repeats and equals the runtime's own completion; a
 /// streamed completion joins to the plain one; `stop` cuts the same answer
 /// where the stop string was; `echo` returns the prompt first; unset
-/// `max_tokens` is OpenAI's 16; chat features are refused by name.
+/// `max_tokens` is OpenAI's 16; chat features are refused by name; and
+/// `/v1/models` lists the endpoints the model is served at.
 pub async fn completions_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let counting = "1, 2, 3, 4, 5, 6,";
@@ -551,6 +552,28 @@ pub async fn completions_api(backend: &Backend) {
     let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
     let url = format!("{base}/v1/completions");
     let http = reqwest::Client::new();
+    let listed: Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .expect("GET /v1/models")
+        .json()
+        .await
+        .expect("JSON");
+    let endpoints = &listed["data"][0]["endpoints"];
+    for endpoint in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+    ] {
+        assert!(
+            endpoints
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x == endpoint)),
+            "/v1/models lists {endpoint} for the model: {listed}"
+        );
+    }
     let body =
         json!({"model": "conformance", "prompt": counting, "max_tokens": 8, "temperature": 0});
     let (status, plain) = post(&http, &url, &body).await;

@@ -544,11 +544,31 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The endpoints this router serves every model at (all are translated to
+/// the service's chat and raw-prompt requests), as `/v1/models` lists them.
+const ENDPOINTS: [&str; 5] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+];
+
 async fn models(State(state): State<AppState>) -> Response {
     let mut cards = state.service.models().await;
     if cards.is_empty() {
         cards.push(ModelCard::new(state.options.model_name.clone()));
     }
+    let cards: Vec<ModelCard> = cards
+        .into_iter()
+        .map(|card| {
+            if card.extra.contains_key("endpoints") {
+                card
+            } else {
+                card.with("endpoints", ENDPOINTS.to_vec())
+            }
+        })
+        .collect();
     Json(json!({"object": "list", "data": cards})).into_response()
 }
 
