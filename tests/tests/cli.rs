@@ -501,7 +501,8 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
 /// (its prompt is the text's tokens and the start token, no template),
 /// temperature 0 repeats, a streamed completion joins to the plain one,
 /// `echo` returns the prompt first, and `stop` cuts the same answer where
-/// the stop string begins.
+/// the stop string begins; `model-runtime run --raw` prints the same
+/// continuation.
 #[tokio::test]
 async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api() {
     conformance::init_tracing();
@@ -607,6 +608,27 @@ async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api()
             .await
             .is_empty(),
         "no llama-server is left"
+    );
+
+    // `run --raw` continues the prompt the same way, on the command line.
+    let output = cli()
+        .arg("run")
+        .arg(&gemma)
+        .args(["--backend", "llamacpp", "--raw", "--prompt", prompt])
+        .args(["--max-tokens", "12", "--temperature", "0"])
+        .env(runtime_llamacpp::BINARY_ENV, &binary)
+        .output()
+        .await
+        .expect("model-runtime run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim_end(),
+        text.trim_end(),
+        "run --raw prints the continuation"
     );
 }
 

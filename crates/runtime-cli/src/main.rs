@@ -98,6 +98,10 @@ enum Command {
         /// Answer with a JSON object, printed whole once it is checked.
         #[arg(long)]
         json: bool,
+        /// Continue the prompt as raw text, with no chat template (the
+        /// completions API): for base models, which have none.
+        #[arg(long, conflicts_with_all = ["json", "json_schema", "system"])]
+        raw: bool,
     },
     /// Talk with the model: Ctrl-C stops an answer, Ctrl-D leaves.
     Chat {
@@ -203,7 +207,11 @@ async fn run(cli: Cli, latest: LatestLine) -> Result<(), Error> {
             sampling,
             json_schema,
             json,
+            raw,
         } => {
+            if raw {
+                return run_raw(model, prompt, sampling, latest).await;
+            }
             let format = match (json_schema, json) {
                 (Some(file), _) => Some(schema_format(&file)?),
                 (None, true) => Some(ResponseFormat::JsonObject),
@@ -374,6 +382,23 @@ async fn run_once(
         Some(format) => json_answer(runtime.as_ref(), request.with_response_format(format)).await,
         None => stream_answer(runtime.as_ref(), request).await.map(drop),
     };
+    let stopped = runtime.shutdown().await;
+    answered?;
+    stopped
+}
+
+/// Streams the model's continuation of `prompt`, taken as raw text.
+async fn run_raw(
+    args: ModelArgs,
+    prompt: String,
+    sampling: SamplingArgs,
+    latest: LatestLine,
+) -> Result<(), Error> {
+    let mut runtime = start(&args, latest).await?;
+    let request = InferenceRequest::completion(prompt)
+        .with_max_tokens(sampling.max_tokens)
+        .with_temperature(sampling.temperature);
+    let answered = stream_answer(runtime.as_ref(), request).await.map(drop);
     let stopped = runtime.shutdown().await;
     answered?;
     stopped
