@@ -308,6 +308,14 @@ impl ModelRuntime for Lent {
         self.0.generate_events(request).await
     }
 
+    async fn tokenize(&self, text: &str, add_special: bool) -> runtime_core::Result<Vec<u32>> {
+        self.0.tokenize(text, add_special).await
+    }
+
+    async fn detokenize(&self, tokens: &[u32]) -> runtime_core::Result<String> {
+        self.0.detokenize(tokens).await
+    }
+
     async fn shutdown(&mut self) -> runtime_core::Result<()> {
         Ok(())
     }

@@ -308,6 +308,37 @@ impl ModelService for Engine {
         self.is_serving()
     }
 
+    async fn tokenize(
+        &self,
+        _model: Option<&str>,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let model = self.model.clone();
+        let text = text.to_owned();
+        // Tokenizing a long text is blocking work: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            if add_special {
+                model.tokenizer.encode_prompt(&text)
+            } else {
+                model.tokenizer.encode(&text)
+            }
+        })
+        .await
+        .map_err(|err| Error::engine("the tokenizer task failed", err))?
+    }
+
+    async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
+        let vocabulary = self.model.tokenizer.inner().get_vocab_size(true);
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocabulary) {
+            return Err(Error::invalid_request(
+                "tokens",
+                format!("holds {bad}, past the vocabulary of {vocabulary} tokens"),
+            ));
+        }
+        self.model.tokenizer.decode(tokens)
+    }
+
     async fn generate(
         &self,
         _model: Option<&str>,

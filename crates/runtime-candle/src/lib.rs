@@ -300,6 +300,14 @@ impl ModelRuntime for CandleRuntime {
         ModelService::generate(&*self.running()?.engine, None, request).await
     }
 
+    async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        ModelService::tokenize(&*self.running()?.engine, None, text, add_special).await
+    }
+
+    async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
+        ModelService::detokenize(&*self.running()?.engine, None, tokens).await
+    }
+
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
         Ok(text_deltas(
             ModelRuntime::generate_events(self, request).await?,

@@ -205,6 +205,13 @@ impl TextTokenizer {
         Ok(tokens)
     }
 
+    /// The text of `tokens`, special tokens written out.
+    pub fn decode(&self, tokens: &[u32]) -> Result<String> {
+        self.inner
+            .decode(tokens, false)
+            .map_err(|err| Error::invalid_request("tokens", format!("cannot be decoded: {err}")))
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner

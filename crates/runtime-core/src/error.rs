@@ -139,6 +139,16 @@ pub enum Error {
         context_size: u64,
     },
 
+    /// The runtime (or the model it serves) does not do what was asked:
+    /// `what` names it (`tokenize`, `embeddings`).
+    #[error("{what} is not served by {by}")]
+    Unsupported {
+        /// What was asked for.
+        what: Cow<'static, str>,
+        /// What does not serve it (a backend, a model).
+        by: String,
+    },
+
     /// The request names a model that is not served here.
     #[error("model `{requested}` is not served here; available: {}", available.join(", "))]
     ModelNotServed {
@@ -232,6 +242,14 @@ impl Error {
         }
     }
 
+    /// Builds [`Error::Unsupported`].
+    pub fn unsupported(what: impl Into<Cow<'static, str>>, by: impl Into<String>) -> Self {
+        Self::Unsupported {
+            what: what.into(),
+            by: by.into(),
+        }
+    }
+
     /// Builds [`Error::OutputInvalid`].
     pub fn output_invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::OutputInvalid {
@@ -292,6 +310,7 @@ impl Error {
         match self {
             Self::InvalidRequest { .. } | Self::ContextExceeded { .. } => ErrorKind::InvalidRequest,
             Self::ModelNotServed { .. } => ErrorKind::NotFound,
+            Self::Unsupported { .. } => ErrorKind::Unsupported,
             Self::Busy(_) => ErrorKind::Busy,
             Self::NotInitialized | Self::ShutDown | Self::ModelUnavailable { .. } => {
                 ErrorKind::Unavailable
@@ -323,6 +342,7 @@ impl Error {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::ContextExceeded { .. } => "context_exceeded",
             Self::ModelNotServed { .. } => "model_not_found",
+            Self::Unsupported { .. } => "unsupported",
             Self::Busy(_) => "busy",
             Self::NotInitialized => "not_ready",
             Self::ShutDown => "shutting_down",

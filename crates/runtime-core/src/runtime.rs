@@ -119,6 +119,28 @@ pub trait ModelRuntime: Send + Sync {
         }))
     }
 
+    /// The model's token ids for `text`. With `add_special`, the tokens the
+    /// model adds to a raw prompt (its start token, where it has one) come
+    /// first, as a completion's prompt is counted; special tokens written in
+    /// the text are read as such either way.
+    ///
+    /// The provided implementation answers [`Error::Unsupported`].
+    async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let _ = (text, add_special);
+        Err(Error::unsupported("tokenize", self.metadata().runtime_name))
+    }
+
+    /// The text of `tokens`, special tokens included as written.
+    ///
+    /// The provided implementation answers [`Error::Unsupported`].
+    async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
+        let _ = tokens;
+        Err(Error::unsupported(
+            "detokenize",
+            self.metadata().runtime_name,
+        ))
+    }
+
     /// Stops the engine and frees the model.
     ///
     /// Idempotent: calling it twice, or before `initialize`, is fine. Server

@@ -81,6 +81,29 @@ pub trait ModelService: Send + Sync + 'static {
             })
     }
 
+    /// `model`'s token ids for `text` ([`ModelRuntime::tokenize`]).
+    async fn tokenize(
+        &self,
+        model: Option<&str>,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let _ = (text, add_special);
+        Err(Error::unsupported(
+            "tokenize",
+            model.unwrap_or("this server").to_owned(),
+        ))
+    }
+
+    /// The text of `model`'s `tokens` ([`ModelRuntime::detokenize`]).
+    async fn detokenize(&self, model: Option<&str>, tokens: &[u32]) -> Result<String> {
+        let _ = tokens;
+        Err(Error::unsupported(
+            "detokenize",
+            model.unwrap_or("this server").to_owned(),
+        ))
+    }
+
     /// The models served, as `/v1/models` lists them; empty means the one
     /// model the server was started for.
     async fn models(&self) -> Vec<ModelCard> {
@@ -118,6 +141,19 @@ impl<R: ModelRuntime + ?Sized + 'static> ModelService for R {
         request: InferenceRequest,
     ) -> Result<EventStream> {
         ModelRuntime::generate_events(self, request).await
+    }
+
+    async fn tokenize(
+        &self,
+        _model: Option<&str>,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        ModelRuntime::tokenize(self, text, add_special).await
+    }
+
+    async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
+        ModelRuntime::detokenize(self, tokens).await
     }
 }
 

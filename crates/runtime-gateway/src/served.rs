@@ -151,6 +151,20 @@ impl Lease {
         self.served.with_runtime(f).await
     }
 
+    /// The runtime's tokens for `text` ([`ModelRuntime::tokenize`]).
+    pub(crate) async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let guard = self.served.runtime.read().await;
+        let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
+        runtime.tokenize(text, add_special).await
+    }
+
+    /// The text of the runtime's `tokens` ([`ModelRuntime::detokenize`]).
+    pub(crate) async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
+        let guard = self.served.runtime.read().await;
+        let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
+        runtime.detokenize(tokens).await
+    }
+
     /// An answer as events; the stream keeps the lease until it is dropped,
     /// and ends with [`Error::ShutDown`] if the runtime is retired first.
     pub(crate) async fn generate_events(self, request: InferenceRequest) -> Result<EventStream> {

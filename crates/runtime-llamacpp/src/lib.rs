@@ -255,6 +255,39 @@ impl ServerEngine for LlamaServer {
         })
     }
 
+    async fn tokenize(
+        &self,
+        client: &OpenAiClient,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        #[derive(serde::Deserialize)]
+        struct Tokens {
+            tokens: Vec<u32>,
+        }
+        let body = serde_json::json!({
+            "content": text,
+            "add_special": add_special,
+            "parse_special": true,
+        });
+        let answer: Tokens = client
+            .post_json("/tokenize", &body, Duration::from_secs(30))
+            .await?;
+        Ok(answer.tokens)
+    }
+
+    async fn detokenize(&self, client: &OpenAiClient, tokens: &[u32]) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Text {
+            content: String,
+        }
+        let body = serde_json::json!({ "tokens": tokens });
+        let answer: Text = client
+            .post_json("/detokenize", &body, Duration::from_secs(30))
+            .await?;
+        Ok(answer.content)
+    }
+
     async fn context_size(&self, client: &OpenAiClient) -> Option<u32> {
         let props: serde_json::Value = client
             .get_json("/props", Duration::from_secs(5))

@@ -141,6 +141,34 @@ pub trait ServerEngine: Send + Sync + 'static {
         None
     }
 
+    /// The running engine's token ids for `text`
+    /// ([`ModelRuntime::tokenize`](runtime_core::ModelRuntime::tokenize));
+    /// the default answers [`Error::Unsupported`](runtime_core::Error::Unsupported).
+    async fn tokenize(
+        &self,
+        _client: &OpenAiClient,
+        _text: &str,
+        _add_special: bool,
+    ) -> runtime_core::Result<Vec<u32>> {
+        Err(runtime_core::Error::unsupported(
+            "tokenize",
+            self.runtime_name(),
+        ))
+    }
+
+    /// The text of the running engine's `tokens`; the default answers
+    /// [`Error::Unsupported`](runtime_core::Error::Unsupported).
+    async fn detokenize(
+        &self,
+        _client: &OpenAiClient,
+        _tokens: &[u32],
+    ) -> runtime_core::Result<String> {
+        Err(runtime_core::Error::unsupported(
+            "detokenize",
+            self.runtime_name(),
+        ))
+    }
+
     /// What the running engine does for tools and schemas, and what the
     /// model accepts, derived from the engine and the model's template.
     /// `None`, the default, serves plain chat only: tools, schemas,

@@ -381,6 +381,18 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
         }
     }
 
+    async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let running = self.running()?;
+        self.engine
+            .tokenize(&running.client, text, add_special)
+            .await
+    }
+
+    async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
+        let running = self.running()?;
+        self.engine.detokenize(&running.client, tokens).await
+    }
+
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
         Ok(text_deltas(self.generate_events(request).await?))
     }

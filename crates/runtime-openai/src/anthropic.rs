@@ -518,8 +518,12 @@ pub struct MessagesStream {
     id: String,
     model: String,
     started: bool,
+    /// `message_stop` or `error` went out: nothing follows it.
+    done: bool,
     open: Open,
     blocks: u32,
+    /// Tool calls started so far.
+    calls: u32,
 }
 
 impl MessagesStream {
@@ -529,8 +533,10 @@ impl MessagesStream {
             id: id.into(),
             model: model.into(),
             started: false,
+            done: false,
             open: Open::None,
             blocks: 0,
+            calls: 0,
         }
     }
 
@@ -577,6 +583,9 @@ impl MessagesStream {
 
     /// The events for one chat event.
     pub fn event(&mut self, event: StreamEvent) -> Vec<(&'static str, Value)> {
+        if self.done {
+            return Vec::new();
+        }
         let mut out = if self.started {
             Vec::new()
         } else {
@@ -600,7 +609,15 @@ impl MessagesStream {
                 ));
             }
             StreamEvent::ToolCall(piece) => {
+                if piece.index < self.calls && self.open != Open::Call(piece.index) {
+                    out.extend(self.error(
+                        502,
+                        "the model's engine sent the pieces of a tool call out of order",
+                    ));
+                    return out;
+                }
                 if self.open != Open::Call(piece.index) {
+                    self.calls = piece.index + 1;
                     let block = json!({
                         "type": "tool_use",
                         "id": piece.id.clone().unwrap_or_default(),
@@ -642,6 +659,7 @@ impl MessagesStream {
                     }),
                 ));
                 out.push(("message_stop", json!({"type": "message_stop"})));
+                self.done = true;
             }
             _ => {}
         }
@@ -651,6 +669,10 @@ impl MessagesStream {
     /// The event that ends a failed stream: `status` and `message` as the
     /// error response would carry them.
     pub fn error(&mut self, status: u16, message: &str) -> Vec<(&'static str, Value)> {
+        if self.done {
+            return Vec::new();
+        }
+        self.done = true;
         let mut out = if self.started {
             Vec::new()
         } else {
@@ -835,6 +857,28 @@ mod tests {
         assert_eq!(events[4]["content_block"]["name"], "weather");
         assert_eq!(events[8]["delta"]["stop_reason"], "tool_use");
         assert_eq!(events[8]["usage"]["output_tokens"], 9);
+    }
+
+    #[test]
+    fn out_of_order_call_pieces_end_the_stream_and_nothing_follows_the_end() {
+        let mut stream = MessagesStream::new("msg_1", "m");
+        let _ = stream.event(StreamEvent::ToolCall(ToolCallDelta::start(
+            0, "call_1", "f",
+        )));
+        let _ = stream.event(StreamEvent::Delta("text".into()));
+        let late = stream.event(StreamEvent::ToolCall(ToolCallDelta::arguments(0, "{}")));
+        assert_eq!(late.last().unwrap().0, "error");
+        assert!(stream.event(StreamEvent::Delta("more".into())).is_empty());
+        let mut whole = MessagesStream::new("msg_2", "m");
+        let _ = whole.event(StreamEvent::Finished {
+            finish_reason: None,
+            usage: None,
+            timings: None,
+        });
+        assert!(
+            whole.error(503, "late").is_empty(),
+            "nothing after message_stop"
+        );
     }
 
     #[test]

@@ -291,6 +291,29 @@ impl OpenAiClient {
         })
     }
 
+    /// `POST {base_url}{path}` with a JSON body, answered as JSON within
+    /// `timeout`; a non-2xx status is the engine's error.
+    pub async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &(impl serde::Serialize + Sync),
+        timeout: Duration,
+    ) -> Result<T> {
+        let answered = async {
+            let response = self.post(path, body).await?;
+            let status = response.status().as_u16();
+            let bytes = response.bytes().await.map_err(transport)?;
+            serde_json::from_slice(&bytes).map_err(|err| Error::Api {
+                status,
+                kind: None,
+                message: format!("{path} answered with unexpected JSON: {err}"),
+            })
+        };
+        tokio::time::timeout(timeout, answered)
+            .await
+            .map_err(|_| Error::Transport(format!("{path}: no answer within {timeout:?}").into()))?
+    }
+
     /// Whether `GET /health` (sent without the key) answers 200 within `timeout`.
     pub async fn is_healthy(&self, timeout: Duration) -> bool {
         matches!(self.get_anonymous("/health", timeout).await, Ok((200, _)))

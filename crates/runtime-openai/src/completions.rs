@@ -145,7 +145,6 @@ impl CompletionRequest {
         let mut request = InferenceRequest::completion(prompt_text(self.prompt)?);
         request.max_tokens = match self.max_tokens {
             None => Some(DEFAULT_MAX_TOKENS),
-            Some(-1) => None,
             Some(n) => Some(u32::try_from(n).map_err(|_| {
                 Error::invalid_request(
                     "max_tokens",

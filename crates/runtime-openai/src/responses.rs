@@ -485,8 +485,11 @@ impl ResponseObject<'_> {
         usage: Option<Value>,
         error: Option<Value>,
     ) -> Value {
-        let incomplete = matches!(finish, Some(FinishReason::Length))
-            .then(|| json!({"reason": "max_output_tokens"}));
+        let incomplete = match finish {
+            Some(FinishReason::Length) => Some(json!({"reason": "max_output_tokens"})),
+            Some(FinishReason::ContentFilter) => Some(json!({"reason": "content_filter"})),
+            _ => None,
+        };
         json!({
             "id": self.id,
             "object": "response",
@@ -516,10 +519,9 @@ impl ResponseObject<'_> {
 }
 
 fn status_of(finish: Option<&FinishReason>) -> &'static str {
-    if matches!(finish, Some(FinishReason::Length)) {
-        "incomplete"
-    } else {
-        "completed"
+    match finish {
+        Some(FinishReason::Length | FinishReason::ContentFilter) => "incomplete",
+        _ => "completed",
     }
 }
 
@@ -591,8 +593,14 @@ pub struct ResponsesStream {
     echo: Echo,
     sequence: u64,
     started: bool,
+    /// A terminal event (`response.completed`, `.incomplete`, `.failed`)
+    /// went out: nothing follows it.
+    done: bool,
     open: Open,
     output: Vec<Value>,
+    /// The open message item's text.
+    item_text: String,
+    /// All the answer's text, for the stored turn.
     content: String,
     calls: Vec<ToolCall>,
     completed: Option<Value>,
@@ -615,8 +623,10 @@ impl ResponsesStream {
             echo,
             sequence: 0,
             started: false,
+            done: false,
             open: Open::None,
             output: Vec::new(),
+            item_text: String::new(),
             content: String::new(),
             calls: Vec::new(),
             completed: None,
@@ -665,7 +675,7 @@ impl ResponsesStream {
             Open::None => {}
             Open::Message(item) => {
                 let item_id = item_id(&self.id, "msg", item);
-                let text = self.content.clone();
+                let text = std::mem::take(&mut self.item_text);
                 let at = json!({"item_id": item_id, "output_index": item, "content_index": 0});
                 let mut done = at.clone();
                 done["text"] = json!(text);
@@ -721,6 +731,9 @@ impl ResponsesStream {
     /// A tool call piece out of order ([`Error::StreamProtocol`]).
     pub fn event(&mut self, event: StreamEvent) -> Result<Events> {
         let mut out = Vec::new();
+        if self.done {
+            return Ok(out);
+        }
         self.begin(&mut out);
         match event {
             StreamEvent::Delta(text) => {
@@ -749,6 +762,7 @@ impl ResponsesStream {
                 let Open::Message(item) = self.open else {
                     unreachable!("a message item was just opened")
                 };
+                self.item_text.push_str(&text);
                 self.content.push_str(&text);
                 self.push(
                     &mut out,
@@ -759,6 +773,12 @@ impl ResponsesStream {
             }
             StreamEvent::ToolCall(piece) => {
                 let call = piece.index as usize;
+                let open_now = matches!(self.open, Open::Call { call: open, .. } if open == call);
+                if call < self.calls.len() && !open_now {
+                    return Err(Error::StreamProtocol(format!(
+                        "a piece of tool call {call} came after the answer moved on"
+                    )));
+                }
                 let arguments = piece.arguments.clone();
                 piece.apply_to(&mut self.calls)?;
                 if !matches!(self.open, Open::Call { call: open, .. } if open == call) {
@@ -821,6 +841,7 @@ impl ResponsesStream {
                     None,
                 );
                 self.completed = Some(whole.clone());
+                self.done = true;
                 let kind = if status == "completed" {
                     "response.completed"
                 } else {
@@ -837,6 +858,10 @@ impl ResponsesStream {
     /// error response would carry them.
     pub fn error(&mut self, code: &str, message: &str) -> Events {
         let mut out = Vec::new();
+        if self.done {
+            return out;
+        }
+        self.done = true;
         self.begin(&mut out);
         let failed = self.object().render(
             "failed",
@@ -1182,6 +1207,97 @@ mod tests {
         assert_eq!(whole["output"][1]["arguments"], "{\"city\":\"Paris\"}");
         assert_eq!(conversation.last().unwrap().tool_calls[0].name, "weather");
         assert_eq!(conversation.last().unwrap().content, "Checking.");
+    }
+
+    #[test]
+    fn each_message_item_has_its_own_text_and_nothing_follows_the_end() {
+        let mut stream = ResponsesStream::new("resp_1", "m", 7, echo());
+        let mut events = stream.start();
+        for event in [
+            StreamEvent::Delta("First.".into()),
+            StreamEvent::ToolCall(ToolCallDelta::start(0, "call_1", "weather")),
+            StreamEvent::ToolCall(ToolCallDelta::arguments(0, "{}")),
+            StreamEvent::Delta("Second.".into()),
+            StreamEvent::Finished {
+                finish_reason: Some(FinishReason::Stop),
+                usage: None,
+                timings: None,
+            },
+        ] {
+            events.extend(stream.event(event).unwrap());
+        }
+        let (whole, conversation) = stream.completed().unwrap();
+        assert_eq!(whole["output"][0]["content"][0]["text"], "First.");
+        assert_eq!(whole["output"][2]["content"][0]["text"], "Second.");
+        assert_eq!(conversation.last().unwrap().content, "First.Second.");
+        let texts: Vec<&Value> = events
+            .iter()
+            .filter(|(kind, _)| *kind == "response.output_text.done")
+            .map(|(_, data)| &data["text"])
+            .collect();
+        assert_eq!(texts, [&json!("First."), &json!("Second.")]);
+        assert!(
+            stream
+                .event(StreamEvent::Delta("late".into()))
+                .unwrap()
+                .is_empty(),
+            "nothing after response.completed"
+        );
+        assert!(
+            stream.error("x", "y").is_empty(),
+            "no failure after completion"
+        );
+    }
+
+    #[test]
+    fn a_call_piece_after_the_answer_moved_on_is_a_protocol_error() {
+        let mut stream = ResponsesStream::new("resp_1", "m", 7, echo());
+        for event in [
+            StreamEvent::ToolCall(ToolCallDelta::start(0, "call_1", "weather")),
+            StreamEvent::Delta("text".into()),
+        ] {
+            stream.event(event).unwrap();
+        }
+        let late = stream.event(StreamEvent::ToolCall(ToolCallDelta::arguments(0, "{}")));
+        assert!(matches!(late, Err(Error::StreamProtocol(_))), "{late:?}");
+        let failed = stream.error("engine_error", "out of order");
+        assert_eq!(failed.last().unwrap().0, "response.failed");
+        assert!(
+            stream
+                .event(StreamEvent::Delta("more".into()))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_store_evicts_the_oldest_by_bytes_and_frees_what_it_deletes() {
+        let entry = |id: &str| (json!({"id": id}), vec![ChatMessage::user("x".repeat(100))]);
+        let size = {
+            let (response, conversation) = entry("resp_0");
+            response.to_string().len() + conversation[0].content.len()
+        };
+        let store = ResponseStore::new(StoreLimits {
+            capacity: 100,
+            max_bytes: 2 * size,
+            ttl: Duration::from_secs(60),
+        });
+        for id in ["resp_0", "resp_1", "resp_2"] {
+            let (response, conversation) = entry(id);
+            store.put(response, conversation);
+        }
+        assert!(
+            store.get("resp_0").is_none(),
+            "the oldest went for the bytes"
+        );
+        assert!(store.get("resp_1").is_some() && store.get("resp_2").is_some());
+        assert!(store.delete("resp_1"));
+        let (response, conversation) = entry("resp_3");
+        store.put(response, conversation);
+        assert!(
+            store.get("resp_2").is_some() && store.get("resp_3").is_some(),
+            "a deleted response's bytes are free again"
+        );
     }
 
     #[test]

@@ -244,6 +244,35 @@ impl ServerEngine for VllmServer {
             })
     }
 
+    async fn tokenize(
+        &self,
+        client: &OpenAiClient,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        #[derive(serde::Deserialize)]
+        struct Tokens {
+            tokens: Vec<u32>,
+        }
+        let body = serde_json::json!({"prompt": text, "add_special_tokens": add_special});
+        let answer: Tokens = client
+            .post_json("/tokenize", &body, Duration::from_secs(30))
+            .await?;
+        Ok(answer.tokens)
+    }
+
+    async fn detokenize(&self, client: &OpenAiClient, tokens: &[u32]) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Text {
+            prompt: String,
+        }
+        let body = serde_json::json!({ "tokens": tokens });
+        let answer: Text = client
+            .post_json("/detokenize", &body, Duration::from_secs(30))
+            .await?;
+        Ok(answer.prompt)
+    }
+
     async fn context_size(&self, client: &OpenAiClient) -> Option<u32> {
         let models: Value = client
             .get_json("/v1/models", Duration::from_secs(10))

@@ -65,6 +65,19 @@ async fn post_events(http: &reqwest::Client, url: &str, body: &Value) -> Vec<(St
         .collect()
 }
 
+/// Stops a gateway over the shared engine and waits until nothing of it
+/// holds the engine any more (the check that ends the shared engine takes
+/// it whole).
+async fn stop_gateway(
+    manager: std::sync::Arc<runtime_gateway::RuntimeManager>,
+    server: tokio::task::JoinHandle<()>,
+) {
+    manager.shutdown_within(Duration::ZERO).await;
+    drop(manager);
+    server.abort();
+    let _ = server.await;
+}
+
 fn names(events: &[(String, Value)]) -> Vec<&str> {
     events.iter().map(|(name, _)| name.as_str()).collect()
 }
@@ -172,6 +185,10 @@ pub async fn messages_api(backend: &Backend) {
         .unwrap_or_else(|| panic!("a tool_use block in {called}"));
     assert_eq!(use_block["name"], tool.name);
     assert!(
+        use_block["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "a tool_use block has an id: {use_block}"
+    );
+    assert!(
         use_block["input"].is_object(),
         "input is an object: {use_block}"
     );
@@ -188,7 +205,18 @@ pub async fn messages_api(backend: &Backend) {
         })
         .unwrap_or_else(|| panic!("a tool_use block starts: {:?}", names(&events)));
     assert_eq!(start.1["content_block"]["name"], tool.name);
+    assert!(
+        start.1["content_block"]["id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "a streamed tool_use block has an id"
+    );
     assert_eq!(start.1["content_block"]["input"], json!({}));
+    let ending = events
+        .iter()
+        .find(|(name, _)| name == "message_delta")
+        .expect("a message_delta");
+    assert_eq!(ending.1["delta"]["stop_reason"], "tool_use");
     let index = start.1["index"].clone();
     let partial: String = events
         .iter()
@@ -271,8 +299,7 @@ pub async fn messages_api(backend: &Backend) {
     assert_eq!(status, 404, "{refused}");
     assert_eq!(refused["error"]["type"], "not_found_error");
 
-    manager.shutdown_within(Duration::ZERO).await;
-    server.abort();
+    stop_gateway(manager, server).await;
 }
 
 fn output_text(response: &Value) -> String {
@@ -507,8 +534,7 @@ pub async fn responses_api(backend: &Backend) {
         "a response not asked to be stored is not kept"
     );
 
-    manager.shutdown_within(Duration::ZERO).await;
-    server.abort();
+    stop_gateway(manager, server).await;
 }
 
 /// The legacy completions API, through the gateway: a raw prompt is
@@ -641,16 +667,14 @@ pub async fn completions_api(backend: &Backend) {
     let (_, unbounded) = post(
         &http,
         &url,
-        &json!({"model": "conformance", "prompt": "Write a long story about a dragon.", "temperature": 0}),
+        &json!({"model": "conformance", "prompt": counting, "temperature": 0}),
     )
     .await;
-    assert!(
-        unbounded["usage"]["completion_tokens"]
-            .as_u64()
-            .expect("usage")
-            <= 16,
+    assert_eq!(
+        unbounded["usage"]["completion_tokens"], 16,
         "max_tokens defaults to 16: {unbounded}"
     );
+    assert_eq!(unbounded["choices"][0]["finish_reason"], "length");
 
     for (extra, field) in [
         (json!({"suffix": "}"}), "suffix"),
@@ -666,6 +690,80 @@ pub async fn completions_api(backend: &Backend) {
         assert_eq!(error["error"]["param"], field, "{error}");
     }
 
-    manager.shutdown_within(Duration::ZERO).await;
-    server.abort();
+    stop_gateway(manager, server).await;
+}
+
+/// `/tokenize` and `/detokenize` through the gateway, in llama-server's
+/// shape: the gateway's tokens are the runtime's; text comes back from its
+/// tokens whole (CJK, RTL, emoji, whitespace runs, digits); a special token
+/// written in the text is one token; and with `add_special` the count is
+/// exactly the prompt tokens the engine reports for the same raw prompt.
+pub async fn tokenize_api(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let (manager, chat_url, server) =
+        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
+    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let http = reqwest::Client::new();
+    let texts = [
+        "Hello, world!",
+        "東京は日本の首都です。",
+        "emoji 🙂👍🏽 and a flag 🇫🇷",
+        "  leading spaces\t\ttabs\n\n\nnewlines   ",
+        "1234567 89.01 -42",
+        "مرحبا بالعالم",
+    ];
+    for text in texts {
+        let (status, tokenized) = post(
+            &http,
+            &format!("{base}/tokenize"),
+            &json!({"model": "conformance", "content": text}),
+        )
+        .await;
+        assert_eq!(status, 200, "{tokenized}");
+        let tokens: Vec<u32> = serde_json::from_value(tokenized["tokens"].clone()).expect("ids");
+        assert!(!tokens.is_empty(), "{text:?} has tokens");
+        let own = shared
+            .tokenize(text, false)
+            .await
+            .expect("the runtime tokenizes");
+        assert_eq!(
+            tokens, own,
+            "the gateway's tokens are the runtime's for {text:?}"
+        );
+        let (status, back) = post(
+            &http,
+            &format!("{base}/detokenize"),
+            &json!({"model": "conformance", "tokens": tokens}),
+        )
+        .await;
+        assert_eq!(status, 200, "{back}");
+        assert_eq!(back["content"], text, "{text:?} comes back from its tokens");
+    }
+    let special = shared
+        .tokenize("<|im_start|>", false)
+        .await
+        .expect("a special token");
+    assert_eq!(
+        special.len(),
+        1,
+        "a special token in the text is one token: {special:?}"
+    );
+
+    let prompt = "Count the tokens of this prompt, please.";
+    let counted = shared.tokenize(prompt, true).await.expect("tokenize");
+    let completed = shared
+        .generate(
+            InferenceRequest::completion(prompt)
+                .with_max_tokens(1)
+                .with_temperature(0.0),
+        )
+        .await
+        .expect("a raw completion");
+    assert_eq!(
+        counted.len() as u64,
+        completed.usage.expect("usage").prompt_tokens,
+        "with add_special, the count is the engine's own for the raw prompt"
+    );
+
+    stop_gateway(manager, server).await;
 }

@@ -131,6 +131,23 @@ impl ModelService for RuntimeManager {
         self.inner.serve_events(model, request).await
     }
 
+    async fn tokenize(
+        &self,
+        model: Option<&str>,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<u32>> {
+        let model = self.inner.resolve(model)?;
+        let lease = self.inner.lease(&model).await?;
+        lease.tokenize(text, add_special).await
+    }
+
+    async fn detokenize(&self, model: Option<&str>, tokens: &[u32]) -> Result<String> {
+        let model = self.inner.resolve(model)?;
+        let lease = self.inner.lease(&model).await?;
+        lease.detokenize(tokens).await
+    }
+
     async fn models(&self) -> Vec<ModelCard> {
         self.status()
             .await

@@ -22,17 +22,24 @@ fn refused(err: Error) -> Response {
     error_response(&ApiError(err))
 }
 
-/// The request body, parsed; or why it is refused.
-fn parse(headers: &HeaderMap, body: &Bytes) -> Result<MessagesRequest> {
+/// A refusal of the router's own (no key, not JSON) in Anthropic's shape.
+pub(super) fn refusal(status: StatusCode, message: &str) -> Response {
+    (status, Json(error_body(status.as_u16(), message))).into_response()
+}
+
+/// The request body, parsed; or the refusal.
+fn parse(headers: &HeaderMap, body: &Bytes) -> std::result::Result<MessagesRequest, Box<Response>> {
     if !is_json(headers) {
-        return Err(Error::Api {
-            status: StatusCode::UNSUPPORTED_MEDIA_TYPE.as_u16(),
-            kind: None,
-            message: "send the request as JSON with Content-Type: application/json".to_owned(),
-        });
+        return Err(Box::new(refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the request as JSON with Content-Type: application/json",
+        )));
     }
     serde_json::from_slice(body).map_err(|err| {
-        Error::invalid_request("body", format!("is not a valid Messages request: {err}"))
+        Box::new(refused(Error::invalid_request(
+            "body",
+            format!("is not a valid Messages request: {err}"),
+        )))
     })
 }
 
@@ -43,7 +50,7 @@ pub(super) async fn create(
 ) -> Response {
     let wire = match parse(&headers, &body) {
         Ok(wire) => wire,
-        Err(err) => return refused(err),
+        Err(response) => return *response,
     };
     let requested = wire.model.clone();
     let request = match wire.into_inference(false) {
@@ -118,7 +125,7 @@ pub(super) async fn count_tokens(
 ) -> Response {
     let wire = match parse(&headers, &body) {
         Ok(wire) => wire,
-        Err(err) => return refused(err),
+        Err(response) => return *response,
     };
     let requested = wire.model.clone();
     let request = match wire.into_inference(true) {

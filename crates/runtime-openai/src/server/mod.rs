@@ -6,7 +6,8 @@
 //! (a raw prompt, no chat template), `POST /v1/responses`
 //! (and `GET`/`DELETE /v1/responses/{id}` for stored ones), `POST
 //! /v1/messages` and `/v1/messages/count_tokens` (errors in Anthropic's
-//! shape), `GET /v1/models`, `GET /metrics` and `GET /status` (when the
+//! shape), `POST /tokenize` and `/detokenize` (llama-server's shape, with
+//! an optional `model`), `GET /v1/models`, `GET /metrics` and `GET /status` (when the
 //! service keeps them), `GET /health`, `GET /version`. The Responses and
 //! Messages requests are translated to chat requests here, so every service
 //! serves all three.
@@ -54,6 +55,7 @@ use crate::wire::{
 mod completions;
 mod messages;
 mod responses;
+mod tokens;
 
 /// Which `Host` (and `Origin`) names the router accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -278,6 +280,8 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
         .route("/v1/messages", post(messages::create))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let admin = Router::new()
         .route("/metrics", get(metrics))
@@ -337,7 +341,9 @@ impl ApiError {
         match &self.0 {
             // Its reason is written for clients; an invalid answer's
             // is about the client's own answer and schema.
-            Error::ModelUnavailable { .. } | Error::OutputInvalid { .. } => self.0.to_string(),
+            Error::ModelUnavailable { .. }
+            | Error::OutputInvalid { .. }
+            | Error::Unsupported { .. } => self.0.to_string(),
             Error::EngineExited { .. } => {
                 "the model's engine stopped; the server log says why".to_owned()
             }
@@ -408,12 +414,10 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
     if keys.clients.is_empty() || matches_any(&keys.clients, bearer(request.headers())) {
         next.run(request).await
     } else if messages::is_messages_route(request.uri().path()) {
-        messages::error_response(&ApiError(Error::Api {
-            status: 401,
-            kind: None,
-            message: "invalid or missing API key (send it as `x-api-key` or a bearer token)"
-                .to_owned(),
-        }))
+        messages::refusal(
+            StatusCode::UNAUTHORIZED,
+            "invalid or missing API key (send it as `x-api-key` or a bearer token)",
+        )
     } else {
         unauthorized()
     }

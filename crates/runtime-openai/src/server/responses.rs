@@ -106,13 +106,19 @@ fn response_events(
     let store_it = encoder_stores(&encoder);
     let head = encoder.start();
     let body = runtime_core::ensure_finished(events).map(move |event| {
+        let finishing = matches!(event, Ok(StreamEvent::Finished { .. }));
         let encoded = match event {
             Ok(event) => encoder.event(event),
             Err(err) => Err(err),
         };
         match encoded {
             Ok(out) => {
-                if store_it && let Some((whole, conversation)) = encoder.completed() {
+                // Once, when the answer completes (a failed one has no
+                // completed response to keep).
+                if store_it
+                    && finishing
+                    && let Some((whole, conversation)) = encoder.completed()
+                {
                     store.put(whole, conversation);
                 }
                 out
