@@ -23,7 +23,7 @@ use runtime_core::{
     Role, StreamEvent, Tool, ToolCall, ToolChoice, Usage,
 };
 
-use crate::wire::Extra;
+use crate::wire::{Extra, function_tool, tool_choice};
 
 /// `POST /v1/responses` request body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -240,60 +240,22 @@ fn item_to_chat(index: usize, item: &Value, out: &mut Vec<ChatMessage>) -> Resul
 }
 
 fn tool_from_wire(index: usize, value: &Value) -> Result<Tool> {
-    let field = |name: &str| format!("tools[{index}]{name}");
     let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
     if kind != "function" {
         return Err(Error::invalid_request(
-            field(".type"),
+            format!("tools[{index}].type"),
             format!("is `{kind}`; only `function` tools are served"),
         ));
     }
-    let name = value
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid_request(field(".name"), "is missing"))?;
-    let mut tool = Tool::function(name, Value::Null);
-    tool.parameters = value.get("parameters").filter(|p| !p.is_null()).cloned();
-    tool.description = value
-        .get("description")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    tool.strict = value
-        .get("strict")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(tool)
+    function_tool(value, &format!("tools[{index}]"))
 }
 
 fn tool_choice_from_wire(value: &Value) -> Result<Option<ToolChoice>> {
-    let refuse = || {
-        Error::invalid_request(
-            "tool_choice",
-            format!(
-                "is {value}; use \"none\", \"auto\", \"required\" or \
-                 {{\"type\": \"function\", \"name\": ...}}"
-            ),
-        )
-    };
-    Ok(Some(match value {
-        Value::Null => return Ok(None),
-        Value::String(text) => match text.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            _ => return Err(refuse()),
-        },
-        Value::Object(object) if object.get("type").and_then(Value::as_str) == Some("function") => {
-            ToolChoice::Function(
-                object
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(refuse)?
-                    .to_owned(),
-            )
-        }
-        _ => return Err(refuse()),
-    }))
+    tool_choice(
+        value,
+        |object| object.get("name")?.as_str(),
+        "{\"type\": \"function\", \"name\": ...}",
+    )
 }
 
 fn format_from_wire(text: Option<&Value>) -> Result<Option<ResponseFormat>> {

@@ -443,18 +443,24 @@ fn tool_from_wire(index: usize, value: Value) -> Result<Tool> {
     }
     let function = value
         .get("function")
-        .and_then(Value::as_object)
+        .filter(|function| function.is_object())
         .ok_or_else(|| Error::invalid_request(field(".function"), "is missing"))?;
+    function_tool(function, &field(".function"))
+}
+
+/// A function tool from its object (`name`, `description`, `parameters`,
+/// `strict`), nested in chat's `tools` and flat in the Responses API's;
+/// `at` names the object in errors.
+pub(crate) fn function_tool(function: &Value, at: &str) -> Result<Tool> {
     let name = function
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid_request(field(".function.name"), "is missing"))?;
-    let parameters = match function.get("parameters") {
-        None | Some(Value::Null) => None,
-        Some(schema) => Some(schema.clone()),
-    };
+        .ok_or_else(|| Error::invalid_request(format!("{at}.name"), "is missing"))?;
     let mut tool = Tool::function(name, Value::Null);
-    tool.parameters = parameters;
+    tool.parameters = function
+        .get("parameters")
+        .filter(|parameters| !parameters.is_null())
+        .cloned();
     tool.description = function
         .get("description")
         .and_then(Value::as_str)
@@ -467,13 +473,25 @@ fn tool_from_wire(index: usize, value: Value) -> Result<Tool> {
 }
 
 fn tool_choice_from_wire(value: &Value) -> Result<Option<ToolChoice>> {
+    tool_choice(
+        value,
+        |object| object.get("function")?.get("name")?.as_str(),
+        "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+    )
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or a function object
+/// (`{"type": "function", ...}`) whose name `name_of` reads; `form` is that
+/// object's shape, for the error.
+pub(crate) fn tool_choice(
+    value: &Value,
+    name_of: fn(&Value) -> Option<&str>,
+    form: &str,
+) -> Result<Option<ToolChoice>> {
     let refuse = || {
         Error::invalid_request(
             "tool_choice",
-            format!(
-                "is {value}; use \"none\", \"auto\", \"required\" or \
-                 {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
-            ),
+            format!("is {value}; use \"none\", \"auto\", \"required\" or {form}"),
         )
     };
     Ok(Some(match value {
@@ -485,12 +503,7 @@ fn tool_choice_from_wire(value: &Value) -> Result<Option<ToolChoice>> {
             _ => return Err(refuse()),
         },
         Value::Object(object) if object.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = object
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .ok_or_else(refuse)?;
-            ToolChoice::Function(name.to_owned())
+            ToolChoice::Function(name_of(value).ok_or_else(refuse)?.to_owned())
         }
         _ => return Err(refuse()),
     }))

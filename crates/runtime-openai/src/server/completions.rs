@@ -9,22 +9,9 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !is_json(&headers) {
-        return refusal(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the request as JSON with Content-Type: application/json",
-            "invalid_request_error",
-        );
-    }
-    let wire: CompletionRequest = match serde_json::from_slice(&body) {
+    let wire: CompletionRequest = match read_json(&headers, &body, "completions request") {
         Ok(wire) => wire,
-        Err(err) => {
-            return ApiError(Error::invalid_request(
-                "body",
-                format!("is not a valid completions request: {err}"),
-            ))
-            .into_response();
-        }
+        Err(refused) => return *refused,
     };
     let include_usage = wire.wants_usage();
     let requested = wire.model.clone();

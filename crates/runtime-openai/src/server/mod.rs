@@ -637,29 +637,40 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// A JSON request body, `what` for the error, parsed here rather than by
+/// axum's `Json` extractor so that a wrong content type (415) and malformed
+/// JSON (400) get the OpenAI error shape too; or the refusal.
+fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+    what: &str,
+) -> std::result::Result<T, Box<Response>> {
+    if !is_json(headers) {
+        return Err(Box::new(refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the request as JSON with Content-Type: application/json",
+            "invalid_request_error",
+        )));
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        Box::new(
+            ApiError(Error::invalid_request(
+                "body",
+                format!("is not a valid {what}: {err}"),
+            ))
+            .into_response(),
+        )
+    })
+}
+
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !is_json(&headers) {
-        return refusal(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the request as JSON with Content-Type: application/json",
-            "invalid_request_error",
-        );
-    }
-    // Parsed here rather than by axum's Json extractor so malformed JSON gets
-    // the OpenAI error shape too.
-    let wire: ChatCompletionRequest = match serde_json::from_slice(&body) {
+    let wire: ChatCompletionRequest = match read_json(&headers, &body, "chat completion request") {
         Ok(wire) => wire,
-        Err(err) => {
-            return ApiError(Error::invalid_request(
-                "body",
-                format!("is not a valid chat completion request: {err}"),
-            ))
-            .into_response();
-        }
+        Err(refused) => return *refused,
     };
     let include_usage = wire.wants_usage();
     let requested = wire.model.clone();

@@ -11,22 +11,9 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !is_json(&headers) {
-        return refusal(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the request as JSON with Content-Type: application/json",
-            "invalid_request_error",
-        );
-    }
-    let wire: ResponsesRequest = match serde_json::from_slice(&body) {
+    let wire: ResponsesRequest = match read_json(&headers, &body, "Responses request") {
         Ok(wire) => wire,
-        Err(err) => {
-            return ApiError(Error::invalid_request(
-                "body",
-                format!("is not a valid Responses request: {err}"),
-            ))
-            .into_response();
-        }
+        Err(refused) => return *refused,
     };
     let previous = match &wire.previous_response_id {
         Some(id) => match state.responses.conversation(id) {

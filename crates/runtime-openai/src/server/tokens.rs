@@ -33,34 +33,12 @@ struct DetokenizeRequest {
 /// reads (the body limit bounds both too).
 const MAX_TOKENS: usize = 1 << 20;
 
-fn parse<T: serde::de::DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> std::result::Result<T, Box<Response>> {
-    if !is_json(headers) {
-        return Err(Box::new(refusal(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the request as JSON with Content-Type: application/json",
-            "invalid_request_error",
-        )));
-    }
-    serde_json::from_slice(body).map_err(|err| {
-        Box::new(
-            ApiError(Error::invalid_request(
-                "body",
-                format!("is not a valid request: {err}"),
-            ))
-            .into_response(),
-        )
-    })
-}
-
 pub(super) async fn tokenize(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request: TokenizeRequest = match parse(&headers, &body) {
+    let request: TokenizeRequest = match read_json(&headers, &body, "request") {
         Ok(request) => request,
         Err(response) => return *response,
     };
@@ -92,7 +70,7 @@ pub(super) async fn detokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request: DetokenizeRequest = match parse(&headers, &body) {
+    let request: DetokenizeRequest = match read_json(&headers, &body, "request") {
         Ok(request) => request,
         Err(response) => return *response,
     };
