@@ -501,8 +501,9 @@ async fn the_gateway_serves_tools_and_schemas_and_says_what_a_model_accepts() {
 /// (its prompt is the text's tokens and the start token, no template),
 /// temperature 0 repeats, a streamed completion joins to the plain one,
 /// `echo` returns the prompt first, and `stop` cuts the same answer where
-/// the stop string begins; `model-runtime run --raw` prints the same
-/// continuation.
+/// the stop string begins; chat is refused (llama-server would format it
+/// as chatml, which the model never saw); `model-runtime run --raw` prints
+/// the same continuation.
 #[tokio::test]
 async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api() {
     conformance::init_tracing();
@@ -591,6 +592,39 @@ async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api()
         stopped["choices"][0]["text"],
         text[..cut_at],
         "stop {word:?} cuts the answer where it begins"
+    );
+
+    // Chat would be formatted with a template the model never saw: refused,
+    // pointing at the completions API, and `/v1/models` says so.
+    let chat = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(GATEWAY_KEY)
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 4}))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(chat.status(), 400);
+    let refused: serde_json::Value = chat.json().await.expect("an error body");
+    assert_eq!(refused["error"]["param"], "messages", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no chat template")),
+        "{refused}"
+    );
+    let listed: serde_json::Value = http
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(GATEWAY_KEY)
+        .send()
+        .await
+        .expect("GET /v1/models")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        listed["data"][0]["endpoints"],
+        serde_json::json!(["/v1/completions"]),
+        "{listed}"
     );
 
     nix::sys::signal::kill(

@@ -246,6 +246,131 @@ fn check_gguf_version(path: &Path, head: &[u8]) -> Result<ModelFormat> {
     }
 }
 
+/// Whether the GGUF file at `path` carries the metadata key `key` (such as
+/// `tokenizer.chat_template`). Reads the header's key-value section only,
+/// skipping the values it passes, never the tensors.
+///
+/// # Errors
+///
+/// [`Error::InvalidModel`] for a file that is not GGUF or whose header is
+/// cut short or malformed, [`Error::Io`] when it cannot be read.
+pub fn gguf_has_metadata(path: impl AsRef<Path>, key: &str) -> Result<bool> {
+    let path = path.as_ref();
+    let file = File::open(path)
+        .map_err(|err| Error::io(format!("error reading {}", path.display()), err))?;
+    let mut header = GgufReader {
+        inner: std::io::BufReader::new(file),
+        path,
+    };
+    let mut magic = [0u8; 4];
+    header.bytes(&mut magic)?;
+    if &magic != GGUF_MAGIC {
+        return Err(invalid(path, "not a GGUF file"));
+    }
+    let version = header.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(invalid(
+            path,
+            format!("GGUF version {version} has no metadata this reader knows"),
+        ));
+    }
+    let _tensors = header.u64()?;
+    let pairs = header.u64()?;
+    for _ in 0..pairs {
+        if header.string()? == key.as_bytes() {
+            return Ok(true);
+        }
+        let kind = header.u32()?;
+        header.skip_value(kind, 0)?;
+    }
+    Ok(false)
+}
+
+/// The longest metadata string or array read: a header claiming more is
+/// malformed (a real vocabulary is a few hundred thousand entries).
+const GGUF_MAX_LEN: u64 = 1 << 26;
+
+struct GgufReader<'a, R> {
+    inner: R,
+    path: &'a Path,
+}
+
+impl<R: Read> GgufReader<'_, R> {
+    fn bytes(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_exact(buf).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                invalid(self.path, "the GGUF header is cut short")
+            } else {
+                Error::io(format!("error reading {}", self.path.display()), err)
+            }
+        })
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let mut buf = [0u8; 4];
+        self.bytes(&mut buf)?;
+        Ok(u32::from_le_bytes(buf))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let mut buf = [0u8; 8];
+        self.bytes(&mut buf)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    fn len(&mut self) -> Result<u64> {
+        let len = self.u64()?;
+        if len > GGUF_MAX_LEN {
+            return Err(invalid(
+                self.path,
+                format!("the GGUF header claims a length of {len}"),
+            ));
+        }
+        Ok(len)
+    }
+
+    fn string(&mut self) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.len()? as usize];
+        self.bytes(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn skip(&mut self, n: u64) -> Result<()> {
+        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
+            .map_err(|err| Error::io(format!("error reading {}", self.path.display()), err))?;
+        if copied < n {
+            return Err(invalid(self.path, "the GGUF header is cut short"));
+        }
+        Ok(())
+    }
+
+    /// Skips a value of GGUF type `kind` (arrays nest at most once).
+    fn skip_value(&mut self, kind: u32, depth: u32) -> Result<()> {
+        match kind {
+            0 | 1 | 7 => self.skip(1),
+            2 | 3 => self.skip(2),
+            4..=6 => self.skip(4),
+            10..=12 => self.skip(8),
+            8 => {
+                let len = self.len()?;
+                self.skip(len)
+            }
+            9 if depth == 0 => {
+                let element = self.u32()?;
+                let count = self.len()?;
+                for _ in 0..count {
+                    self.skip_value(element, depth + 1)?;
+                }
+                Ok(())
+            }
+            other => Err(invalid(
+                self.path,
+                format!("the GGUF header has a value of unknown type {other}"),
+            )),
+        }
+    }
+}
+
 fn looks_like_safetensors(path: &Path, head: &[u8], len: u64) -> Result<bool> {
     let Some(size) = head.get(..8) else {
         return Ok(false);

@@ -73,7 +73,7 @@ pub use config::{
     MAX_STARTUP_TIMEOUT, MAX_THREADS, RuntimeConfig,
 };
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use format::ModelFormat;
+pub use format::{ModelFormat, gguf_has_metadata};
 pub use options::{BackendOptions, option_keys};
 pub use request::{
     ChatMessage, InferenceRequest, MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,

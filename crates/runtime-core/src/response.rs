@@ -246,6 +246,15 @@ pub struct Capabilities {
     /// Whether the model's chat template renders tools and tool calls
     /// itself; when not, they are written into the conversation as text.
     pub template_tools: bool,
+    /// Whether chat requests are served: the model has a chat template (its
+    /// own or the configuration's). A base model without one takes raw
+    /// prompts only (`InferenceRequest::completion`, `/v1/completions`).
+    #[serde(default = "served")]
+    pub chat: bool,
+}
+
+fn served() -> bool {
+    true
 }
 
 impl Default for Capabilities {
@@ -256,6 +265,7 @@ impl Default for Capabilities {
             logprobs: false,
             max_choices: 1,
             template_tools: false,
+            chat: true,
         }
     }
 }
@@ -269,7 +279,15 @@ impl Capabilities {
             logprobs: true,
             max_choices,
             template_tools: false,
+            chat: true,
         }
+    }
+
+    /// Sets [`chat`](Self::chat).
+    #[must_use]
+    pub fn with_chat(mut self, chat: bool) -> Self {
+        self.chat = chat;
+        self
     }
 
     /// Sets [`template_tools`](Self::template_tools).
@@ -292,6 +310,16 @@ impl Capabilities {
                 ),
             ))
         };
+        if !self.chat && request.prompt.is_none() {
+            return Err(Error::invalid_request(
+                "messages",
+                format!(
+                    "cannot be answered: the model has no chat template, so {runtime} would \
+                     format the conversation the wrong way; send a raw prompt (the completions \
+                     API) instead, or give the model a template (`chat_template`)"
+                ),
+            ));
+        }
         if !self.tools && !request.tools.is_empty() {
             return refuse("tools", "tool calls");
         }

@@ -162,3 +162,65 @@ mod properties {
         }
     }
 }
+
+/// A whole GGUF header: `pairs` of (key, value bytes with their type).
+fn gguf(pairs: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+    bytes.extend_from_slice(&(pairs.len() as u64).to_le_bytes());
+    for (key, kind, value) in pairs {
+        bytes.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(&kind.to_le_bytes());
+        bytes.extend_from_slice(value);
+    }
+    bytes
+}
+
+fn gguf_string(text: &str) -> Vec<u8> {
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(text.as_bytes());
+    bytes
+}
+
+#[test]
+fn gguf_metadata_keys_are_found_past_arrays_and_scalars() {
+    let mut tokens = 8u32.to_le_bytes().to_vec();
+    tokens.extend_from_slice(&3u64.to_le_bytes());
+    for token in ["<s>", "hello", "world"] {
+        tokens.extend(gguf_string(token));
+    }
+    let bytes = gguf(&[
+        ("general.architecture", 8, gguf_string("gemma3")),
+        ("gemma3.block_count", 4, 18u32.to_le_bytes().to_vec()),
+        ("tokenizer.ggml.tokens", 9, tokens),
+        ("tokenizer.ggml.add_bos_token", 7, vec![1]),
+        ("tokenizer.chat_template", 8, gguf_string("{{ messages }}")),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let with = write(dir.path(), "with.gguf", &bytes);
+    assert!(runtime_core::gguf_has_metadata(&with, "tokenizer.chat_template").unwrap());
+    assert!(runtime_core::gguf_has_metadata(&with, "tokenizer.ggml.add_bos_token").unwrap());
+    let without = write(
+        dir.path(),
+        "without.gguf",
+        &gguf(&[("general.architecture", 8, gguf_string("gemma3"))]),
+    );
+    assert!(!runtime_core::gguf_has_metadata(&without, "tokenizer.chat_template").unwrap());
+}
+
+#[test]
+fn a_cut_or_foreign_gguf_header_is_an_invalid_model_not_a_missing_key() {
+    // The real file's first 4 KiB: its first keys are there, the vocabulary
+    // is cut off.
+    assert!(runtime_core::gguf_has_metadata(real_gguf_head(), "general.architecture").unwrap());
+    let cut = runtime_core::gguf_has_metadata(real_gguf_head(), "tokenizer.chat_template");
+    assert!(matches!(cut, Err(Error::InvalidModel { .. })), "{cut:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let other = write(dir.path(), "x.gguf", b"GGML\0\0\0\0");
+    assert!(matches!(
+        runtime_core::gguf_has_metadata(&other, "k"),
+        Err(Error::InvalidModel { .. })
+    ));
+}

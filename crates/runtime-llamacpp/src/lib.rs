@@ -302,9 +302,18 @@ impl ServerEngine for LlamaServer {
     async fn structured(
         &self,
         client: &OpenAiClient,
-        _config: &RuntimeConfig,
+        config: &RuntimeConfig,
         _options: &LlamaCppOptions,
     ) -> Option<(Support, Capabilities)> {
+        // Without a template of its own or the configuration's, llama-server
+        // formats chat as chatml, which a base model never saw: its answers
+        // are noise. Such a model takes raw prompts only.
+        let chat = config.chat_template.is_some()
+            || runtime_core::gguf_has_metadata(&config.model_path, "tokenizer.chat_template")
+                .unwrap_or_else(|err| {
+                    tracing::warn!(error = %err, "could not read the model's metadata; taking chat");
+                    true
+                });
         // What the template does with tools, as llama-server read it. Its
         // `auto` parser is trusted only where the template renders the tools;
         // a template that does not gets no tools at all (llama-server would
@@ -325,8 +334,9 @@ impl ServerEngine for LlamaServer {
             native_auto: renders_tools,
             renders_tools,
         };
-        let capabilities =
-            Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(renders_tools);
+        let capabilities = Capabilities::full(runtime_core::MAX_CHOICES)
+            .with_template_tools(renders_tools)
+            .with_chat(chat);
         Some((support, capabilities))
     }
 }

@@ -567,10 +567,21 @@ async fn models(State(state): State<AppState>) -> Response {
         .into_iter()
         .map(|card| {
             if card.extra.contains_key("endpoints") {
-                card
-            } else {
-                card.with("endpoints", ENDPOINTS.to_vec())
+                return card;
             }
+            // A model without a chat template takes raw prompts only.
+            let chat = card
+                .extra
+                .get("capabilities")
+                .and_then(|c| c.get("chat"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true);
+            let endpoints: Vec<&str> = if chat {
+                ENDPOINTS.to_vec()
+            } else {
+                vec!["/v1/completions"]
+            };
+            card.with("endpoints", endpoints)
         })
         .collect();
     Json(json!({"object": "list", "data": cards})).into_response()
