@@ -88,7 +88,8 @@ fn names(events: &[(String, Value)]) -> Vec<&str> {
 /// the SDK accumulates and join to the plain text; a required tool call is a
 /// `tool_use` block with schema-valid input, streamed as the same input,
 /// and its result is answered; `output_config` gives schema-valid JSON;
-/// `max_tokens` is required, and errors take Anthropic's shape.
+/// `max_tokens` is required, and errors take Anthropic's shape (a refused
+/// `Host` included).
 pub async fn messages_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let twin = shared.generate(chat_twin(24)).await.expect("the chat twin");
@@ -293,6 +294,17 @@ pub async fn messages_api(backend: &Backend) {
             .unwrap()
             .contains("max_tokens")
     );
+    let rebound = http
+        .post(&url)
+        .header(reqwest::header::HOST, "attacker.example")
+        .json(&plain_body)
+        .send()
+        .await
+        .expect("a request under another name");
+    assert_eq!(rebound.status(), 403);
+    let refused: Value = rebound.json().await.expect("an error body");
+    assert_eq!(refused["type"], "error", "Anthropic's shape: {refused}");
+    assert_eq!(refused["error"]["type"], "permission_error", "{refused}");
     let mut unknown = plain_body.clone();
     unknown["model"] = json!("no-such-model");
     let (status, refused) = post(&http, &url, &unknown).await;

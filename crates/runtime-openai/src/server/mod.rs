@@ -506,11 +506,11 @@ async fn check_host(State(state): State<AppState>, request: Request, next: Next)
                     .is_some_and(|(_, rest)| is_loopback_name(authority_host(rest)))
             });
         if !(host_ok && origin_ok) {
-            return refusal(
-                StatusCode::FORBIDDEN,
-                "this server only answers requests addressed to localhost",
-                "permission_error",
-            );
+            let message = "this server only answers requests addressed to localhost";
+            if messages::is_messages_route(request.uri().path()) {
+                return messages::refusal(StatusCode::FORBIDDEN, message);
+            }
+            return refusal(StatusCode::FORBIDDEN, message, "permission_error");
         }
     }
     next.run(request).await
