@@ -143,17 +143,18 @@ struct Serve {
 impl Serve {
     /// Starts `serve` with `extra` arguments and waits until it is healthy.
     async fn start(extra: &[&str]) -> Self {
+        Self::start_model(model().as_ref(), extra).await
+    }
+
+    /// Starts `serve` for `model` on llama.cpp with `extra` arguments and
+    /// waits until it is healthy.
+    async fn start_model(model: &std::ffi::OsStr, extra: &[&str]) -> Self {
         let binary = required_env(runtime_llamacpp::BINARY_ENV);
         let port = runtime_process::free_port("127.0.0.1").unwrap();
         let child = cli()
-            .args([
-                "serve",
-                &model(),
-                "--backend",
-                "llamacpp",
-                "--port",
-                &port.to_string(),
-            ])
+            .arg("serve")
+            .arg(model)
+            .args(["--backend", "llamacpp", "--port", &port.to_string()])
             .args(extra)
             .env("MODEL_RUNTIME_API_KEY", GATEWAY_KEY)
             .env(runtime_llamacpp::BINARY_ENV, &binary)
@@ -509,24 +510,9 @@ async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api()
     conformance::init_tracing();
     let gemma = required_env("MODEL_RUNTIME_TEST_GEMMA_GGUF");
     let binary = required_env(runtime_llamacpp::BINARY_ENV);
-    let port = runtime_process::free_port("127.0.0.1").unwrap();
-    let mut child = cli()
-        .arg("serve")
-        .arg(&gemma)
-        .args(["--backend", "llamacpp", "--port", &port.to_string()])
-        .env("MODEL_RUNTIME_API_KEY", GATEWAY_KEY)
-        .env(runtime_llamacpp::BINARY_ENV, &binary)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("model-runtime serve starts");
-    let base = format!("http://127.0.0.1:{port}");
+    let mut serve = Serve::start_model(gemma.as_os_str(), &[]).await;
+    let base = serve.base.clone();
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !matches!(http.get(format!("{base}/health")).send().await, Ok(r) if r.status() == 200) {
-        assert!(Instant::now() < deadline, "serve became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let url = format!("{base}/v1/completions");
     let post = |body: serde_json::Value| {
         let http = http.clone();
@@ -627,22 +613,10 @@ async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api()
         "{listed}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id().expect("a pid") as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM serve");
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("serve exits")
-        .expect("serve is reaped");
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = serve.exit_within(Duration::from_secs(10)).await;
     assert!(status.success(), "serve exits cleanly");
-    assert!(
-        conformance::procs::wait_gone(&pids_of(&binary), Duration::from_secs(2))
-            .await
-            .is_empty(),
-        "no llama-server is left"
-    );
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
 
     // `run --raw` continues the prompt the same way, on the command line.
     let output = cli()

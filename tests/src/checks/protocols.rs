@@ -65,17 +65,44 @@ async fn post_events(http: &reqwest::Client, url: &str, body: &Value) -> Vec<(St
         .collect()
 }
 
-/// Stops a gateway over the shared engine and waits until nothing of it
-/// holds the engine any more (the check that ends the shared engine takes
-/// it whole).
-async fn stop_gateway(
+/// The gateway over the suite's shared engine, on a free port.
+struct LentGateway {
+    /// Its root URL.
+    base: String,
     manager: std::sync::Arc<runtime_gateway::RuntimeManager>,
     server: tokio::task::JoinHandle<()>,
-) {
-    manager.shutdown_within(Duration::ZERO).await;
-    drop(manager);
-    server.abort();
-    let _ = server.await;
+}
+
+impl LentGateway {
+    async fn over(backend: &Backend, shared: &crate::harness::SharedRuntime) -> Self {
+        let (manager, chat_url, server) =
+            crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
+        let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+        Self {
+            base,
+            manager,
+            server,
+        }
+    }
+
+    /// Stops the gateway and waits until nothing of it holds the engine
+    /// any more (the check that ends the shared engine takes it whole).
+    async fn stop(self) {
+        self.manager.shutdown_within(Duration::ZERO).await;
+        drop(self.manager);
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+/// The schema of the structured answers both protocols are asked for.
+fn answer_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
+        "required": ["answer"],
+        "additionalProperties": false
+    })
 }
 
 fn names(events: &[(String, Value)]) -> Vec<&str> {
@@ -94,9 +121,8 @@ pub async fn messages_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let twin = shared.generate(chat_twin(24)).await.expect("the chat twin");
     let twin_usage = twin.usage.expect("usage");
-    let (manager, chat_url, server) =
-        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
-    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let gateway = LentGateway::over(backend, &shared).await;
+    let base = gateway.base.clone();
     let url = format!("{base}/v1/messages");
     let http = reqwest::Client::new();
     let plain_body = json!({
@@ -258,12 +284,7 @@ pub async fn messages_api(backend: &Backend) {
     );
 
     // Structured output.
-    let enum_schema = json!({
-        "type": "object",
-        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
-        "required": ["answer"],
-        "additionalProperties": false
-    });
+    let enum_schema = answer_schema();
     let (status, shaped) = post(
         &http,
         &url,
@@ -311,7 +332,7 @@ pub async fn messages_api(backend: &Backend) {
     assert_eq!(status, 404, "{refused}");
     assert_eq!(refused["error"]["type"], "not_found_error");
 
-    stop_gateway(manager, server).await;
+    gateway.stop().await;
 }
 
 fn output_text(response: &Value) -> String {
@@ -337,9 +358,8 @@ pub async fn responses_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
     let twin = shared.generate(chat_twin(24)).await.expect("the chat twin");
     let twin_usage = twin.usage.expect("usage");
-    let (manager, chat_url, server) =
-        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
-    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let gateway = LentGateway::over(backend, &shared).await;
+    let base = gateway.base.clone();
     let url = format!("{base}/v1/responses");
     let http = reqwest::Client::new();
     let plain_body = json!({
@@ -452,12 +472,7 @@ pub async fn responses_api(backend: &Backend) {
     );
 
     // Structured output.
-    let enum_schema = json!({
-        "type": "object",
-        "properties": {"answer": {"enum": ["yes", "no", "maybe"]}},
-        "required": ["answer"],
-        "additionalProperties": false
-    });
+    let enum_schema = answer_schema();
     let (status, shaped) = post(
         &http,
         &url,
@@ -546,7 +561,7 @@ pub async fn responses_api(backend: &Backend) {
         "a response not asked to be stored is not kept"
     );
 
-    stop_gateway(manager, server).await;
+    gateway.stop().await;
 }
 
 /// The legacy completions API, through the gateway: a raw prompt is
@@ -585,9 +600,8 @@ pub async fn completions_api(backend: &Backend) {
         as_chat.usage.expect("usage").prompt_tokens
     );
 
-    let (manager, chat_url, server) =
-        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
-    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let gateway = LentGateway::over(backend, &shared).await;
+    let base = gateway.base.clone();
     let url = format!("{base}/v1/completions");
     let http = reqwest::Client::new();
     let listed: Value = http
@@ -702,7 +716,7 @@ pub async fn completions_api(backend: &Backend) {
         assert_eq!(error["error"]["param"], field, "{error}");
     }
 
-    stop_gateway(manager, server).await;
+    gateway.stop().await;
 }
 
 /// `/tokenize` and `/detokenize` through the gateway, in llama-server's
@@ -712,9 +726,8 @@ pub async fn completions_api(backend: &Backend) {
 /// exactly the prompt tokens the engine reports for the same raw prompt.
 pub async fn tokenize_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
-    let (manager, chat_url, server) =
-        crate::gateway::start_lent(backend, backend.config.clone(), shared.clone()).await;
-    let base = chat_url.trim_end_matches("/v1/chat/completions").to_owned();
+    let gateway = LentGateway::over(backend, &shared).await;
+    let base = gateway.base.clone();
     let http = reqwest::Client::new();
     let texts = [
         "Hello, world!",
@@ -777,5 +790,5 @@ pub async fn tokenize_api(backend: &Backend) {
         "with add_special, the count is the engine's own for the raw prompt"
     );
 
-    stop_gateway(manager, server).await;
+    gateway.stop().await;
 }

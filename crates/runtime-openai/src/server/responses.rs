@@ -90,7 +90,7 @@ fn response_events(
     mut encoder: ResponsesStream,
     store: Arc<ResponseStore>,
 ) -> impl Stream<Item = std::result::Result<Event, Infallible>> + Send {
-    let store_it = encoder_stores(&encoder);
+    let store_it = encoder.echo().store();
     let head = encoder.start();
     let body = runtime_core::ensure_finished(events).map(move |event| {
         let finishing = matches!(event, Ok(StreamEvent::Finished { .. }));
@@ -125,10 +125,6 @@ fn response_events(
                     .map(|(name, data)| Ok(Event::default().event(name).data(data.to_string()))),
             )
         })
-}
-
-fn encoder_stores(encoder: &ResponsesStream) -> bool {
-    encoder.echo().store()
 }
 
 pub(super) async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Response {
