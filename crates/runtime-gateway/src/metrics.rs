@@ -39,6 +39,7 @@ type Histograms = Family<ModelLabel, Histogram, fn() -> Histogram>;
 pub(crate) struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    embedding_requests: Family<RequestLabels, Counter>,
     prompt_tokens: Family<ModelLabel, Counter>,
     generated_tokens: Family<ModelLabel, Counter>,
     time_to_first_token: Histograms,
@@ -73,6 +74,12 @@ impl Metrics {
             "requests",
             "Chat requests answered, by model and HTTP status",
             requests.clone(),
+        );
+        let embedding_requests = Family::default();
+        registry.register(
+            "embedding_requests",
+            "Embedding requests answered, by model and HTTP status",
+            embedding_requests.clone(),
         );
         let prompt_tokens = Family::default();
         registry.register(
@@ -145,6 +152,7 @@ impl Metrics {
         Self {
             registry,
             requests,
+            embedding_requests,
             prompt_tokens,
             generated_tokens,
             time_to_first_token,
@@ -178,6 +186,18 @@ impl Metrics {
         self.request_duration
             .get_or_create(&label(model))
             .observe(duration.as_secs_f64());
+    }
+
+    pub(crate) fn embedding_request(&self, model: &str, status: u16, tokens: u64) {
+        self.embedding_requests
+            .get_or_create(&RequestLabels {
+                model: model.to_owned(),
+                status,
+            })
+            .inc();
+        self.prompt_tokens
+            .get_or_create(&label(model))
+            .inc_by(tokens);
     }
 
     pub(crate) fn first_token(&self, model: &str, after: Duration) {

@@ -10,7 +10,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures::Stream;
-use runtime_core::{Error, EventStream, InferenceRequest, ModelRuntime, Result, StreamEvent};
+use runtime_core::{
+    EmbeddingRequest, Embeddings, Error, EventStream, InferenceRequest, ModelRuntime, Result,
+    StreamEvent,
+};
 use tokio::sync::{Notify, RwLock, watch};
 
 /// A runtime serving requests on behalf of a gateway.
@@ -156,6 +159,13 @@ impl Lease {
         let guard = self.served.runtime.read().await;
         let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
         runtime.tokenize(text, add_special).await
+    }
+
+    /// The runtime's vectors for `request` ([`ModelRuntime::embed`]).
+    pub(crate) async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        let guard = self.served.runtime.read().await;
+        let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
+        runtime.embed(request).await
     }
 
     /// The text of the runtime's `tokens` ([`ModelRuntime::detokenize`]).

@@ -211,8 +211,26 @@ impl ServerEngine for LlamaServer {
                 command.args([flag, value]);
             }
         }
-        if let Some(ubatch) = options.ubatch_size {
+        // An embedding model is served by llama-server's embeddings mode,
+        // with the pooling its GGUF names. An input is embedded in one
+        // micro-batch, so that is as large as the context, and every slot
+        // may use the whole context (one cache for all slots), so the
+        // longest input is the context whatever `parallel` is.
+        let embedding = is_embedding_model(config);
+        if embedding {
+            command.args(["--embeddings", "--kv-unified"]);
+        }
+        let ubatch = options
+            .ubatch_size
+            .or(config.context_size.filter(|_| embedding));
+        if let Some(ubatch) = ubatch {
             command.args(["--ubatch-size", &ubatch.to_string()]);
+        }
+        if embedding
+            && config.batch_size.is_none()
+            && let Some(context) = config.context_size
+        {
+            command.args(["--batch-size", &context.to_string()]);
         }
         if options.metrics {
             command.arg("--metrics");
@@ -305,6 +323,14 @@ impl ServerEngine for LlamaServer {
         config: &RuntimeConfig,
         _options: &LlamaCppOptions,
     ) -> Option<(Support, Capabilities)> {
+        if is_embedding_model(config) {
+            let support = Support {
+                enforcer: Enforcer::LlamaCpp,
+                native_auto: false,
+                renders_tools: false,
+            };
+            return Some((support, Capabilities::embedding_only()));
+        }
         // Without a template of its own or the configuration's, llama-server
         // formats chat as chatml, which a base model never saw: its answers
         // are noise. Such a model takes raw prompts only.
@@ -339,6 +365,13 @@ impl ServerEngine for LlamaServer {
             .with_chat(chat);
         Some((support, capabilities))
     }
+}
+
+/// Whether the configured model is an embedding model
+/// ([`runtime_core::is_embedding_model`]); an unreadable header is taken for
+/// a generative model, as llama-server will say what is wrong with it.
+fn is_embedding_model(config: &RuntimeConfig) -> bool {
+    runtime_core::is_embedding_model(&config.model_path).unwrap_or(false)
 }
 
 /// A llama.cpp binary's environment: the user's variables, and the binary's

@@ -7,8 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use runtime_core::{
-    ApiKey, Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, ModelFormat,
-    ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, text_deltas,
+    ApiKey, Capabilities, EmbeddingInput, EmbeddingRequest, Embeddings, Error, EventStream,
+    InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result, RuntimeConfig,
+    RuntimeMetadata, StreamEvent, TextStream, text_deltas, truncate_tokens,
 };
 use runtime_openai::{
     ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key,
@@ -111,6 +112,70 @@ impl<E: ServerEngine> ManagedServer<E> {
 
     fn running(&self) -> Result<&Running> {
         self.running.as_ref().ok_or(Error::NotInitialized)
+    }
+
+    /// The inputs of `request` as the engine is sent them: texts as they
+    /// are, unless the request asks to truncate, when each text is tokenized
+    /// and cut to `limit` tokens keeping its special tokens; token ids past
+    /// the limit are cut or refused.
+    async fn fit_inputs(
+        &self,
+        running: &Running,
+        request: &EmbeddingRequest,
+        limit: usize,
+    ) -> Result<Vec<EmbeddingInput>> {
+        let mut inputs = Vec::with_capacity(request.inputs.len());
+        for input in &request.inputs {
+            inputs.push(match input {
+                EmbeddingInput::Tokens(tokens) if tokens.len() > limit => {
+                    if !request.truncate {
+                        return Err(Error::ContextExceeded {
+                            prompt_tokens: tokens.len() as u64,
+                            context_size: limit as u64,
+                        });
+                    }
+                    EmbeddingInput::Tokens(tokens[..limit].to_vec())
+                }
+                EmbeddingInput::Text(text) if request.truncate => {
+                    let with = self.engine.tokenize(&running.client, text, true).await?;
+                    if with.len() <= limit {
+                        input.clone()
+                    } else {
+                        let without = self.engine.tokenize(&running.client, text, false).await?;
+                        EmbeddingInput::Tokens(truncate_tokens(&with, &without, limit))
+                    }
+                }
+                other => other.clone(),
+            });
+        }
+        Ok(inputs)
+    }
+
+    /// [`Error::ContextExceeded`] for the first of `inputs` longer than
+    /// `limit` tokens, if one is.
+    async fn overlong(
+        &self,
+        running: &Running,
+        inputs: &[EmbeddingInput],
+        limit: usize,
+    ) -> Option<Error> {
+        for input in inputs {
+            let EmbeddingInput::Text(text) = input else {
+                continue;
+            };
+            let tokens = self
+                .engine
+                .tokenize(&running.client, text, true)
+                .await
+                .ok()?;
+            if tokens.len() > limit {
+                return Some(Error::ContextExceeded {
+                    prompt_tokens: tokens.len() as u64,
+                    context_size: limit as u64,
+                });
+            }
+        }
+        None
     }
 
     /// `request` planned for the running engine: what it cannot serve is
@@ -391,6 +456,37 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     async fn detokenize(&self, tokens: &[u32]) -> Result<String> {
         let running = self.running()?;
         self.engine.detokenize(&running.client, tokens).await
+    }
+
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        request.validate()?;
+        let running = self.running()?;
+        let name = self.engine.runtime_name();
+        let embeds = running
+            .structured
+            .as_ref()
+            .is_some_and(|(_, capabilities)| capabilities.embeddings);
+        if !embeds {
+            return Err(Error::unsupported(
+                "embeddings",
+                format!("{name} for this model, which is not an embedding model"),
+            ));
+        }
+        let limit = running.context_size.map_or(usize::MAX, |n| n as usize);
+        let inputs = self.fit_inputs(running, &request, limit).await?;
+        let embeddings = match running.client.embeddings(&inputs, false).await {
+            Ok(embeddings) => embeddings,
+            // The engine refuses what does not fit; say which input, and by
+            // how much, in our own terms.
+            Err(err @ Error::Api { .. }) if !request.truncate => {
+                return Err(self.overlong(running, &inputs, limit).await.unwrap_or(err));
+            }
+            Err(err) => return Err(attribute_to_exit(&running.process, err).await),
+        };
+        if let Some(vector) = embeddings.vectors.first() {
+            request.check_dimensions(vector.len())?;
+        }
+        Ok(embeddings)
     }
 
     async fn generate_stream(&self, request: InferenceRequest) -> Result<TextStream> {

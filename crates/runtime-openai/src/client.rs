@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::completions::CompletionRequest;
+use crate::embeddings::{EmbeddingsRequest, EmbeddingsResponse};
 use crate::wire::{ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ErrorBody};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use runtime_core::{
-    ApiKey, Error, EventStream, FinishReason, InferenceRequest, InferenceResponse, Result,
-    StreamEvent, Timings, Usage, collect_events,
+    ApiKey, EmbeddingInput, Embeddings, Error, EventStream, FinishReason, InferenceRequest,
+    InferenceResponse, Result, StreamEvent, Timings, Usage, collect_events,
 };
 
 use tokio::sync::{mpsc, watch};
@@ -361,6 +362,31 @@ impl OpenAiClient {
     pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
         let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
         self.stream_from("/v1/chat/completions", &body).await
+    }
+
+    /// One vector per input from the engine's `/v1/embeddings`, in input
+    /// order, with the heartbeat ending the request if the engine hangs.
+    /// `truncate` asks the server to cut overlong inputs (an extension of
+    /// ours and text-embeddings-inference's; sent only when set).
+    pub async fn embeddings(
+        &self,
+        inputs: &[EmbeddingInput],
+        truncate: bool,
+    ) -> Result<Embeddings> {
+        let body = EmbeddingsRequest::for_engine(inputs, self.model.as_deref(), truncate);
+        let mut interrupts = self.interrupts();
+        let answer = async {
+            let response = self.post("/v1/embeddings", &body).await?;
+            let bytes = response.bytes().await.map_err(transport)?;
+            serde_json::from_slice::<EmbeddingsResponse>(&bytes).map_err(|err| {
+                Error::StreamProtocol(format!("the engine's embeddings do not parse: {err}"))
+            })
+        };
+        let span = tracing::debug_span!("engine_request", url = %self.url("/v1/embeddings"));
+        tokio::select! {
+            answer = answer.instrument(span) => answer?.into_embeddings(inputs.len()),
+            err = interrupts.fired() => Err(err),
+        }
     }
 
     /// A raw-prompt request ([`InferenceRequest::prompt`]) completed through

@@ -32,6 +32,7 @@
 pub mod anthropic;
 mod client;
 pub mod completions;
+pub mod embeddings;
 mod heartbeat;
 mod io;
 mod key;

@@ -35,8 +35,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use runtime_core::{
-    ApiKey, BackendOptions, Capabilities, Error, EventStream, InferenceRequest, InferenceResponse,
-    ModelFormat, ModelRuntime, Result, RuntimeConfig, RuntimeMetadata, TextStream, text_deltas,
+    ApiKey, BackendOptions, Capabilities, EmbeddingRequest, Embeddings, Error, EventStream,
+    InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result, RuntimeConfig,
+    RuntimeMetadata, TextStream, text_deltas,
 };
 use runtime_openai::{ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient};
 use runtime_structured::{Enforcer, Plan, Support};
@@ -380,6 +381,18 @@ impl ModelRuntime for RemoteRuntime {
         Ok(plan.events(events))
     }
 
+    /// The server's `/v1/embeddings`; truncation, where asked, is the
+    /// server's to do.
+    async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        request.validate()?;
+        let client = &self.attached()?.client;
+        let embeddings = client.embeddings(&request.inputs, request.truncate).await?;
+        if let Some(vector) = embeddings.vectors.first() {
+            request.check_dimensions(vector.len())?;
+        }
+        Ok(embeddings)
+    }
+
     /// Closes our streams (they end with [`Error::ShutDown`]) and detaches;
     /// the server keeps running.
     async fn shutdown(&mut self) -> Result<()> {
@@ -400,7 +413,9 @@ impl ModelRuntime for RemoteRuntime {
         RuntimeMetadata::new(ModelFormat::Safetensors, "remote", version)
             .with_gpu(true)
             .with_capabilities(
-                Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(true),
+                Capabilities::full(runtime_core::MAX_CHOICES)
+                    .with_template_tools(true)
+                    .with_embeddings(true),
             )
     }
 }

@@ -288,6 +288,14 @@ impl ServerEngine for VllmServer {
         config: &RuntimeConfig,
         _options: &VllmOptions,
     ) -> Option<(Support, Capabilities)> {
+        if is_embedding_model(config) {
+            let support = Support {
+                enforcer: Enforcer::LlGuidance,
+                native_auto: false,
+                renders_tools: false,
+            };
+            return Some((support, Capabilities::embedding_only()));
+        }
         // Started with the guidance backend and a tool parser (see
         // `engine_command`): schemas by llguidance, `auto` calls by the parser.
         let renders_tools = template_renders_tools(config);
@@ -330,6 +338,12 @@ fn chat_template(config: &RuntimeConfig) -> Option<String> {
 fn template_renders_tools(config: &RuntimeConfig) -> bool {
     chat_template(config)
         .is_some_and(|template| runtime_structured::template::renders_tools(&template))
+}
+
+/// Whether the configured model is an embedding model
+/// ([`runtime_core::is_embedding_model`]).
+fn is_embedding_model(config: &RuntimeConfig) -> bool {
+    runtime_core::is_embedding_model(&config.model_path).unwrap_or(false)
 }
 
 /// The model's family, `model_type` in its `config.json`.
@@ -415,7 +429,13 @@ fn engine_command(launch: &LaunchSpec<'_, VllmOptions>, role: Role) -> Result<Se
     if options.enforce_eager {
         command.arg("--enforce-eager");
     }
-    if role == Role::Server {
+    let embedding = is_embedding_model(config);
+    if embedding {
+        // vLLM's pooling runner, pooling as the model's sentence-transformers
+        // configuration says; said rather than left to `--runner auto`.
+        command.args(["--runner", "pooling"]);
+    }
+    if role == Role::Server && !embedding {
         // Schemas by llguidance, which the CPU build ships and which takes
         // the widest set of keywords; compact JSON, so a small model cannot
         // spend its tokens on whitespace.

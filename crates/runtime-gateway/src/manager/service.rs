@@ -5,7 +5,8 @@ use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use runtime_core::{
-    Capabilities, EventStream, InferenceRequest, InferenceResponse, ModelCard, ModelService, Result,
+    Capabilities, EmbeddingRequest, Embeddings, EventStream, InferenceRequest, InferenceResponse,
+    ModelCard, ModelService, Result,
 };
 use serde::Serialize;
 
@@ -146,6 +147,10 @@ impl ModelService for RuntimeManager {
         let model = self.inner.resolve(model)?;
         let lease = self.inner.lease(&model).await?;
         lease.detokenize(tokens).await
+    }
+
+    async fn embed(&self, model: Option<&str>, request: EmbeddingRequest) -> Result<Embeddings> {
+        self.inner.serve_embeddings(model, request).await
     }
 
     async fn models(&self) -> Vec<ModelCard> {

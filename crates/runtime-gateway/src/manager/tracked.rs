@@ -7,7 +7,9 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 
 use futures::Stream;
-use runtime_core::{Error, EventStream, InferenceRequest, Result, StreamEvent};
+use runtime_core::{
+    EmbeddingRequest, Embeddings, Error, EventStream, InferenceRequest, Result, StreamEvent,
+};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -128,5 +130,59 @@ impl Inner {
                 Err(err)
             }
         }
+    }
+
+    /// The vectors of `request` from the model it names, admitted through
+    /// that model's queue as a chat request is.
+    pub(super) async fn serve_embeddings(
+        self: &Arc<Self>,
+        requested: Option<&str>,
+        request: EmbeddingRequest,
+    ) -> Result<Embeddings> {
+        let model = match self.resolve(requested) {
+            Ok(model) => model,
+            Err(err) => {
+                self.metrics
+                    .embedding_request("(unknown)", err.http_status(), 0);
+                return Err(err);
+            }
+        };
+        let span = tracing::info_span!("gateway", model = model.name());
+        let outcome = async {
+            let _permit = self.admit(&model).await?;
+            let lease = self.lease(&model).await?;
+            self.metrics.request_started(model.name());
+            // Ended when the request is, answered or dropped.
+            let _in_flight = InFlight {
+                inner: self,
+                model: model.name(),
+            };
+            lease.embed(request).await
+        }
+        .instrument(span)
+        .await;
+        model.touch();
+        match &outcome {
+            Ok(embeddings) => {
+                self.metrics
+                    .embedding_request(model.name(), 200, embeddings.prompt_tokens);
+            }
+            Err(err) => self
+                .metrics
+                .embedding_request(model.name(), err.http_status(), 0),
+        }
+        outcome
+    }
+}
+
+/// A request counted in flight until dropped.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    model: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.inner.metrics.request_ended(self.model);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Routes: `POST /v1/chat/completions` (plain, and streamed as SSE with a usage
 //! chunk when `stream_options.include_usage` is set), `POST /v1/completions`
-//! (a raw prompt, no chat template), `POST /v1/responses`
+//! (a raw prompt, no chat template), `POST /v1/embeddings`, `POST /v1/responses`
 //! (and `GET`/`DELETE /v1/responses/{id}` for stored ones), `POST
 //! /v1/messages` and `/v1/messages/count_tokens` (errors in Anthropic's
 //! shape), `POST /tokenize` and `/detokenize` (llama-server's shape, with
@@ -53,6 +53,7 @@ use crate::wire::{
 };
 
 mod completions;
+mod embeddings;
 mod messages;
 mod responses;
 mod tokens;
@@ -272,6 +273,7 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/responses", post(responses::create))
         .route(
             "/v1/responses/{id}",
@@ -569,18 +571,24 @@ async fn models(State(state): State<AppState>) -> Response {
             if card.extra.contains_key("endpoints") {
                 return card;
             }
-            // A model without a chat template takes raw prompts only.
-            let chat = card
-                .extra
-                .get("capabilities")
-                .and_then(|c| c.get("chat"))
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(true);
-            let endpoints: Vec<&str> = if chat {
-                ENDPOINTS.to_vec()
-            } else {
-                vec!["/v1/completions"]
+            // A model without a chat template takes raw prompts only; an
+            // embedding model, embeddings only.
+            let capability = |name: &str, default: bool| {
+                card.extra
+                    .get("capabilities")
+                    .and_then(|c| c.get(name))
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(default)
             };
+            let mut endpoints: Vec<&str> =
+                match (capability("generation", true), capability("chat", true)) {
+                    (false, _) => Vec::new(),
+                    (true, true) => ENDPOINTS.to_vec(),
+                    (true, false) => vec!["/v1/completions"],
+                };
+            if capability("embeddings", false) {
+                endpoints.push("/v1/embeddings");
+            }
             card.with("endpoints", endpoints)
         })
         .collect();
