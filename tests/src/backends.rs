@@ -71,6 +71,43 @@ pub fn candle() -> Backend {
     }
 }
 
+/// The variable holding all-MiniLM-L6-v2's sentence-transformers directory.
+pub const EMBEDDING_DIR_ENV: &str = "MODEL_RUNTIME_TEST_EMBEDDING_DIR";
+/// The variable holding its GGUF conversion (f32).
+pub const EMBEDDING_GGUF_ENV: &str = "MODEL_RUNTIME_TEST_EMBEDDING_GGUF";
+/// The embedding model's positions: the context its engines are started with.
+pub const EMBEDDING_CONTEXT: u32 = 512;
+
+/// llama.cpp, candle and vLLM on all-MiniLM-L6-v2 (the GGUF for llama.cpp,
+/// the directory for the others), each with a context of
+/// [`EMBEDDING_CONTEXT`].
+pub fn embedding_backends() -> Vec<Backend> {
+    let dir = required_env(EMBEDDING_DIR_ENV);
+    let gguf = required_env(EMBEDDING_GGUF_ENV);
+    let mut llama = llamacpp();
+    llama.config.model_path = gguf;
+    let mut candle = candle();
+    candle.config.model_path = dir.clone();
+    let mut vllm = vllm();
+    // vLLM computes in float32 as the other two and the reference do, so
+    // the comparison is of the implementations, not of the precision.
+    // vLLM takes sentence-transformers' `max_seq_length` (256) for the
+    // model's limit and refuses more unless told; the position table has
+    // 512 rows (`max_position_embeddings`), which llama.cpp's conversion and
+    // candle use, so all three (and the reference) run 512.
+    vllm.config = vllm
+        .config
+        .clone()
+        .with_extra_config("dtype", "float32")
+        .with_env("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1");
+    vllm.config.model_path = dir;
+    let mut backends = vec![llama, candle, vllm];
+    for backend in &mut backends {
+        backend.config.context_size = Some(EMBEDDING_CONTEXT);
+    }
+    backends
+}
+
 /// The variable holding the Hugging Face directory vLLM runs on.
 pub const HF_MODEL_ENV: &str = "MODEL_RUNTIME_TEST_HF_MODEL";
 

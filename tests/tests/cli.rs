@@ -738,6 +738,95 @@ async fn official_clients_speak_the_responses_messages_and_completions_apis() {
     );
 }
 
+/// OpenAI's own Python client against `serve` of an embedding model (the
+/// all-MiniLM-L6-v2 GGUF on llama.cpp), as RAG pipelines call it
+/// (`clients/embeddings.py`): the SDK's default base64 answers decode to the
+/// same unit vectors as floats, one text alone is the batch's first, the
+/// usage counts tokens, and chat is refused with 501 naming the endpoint to
+/// use.
+#[tokio::test]
+async fn openais_python_client_embeds_through_serve() {
+    conformance::init_tracing();
+    let Some(gguf) = std::env::var_os(conformance::backends::EMBEDDING_GGUF_ENV) else {
+        let mut backend = conformance::backends::llamacpp();
+        backend.name = "cli";
+        conformance::not_applicable(
+            &backend,
+            "openais_python_client_embeds_through_serve",
+            "the embedding model's GGUF is converted with vLLM's Python: select vllm too",
+        );
+        return;
+    };
+    let clients = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
+    let mut serve = Serve::start_model(&gguf, &[]).await;
+    let models = serve.models().await;
+    let model = models["data"][0]["id"]
+        .as_str()
+        .expect("a model id")
+        .to_owned();
+    assert_eq!(
+        models["data"][0]["endpoints"],
+        serde_json::json!(["/v1/embeddings"]),
+        "{models}"
+    );
+    let output =
+        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/clients/embeddings.py"
+            ))
+            .env("PYTHONPATH", &clients)
+            .env("BASE_URL", &serve.base)
+            .env("API_KEY", GATEWAY_KEY)
+            .env("MODEL", &model)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("python runs");
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    serve.exit_within(Duration::from_secs(10)).await;
+    serve.assert_engine_gone(Duration::from_secs(2)).await;
+    assert!(
+        output.status.success(),
+        "the client failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(got["dims"], serde_json::json!([384, 384, 384]), "{got}");
+    assert_eq!(got["indices"], serde_json::json!([0, 1, 2]), "{got}");
+    for norm in got["norms"].as_array().expect("norms") {
+        assert!(
+            (norm.as_f64().unwrap() - 1.0).abs() < 1e-4,
+            "unit vectors: {got}"
+        );
+    }
+    // base64 carries the f32 bits; floats are printed from the same f32s.
+    let vectors =
+        |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(got[key].clone()).expect("vectors") };
+    assert_eq!(
+        vectors("default"),
+        vectors("float"),
+        "base64 and floats agree"
+    );
+    let single: Vec<f32> = serde_json::from_value(got["single"].clone()).unwrap();
+    let same = runtime_core::cosine_similarity(&single, &vectors("float")[0]);
+    assert!(
+        same > 1.0 - 1e-5,
+        "one text alone is the batch's first: {same}"
+    );
+    assert!(got["prompt_tokens"].as_u64().unwrap() > 3, "{got}");
+    assert_eq!(got["chat"]["refused"], true, "{got}");
+    assert_eq!(got["chat"]["status"], 501, "{got}");
+    assert!(
+        got["chat"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/v1/embeddings")),
+        "{got}"
+    );
+}
+
 /// OpenAI's own Python client against the gateway, as agent frameworks drive
 /// it: `chat.completions.parse` into a pydantic model, a required tool call
 /// parsed into one, the call and its result sent back, and a streamed call

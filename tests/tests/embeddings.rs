@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use conformance::Backend;
-use conformance::backends::{candle, llamacpp, vllm};
+use conformance::backends::{EMBEDDING_CONTEXT, EMBEDDING_DIR_ENV, embedding_backends};
 use conformance::checks::{assert_no_engine_left, chain, start_with};
 use futures::FutureExt;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -31,12 +31,8 @@ use runtime_core::{
 };
 use serde_json::{Value, json};
 
-/// The sentence-transformers directory.
-const DIR_ENV: &str = "MODEL_RUNTIME_TEST_EMBEDDING_DIR";
-/// Its GGUF conversion.
-const GGUF_ENV: &str = "MODEL_RUNTIME_TEST_EMBEDDING_GGUF";
-/// The model's positions, the context every engine is started with.
-const CONTEXT: u32 = 512;
+/// The context every engine is started with.
+const CONTEXT: u32 = EMBEDDING_CONTEXT;
 /// The agreement the issue asks of any two implementations of one model.
 const AGREEMENT: f64 = 0.999;
 
@@ -145,33 +141,6 @@ impl Engines {
     }
 }
 
-fn embedding_backends() -> Vec<Backend> {
-    let dir = conformance::required_env(DIR_ENV);
-    let gguf = conformance::required_env(GGUF_ENV);
-    let mut llama = llamacpp();
-    llama.config.model_path = gguf;
-    let mut candle = candle();
-    candle.config.model_path = dir.clone();
-    let mut vllm = vllm();
-    // vLLM computes in float32 as the other two and the reference do, so
-    // the comparison is of the implementations, not of the precision.
-    // vLLM takes sentence-transformers' `max_seq_length` (256) for the
-    // model's limit and refuses more unless told; the position table has
-    // 512 rows (`max_position_embeddings`), which llama.cpp's conversion and
-    // candle use, so all three (and the reference) run 512.
-    vllm.config = vllm
-        .config
-        .clone()
-        .with_extra_config("dtype", "float32")
-        .with_env("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1");
-    vllm.config.model_path = dir;
-    let mut backends = vec![llama, candle, vllm];
-    for backend in &mut backends {
-        backend.config.context_size = Some(CONTEXT);
-    }
-    backends
-}
-
 impl Engines {
     async fn start() -> Self {
         let reference = reference_vectors(&texts()).await;
@@ -204,7 +173,7 @@ async fn reference_vectors(texts: &[String]) -> Reference {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/embeddings.py");
     let mut child = tokio::process::Command::new(python)
         .arg(script)
-        .arg(conformance::required_env(DIR_ENV))
+        .arg(conformance::required_env(EMBEDDING_DIR_ENV))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -6,7 +6,8 @@ use crate::{Result, cargo, run_checked, step, target_dir, test_backends};
 
 /// What can be benchmarked: candle against llama.cpp, each server backend,
 /// the gateway over several models, the distributed setups, and structured
-/// answers against free ones.
+/// answers against free ones, and candle's encoder against llama-server's
+/// embeddings.
 const TARGETS: &[&str] = &[
     "candle",
     "llamacpp",
@@ -14,6 +15,7 @@ const TARGETS: &[&str] = &[
     "gateway",
     "distributed",
     "structured",
+    "embeddings",
 ];
 
 /// The engines a target needs: candle and the gateway are compared with, or
@@ -23,6 +25,8 @@ fn engines_of(target: &str) -> &'static [&'static str] {
         "candle" | "gateway" | "structured" => &["candle", "llamacpp"],
         "llamacpp" | "distributed" => &["llamacpp"],
         "vllm" => &["vllm"],
+        // The embedding model's GGUF is converted with vLLM's Python.
+        "embeddings" => &["candle", "llamacpp", "vllm"],
         _ => &[],
     }
 }

