@@ -21,8 +21,11 @@ client = OpenAI(
 model = os.environ["MODEL"]
 texts = ["Hello, world!", "東京は日本の首都です。", "🙂 emoji"]
 
-# The SDK asks for base64 unless told otherwise, and decodes it.
-default = client.embeddings.create(model=model, input=texts)
+# The SDK asks for base64 unless told otherwise, and decodes it; the raw
+# answer shows the server sent a base64 string.
+raw = client.embeddings.with_raw_response.create(model=model, input=texts)
+default = raw.parse()
+sent = raw.http_response.json()["data"][0]["embedding"]
 floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
 single = client.embeddings.create(model=model, input=texts[0])
 out = {
@@ -34,6 +37,7 @@ out = {
     "float": [d.embedding for d in floats.data],
     "single": single.data[0].embedding,
     "prompt_tokens": default.usage.prompt_tokens,
+    "sent_base64": isinstance(sent, str),
 }
 try:
     client.chat.completions.create(

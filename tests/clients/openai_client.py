@@ -2,7 +2,7 @@
 way agent frameworks and structured-extraction code do, and prints what came
 back as one JSON object for the cli suite to check.
 
-Environment: BASE_URL (the gateway's /v1), API_KEY, MODEL. Any exception (a
+Environment: BASE_URL (the gateway's root), API_KEY, MODEL. Any exception (a
 refused request, an answer the SDK cannot parse into the pydantic model) ends
 the script with a traceback and a non-zero exit.
 """
@@ -26,7 +26,7 @@ class GetWeather(BaseModel):
 
 
 client = OpenAI(
-    base_url=os.environ["BASE_URL"],
+    base_url=os.environ["BASE_URL"] + "/v1",
     api_key=os.environ["API_KEY"],
     max_retries=0,
     timeout=120,

@@ -441,7 +441,8 @@ async fn run_and_check_leaks(check: Check, backend: Arc<Backend>) -> Result<(), 
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The message a check panicked with.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()

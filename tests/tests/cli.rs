@@ -178,6 +178,48 @@ impl Serve {
         }
     }
 
+    /// Runs the official-client script `clients/{script}` (with the clients
+    /// at `clients` on its path) against this gateway's first model, then
+    /// stops the gateway and proves its engine gone; returns the JSON the
+    /// script printed. A script that fails fails the test with its stderr.
+    async fn drive_with_client(
+        mut self,
+        script: &str,
+        clients: &std::path::Path,
+    ) -> serde_json::Value {
+        let models = self.models().await;
+        let model = models["data"][0]["id"]
+            .as_str()
+            .expect("a model id")
+            .to_owned();
+        let output =
+            tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
+                .arg(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("clients")
+                        .join(script),
+                )
+                .env("PYTHONPATH", clients)
+                .env("BASE_URL", &self.base)
+                .env("API_KEY", GATEWAY_KEY)
+                .env("MODEL", &model)
+                .kill_on_drop(true)
+                .output()
+                .await
+                .expect("python runs");
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.exit_within(Duration::from_secs(10)).await;
+        self.assert_engine_gone(Duration::from_secs(2)).await;
+        assert!(
+            output.status.success(),
+            "{script} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)))
+    }
+
     fn completions(&self) -> String {
         format!("{}/v1/chat/completions", self.base)
     }
@@ -654,37 +696,10 @@ async fn a_base_model_without_a_chat_template_is_served_by_the_completions_api()
 async fn official_clients_speak_the_responses_messages_and_completions_apis() {
     conformance::init_tracing();
     let clients = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
-    let mut serve = Serve::start(&[]).await;
-    let models = serve.models().await;
-    let model = models["data"][0]["id"]
-        .as_str()
-        .expect("a model id")
-        .to_owned();
-    let output =
-        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/clients/responses_and_messages.py"
-            ))
-            .env("PYTHONPATH", &clients)
-            .env("BASE_URL", &serve.base)
-            .env("API_KEY", GATEWAY_KEY)
-            .env("MODEL", &model)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("python runs");
-    serve.signal(nix::sys::signal::Signal::SIGTERM);
-    serve.exit_within(Duration::from_secs(10)).await;
-    serve.assert_engine_gone(Duration::from_secs(2)).await;
-    assert!(
-        output.status.success(),
-        "the clients failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    let serve = Serve::start(&[]).await;
+    let got = serve
+        .drive_with_client("responses_and_messages.py", &clients)
+        .await;
 
     let plain = &got["responses_plain"];
     let text = plain["text"].as_str().expect("output_text");
@@ -753,47 +768,24 @@ async fn openais_python_client_embeds_through_serve() {
         conformance::not_applicable(
             &backend,
             "openais_python_client_embeds_through_serve",
-            "the embedding model's GGUF is converted with vLLM's Python: select vllm too",
+            "the embedding model is provisioned only when llamacpp, candle and vllm are all \
+             selected (vLLM's Python converts its GGUF)",
         );
         return;
     };
     let clients = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
-    let mut serve = Serve::start_model(&gguf, &[]).await;
+    let serve = Serve::start_model(&gguf, &[]).await;
     let models = serve.models().await;
-    let model = models["data"][0]["id"]
-        .as_str()
-        .expect("a model id")
-        .to_owned();
     assert_eq!(
         models["data"][0]["endpoints"],
         serde_json::json!(["/v1/embeddings"]),
         "{models}"
     );
-    let output =
-        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/clients/embeddings.py"
-            ))
-            .env("PYTHONPATH", &clients)
-            .env("BASE_URL", &serve.base)
-            .env("API_KEY", GATEWAY_KEY)
-            .env("MODEL", &model)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("python runs");
-    serve.signal(nix::sys::signal::Signal::SIGTERM);
-    serve.exit_within(Duration::from_secs(10)).await;
-    serve.assert_engine_gone(Duration::from_secs(2)).await;
-    assert!(
-        output.status.success(),
-        "the client failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let got = serve.drive_with_client("embeddings.py", &clients).await;
+    assert_eq!(
+        got["sent_base64"], true,
+        "the SDK's default was answered in base64"
     );
-    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
     assert_eq!(got["dims"], serde_json::json!([384, 384, 384]), "{got}");
     assert_eq!(got["indices"], serde_json::json!([0, 1, 2]), "{got}");
     for norm in got["norms"].as_array().expect("norms") {
@@ -836,37 +828,8 @@ async fn openais_python_client_embeds_through_serve() {
 async fn openais_python_client_parses_schemas_and_round_trips_tool_calls() {
     conformance::init_tracing();
     let client = required_env("MODEL_RUNTIME_TEST_API_CLIENTS");
-    let mut serve = Serve::start(&[]).await;
-    let models = serve.models().await;
-    let model = models["data"][0]["id"]
-        .as_str()
-        .expect("a model id")
-        .to_owned();
-    let output =
-        tokio::process::Command::new(std::env::var_os("PYTHON").unwrap_or("python3".into()))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/clients/openai_client.py"
-            ))
-            .env("PYTHONPATH", &client)
-            .env("BASE_URL", format!("{}/v1", serve.base))
-            .env("API_KEY", GATEWAY_KEY)
-            .env("MODEL", &model)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("python runs");
-    serve.signal(nix::sys::signal::Signal::SIGTERM);
-    serve.exit_within(Duration::from_secs(10)).await;
-    serve.assert_engine_gone(Duration::from_secs(2)).await;
-    assert!(
-        output.status.success(),
-        "the client failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&output.stdout)));
+    let serve = Serve::start(&[]).await;
+    let got = serve.drive_with_client("openai_client.py", &client).await;
 
     for field in ["city", "country"] {
         assert!(got["parsed"][field].is_string(), "parsed into City: {got}");

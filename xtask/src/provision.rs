@@ -257,7 +257,8 @@ pub(crate) fn embedding_model() -> Result<EmbeddingModel> {
     let started = Instant::now();
     let llama = llama_cpp()?;
     let script = llama.convert_script.ok_or(
-        "converting the embedding model needs the pinned llama.cpp source's          convert_hf_to_gguf.py; unset $LLAMA_SERVER_BIN so the pinned source is provisioned",
+        "converting the embedding model needs the pinned llama.cpp source's \
+         convert_hf_to_gguf.py; unset $LLAMA_SERVER_BIN so the pinned source is provisioned",
     )?;
     let python = vllm()?.python;
     step(&format!(

@@ -63,6 +63,9 @@ pub(crate) struct EncoderModel {
     pool: rayon::ThreadPool,
     /// One forward pass at a time: each uses every compute thread.
     running: Mutex<()>,
+    /// Requests admitted (running or waiting for the forward pass); past
+    /// its permits a request is refused as busy.
+    admission: tokio::sync::Semaphore,
     serving: AtomicBool,
 }
 
@@ -90,32 +93,53 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// The pooling the sentence-transformers configuration in `dir` names:
-/// the `Pooling` module of `modules.json` (mean when there is none).
+/// the `Pooling` module of `modules.json` (mean when there is none). A
+/// module this encoder does not run (a `Dense` projection, say) or a pooling
+/// mode it does not implement is refused, never skipped: the vectors would
+/// be wrong.
 fn pooling(dir: &Path) -> Result<Pooling> {
-    let Ok(modules) = read_json(&dir.join("modules.json")) else {
+    let modules_path = dir.join("modules.json");
+    let Ok(modules) = read_json(&modules_path) else {
         return Ok(Pooling::Mean);
     };
-    let module = modules.as_array().and_then(|modules| {
-        modules.iter().find(|m| {
-            m["type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("models.Pooling"))
-        })
-    });
-    let Some(module) = module else {
+    let modules = modules.as_array().cloned().unwrap_or_default();
+    let kind = |m: &serde_json::Value| m["type"].as_str().unwrap_or_default().to_owned();
+    if let Some(other) = modules.iter().map(kind).find(|t| {
+        !["models.Transformer", "models.Pooling", "models.Normalize"]
+            .iter()
+            .any(|known| t.ends_with(known))
+    }) {
+        return Err(invalid(
+            &modules_path,
+            format!(
+                "has a `{other}` module, which candle does not run (it runs Transformer, \
+                 Pooling and Normalize); serve the model on llama.cpp or vLLM"
+            ),
+        ));
+    }
+    let Some(module) = modules.iter().find(|m| kind(m).ends_with("models.Pooling")) else {
         return Ok(Pooling::Mean);
     };
     let config_path: PathBuf = dir
         .join(module["path"].as_str().unwrap_or("1_Pooling"))
         .join("config.json");
     let config = read_json(&config_path)?;
-    let on = |key: &str| config[key].as_bool().unwrap_or(false);
-    match (on("pooling_mode_mean_tokens"), on("pooling_mode_cls_token")) {
-        (true, false) => Ok(Pooling::Mean),
-        (false, true) => Ok(Pooling::Cls),
+    let modes: Vec<&str> = config
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, value)| key.starts_with("pooling_mode_") && value.as_bool() == Some(true))
+        .map(|(key, _)| key.as_str())
+        .collect();
+    match modes.as_slice() {
+        ["pooling_mode_mean_tokens"] => Ok(Pooling::Mean),
+        ["pooling_mode_cls_token"] => Ok(Pooling::Cls),
         _ => Err(invalid(
             &config_path,
-            "names a pooling this backend does not implement (mean or CLS only, one of them)",
+            format!(
+                "names the pooling {modes:?}, which candle does not implement (one of mean or \
+                 CLS); serve the model on llama.cpp or vLLM"
+            ),
         )),
     }
 }
@@ -125,7 +149,14 @@ impl Encoder {
     /// `context_size` if given (at most the model's positions), else the
     /// `max_seq_length` of its `sentence_bert_config.json`, else its
     /// positions.
-    pub(crate) fn load(dir: &Path, context_size: Option<u32>, threads: usize) -> Result<Self> {
+    /// At most `admitted` requests are taken at once (the rest are
+    /// [`Error::Busy`]).
+    pub(crate) fn load(
+        dir: &Path,
+        context_size: Option<u32>,
+        threads: usize,
+        admitted: usize,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: Config = serde_json::from_value(read_json(&config_path)?).map_err(|err| {
             invalid(
@@ -133,6 +164,17 @@ impl Encoder {
                 format!("is not a BERT configuration candle can run: {err}"),
             )
         })?;
+        // candle-transformers' BERT counts positions from 0; RoBERTa and
+        // XLM-R, which its configuration also reads, do not.
+        if config.model_type.as_deref().is_some_and(|t| t != "bert") {
+            return Err(invalid(
+                &config_path,
+                format!(
+                    "is a `{}` model; candle's encoder runs BERT only (serve it on llama.cpp or vLLM)",
+                    config.model_type.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
         let positions = config.max_position_embeddings;
         // sentence-transformers' own limit, where the model says one (what
         // it truncates to, and vLLM's default); `context_size` may raise it
@@ -197,6 +239,7 @@ impl Encoder {
             weight_bytes,
             pool,
             running: Mutex::new(()),
+            admission: tokio::sync::Semaphore::new(admitted.max(1)),
             serving: AtomicBool::new(true),
         })))
     }
@@ -215,6 +258,18 @@ impl EncoderModel {
         self.serving.store(false, Ordering::SeqCst);
     }
 
+    /// Refuses, naming `field`, a token id past the vocabulary.
+    fn check_vocabulary(&self, field: &'static str, tokens: &[u32]) -> Result<()> {
+        let vocabulary = self.tokenizer.get_vocab_size(true);
+        match tokens.iter().find(|&&t| t as usize >= vocabulary) {
+            Some(bad) => Err(Error::invalid_request(
+                field,
+                format!("holds token {bad}, past the vocabulary of {vocabulary} tokens"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         self.tokenizer
             .encode(text, special)
@@ -226,7 +281,6 @@ impl EncoderModel {
     /// request asks).
     fn sequences(&self, request: &EmbeddingRequest) -> Result<Vec<Vec<u32>>> {
         let limit = self.context_limit;
-        let vocabulary = self.tokenizer.get_vocab_size(true);
         request
             .inputs
             .iter()
@@ -241,12 +295,7 @@ impl EncoderModel {
                         }
                     }
                     EmbeddingInput::Tokens(tokens) => {
-                        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocabulary) {
-                            return Err(Error::invalid_request(
-                                "input",
-                                format!("holds token {bad}, past the vocabulary of {vocabulary}"),
-                            ));
-                        }
+                        self.check_vocabulary("input", tokens)?;
                         if tokens.len() > limit && request.truncate {
                             tokens[..limit].to_vec()
                         } else {
@@ -266,7 +315,13 @@ impl EncoderModel {
     }
 
     /// One vector per input (blocking: run it off the async workers).
-    pub(crate) fn embed_blocking(&self, request: &EmbeddingRequest) -> Result<Embeddings> {
+    /// Between batches it stops with [`Error::ShutDown`] once the encoder is
+    /// stopped or `cancelled` is set (the request's caller went away).
+    pub(crate) fn embed_blocking(
+        &self,
+        request: &EmbeddingRequest,
+        cancelled: &AtomicBool,
+    ) -> Result<Embeddings> {
         request.validate()?;
         request.check_dimensions(self.width)?;
         if !self.is_serving() {
@@ -280,6 +335,9 @@ impl EncoderModel {
         let mut vectors = vec![Vec::new(); sequences.len()];
         let mut start = 0;
         while start < order.len() {
+            if !self.is_serving() || cancelled.load(Ordering::SeqCst) {
+                return Err(Error::ShutDown);
+            }
             let mut end = start + 1;
             while end < order.len()
                 && end - start < BATCH
@@ -379,23 +437,35 @@ impl ModelService for Encoder {
     }
 
     async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
-        let vocabulary = self.tokenizer.get_vocab_size(true);
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocabulary) {
-            return Err(Error::invalid_request(
-                "tokens",
-                format!("holds {bad}, past the vocabulary of {vocabulary} tokens"),
-            ));
-        }
+        self.check_vocabulary("tokens", tokens)?;
         self.tokenizer
             .decode(tokens, false)
             .map_err(|err| Error::engine("the tokenizer failed", err))
     }
 
     async fn embed(&self, _model: Option<&str>, request: EmbeddingRequest) -> Result<Embeddings> {
-        // A forward pass is blocking work: off the async workers.
+        let _admitted = self.admission.try_acquire().map_err(|_| {
+            Error::Busy(
+                "every slot and queue place of the encoder is taken; try again shortly".to_owned(),
+            )
+        })?;
+        // A forward pass is blocking work: off the async workers. Dropping
+        // this future (the client went away) stops it at its next batch.
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(cancelled.clone());
         let encoder = self.clone();
-        tokio::task::spawn_blocking(move || encoder.embed_blocking(&request))
+        tokio::task::spawn_blocking(move || encoder.embed_blocking(&request, &cancelled))
             .await
             .map_err(|err| Error::engine("the encoder task failed", err))?
+    }
+}
+
+/// Sets its flag when dropped: a request's future tells its blocking work
+/// that nobody waits for it any more.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }

@@ -328,6 +328,18 @@ impl ModelService for Engine {
         .map_err(|err| Error::engine("the tokenizer task failed", err))?
     }
 
+    async fn embed(
+        &self,
+        _model: Option<&str>,
+        _request: runtime_core::EmbeddingRequest,
+    ) -> Result<runtime_core::Embeddings> {
+        Err(Error::unsupported(
+            "embeddings",
+            "candle for this model, which is not an embedding model (load a \
+             sentence-transformers directory to embed)",
+        ))
+    }
+
     async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
         let vocabulary = self.model.tokenizer.inner().get_vocab_size(true);
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocabulary) {

@@ -204,7 +204,9 @@ async fn start(config: &RuntimeConfig) -> Result<Running> {
     let encoder = format == ModelFormat::Safetensors && runtime_core::is_embedding_model(&path)?;
     let engine = tokio::task::spawn_blocking(move || {
         if encoder {
-            return Encoder::load(&path, context_size, engine_options.threads).map(Loaded::Encoder);
+            let admitted = engine_options.slots + engine_options.queue;
+            return Encoder::load(&path, context_size, engine_options.threads, admitted)
+                .map(Loaded::Encoder);
         }
         let model = LoadedModel::load(&path, format, context_size, requantize)?;
         Engine::start(model, engine_options).map(|engine| Loaded::Generator(Arc::new(engine)))

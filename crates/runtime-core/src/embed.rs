@@ -136,7 +136,8 @@ impl EmbeddingRequest {
 }
 
 /// The vectors of an [`EmbeddingRequest`], one per input in the request's
-/// order, normalised to unit length as the model's pooling says.
+/// order, pooled as the model says and normalised to unit length (as
+/// llama.cpp and vLLM answer `/v1/embeddings`).
 #[derive(Debug, Clone, PartialEq, Default)]
 #[non_exhaustive]
 pub struct Embeddings {
@@ -164,9 +165,14 @@ pub fn truncate_tokens(with_special: &[u32], without_special: &[u32], limit: usi
     if with_special.len() <= limit {
         return with_special.to_vec();
     }
-    let prefix = (0..=with_special.len().saturating_sub(without_special.len()))
+    let Some(prefix) = (0..=with_special.len().saturating_sub(without_special.len()))
         .find(|&start| with_special[start..].starts_with(without_special))
-        .unwrap_or(0);
+    else {
+        // The text's tokens are not a run inside the full ones (a
+        // tokenizer that splits them otherwise with its specials): keep the
+        // head, which holds the start token.
+        return with_special[..limit].to_vec();
+    };
     let suffix = with_special
         .len()
         .saturating_sub(prefix + without_special.len());
@@ -231,6 +237,11 @@ mod tests {
         assert_eq!(truncate_tokens(&[1, 9, 8, 7], &[9, 8, 7], 3), vec![1, 9, 8]);
         // No special tokens at all.
         assert_eq!(truncate_tokens(&[9, 8, 7], &[9, 8, 7], 2), vec![9, 8]);
+        // Split otherwise with the specials: the head is kept, no stray tail.
+        assert_eq!(
+            truncate_tokens(&[1, 5, 6, 7, 8, 2], &[9, 7, 8], 4),
+            vec![1, 5, 6, 7]
+        );
     }
 
     #[test]

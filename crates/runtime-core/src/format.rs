@@ -263,13 +263,44 @@ pub fn gguf_has_metadata(path: impl AsRef<Path>, key: &str) -> Result<bool> {
     Ok(found)
 }
 
+/// The context the GGUF model at `path` was trained for
+/// (`{general.architecture}.context_length`), if its header says.
+///
+/// # Errors
+///
+/// As [`gguf_has_metadata`].
+pub fn gguf_context_length(path: impl AsRef<Path>) -> Result<Option<u64>> {
+    let mut architecture = None;
+    let mut lengths = Vec::new();
+    walk_gguf_metadata(path.as_ref(), |name, value| {
+        match value {
+            GgufValue::Str(value) if name == b"general.architecture" => {
+                architecture = Some(value.to_vec());
+            }
+            GgufValue::Uint(value) if name.ends_with(b".context_length") => {
+                lengths.push((name.to_vec(), value));
+            }
+            _ => {}
+        }
+        false
+    })?;
+    let Some(mut key) = architecture else {
+        return Ok(None);
+    };
+    key.extend_from_slice(b".context_length");
+    Ok(lengths
+        .into_iter()
+        .find(|(name, _)| *name == key)
+        .map(|(_, value)| value))
+}
+
 /// Whether the model at `path` is an embedding model (an encoder, or a
 /// decoder trained to embed), which is embedded rather than generated from:
 /// a GGUF whose architecture has a pooling type
 /// (`{general.architecture}.pooling_type`, which the conversion of a
 /// sentence-transformers model writes), or a Hugging Face directory that is
 /// a sentence-transformers model (a `Pooling` module in `modules.json`) or
-/// whose architecture has no language-model head (`BertModel`).
+/// whose architecture is a known encoder (`BertModel`, `XLMRobertaModel`, …).
 ///
 /// # Errors
 ///
@@ -293,13 +324,13 @@ pub fn is_embedding_model(path: impl AsRef<Path>) -> Result<bool> {
         return Ok(architectures
             .iter()
             .filter_map(|a| a.as_str())
-            .any(|a| a.ends_with("Model") && !a.contains("For") && !a.contains("LMHead")));
+            .any(|a| ENCODER_ARCHITECTURES.contains(&a)));
     }
     let mut architecture = None;
     let mut keys = Vec::new();
     walk_gguf_metadata(path, |name, value| {
-        if name == b"general.architecture" {
-            architecture = value.map(|v| v.to_vec());
+        if let (b"general.architecture", GgufValue::Str(value)) = (name, value) {
+            architecture = Some(value.to_vec());
         }
         if name.ends_with(b".pooling_type") {
             keys.push(name.to_vec());
@@ -313,11 +344,35 @@ pub fn is_embedding_model(path: impl AsRef<Path>) -> Result<bool> {
     }))
 }
 
-/// Calls `visit` with each key of the GGUF header at `path` (and its value,
-/// for string values) until it returns `true`.
+/// A GGUF metadata value, as far as [`walk_gguf_metadata`] reads it.
+enum GgufValue<'a> {
+    Str(&'a [u8]),
+    /// An unsigned or non-negative integer of 32 or 64 bits.
+    Uint(u64),
+    /// Anything else (skipped unread).
+    Other,
+}
+
+/// Encoder architectures without a head (`config.json`'s `architectures`),
+/// which are embedding models even without a sentence-transformers
+/// configuration. A list, not a pattern: some generative models are named
+/// `…Model` too (ChatGLM's `ChatGLMModel`).
+const ENCODER_ARCHITECTURES: &[&str] = &[
+    "BertModel",
+    "DistilBertModel",
+    "RobertaModel",
+    "XLMRobertaModel",
+    "NomicBertModel",
+    "MPNetModel",
+    "ModernBertModel",
+    "JinaBertModel",
+];
+
+/// Calls `visit` with each key of the GGUF header at `path` and its value
+/// (strings and integers; others skipped) until it returns `true`.
 fn walk_gguf_metadata(
     path: &Path,
-    mut visit: impl FnMut(&[u8], Option<&[u8]>) -> bool,
+    mut visit: impl FnMut(&[u8], GgufValue<'_>) -> bool,
 ) -> Result<()> {
     let file = File::open(path)
         .map_err(|err| Error::io(format!("error reading {}", path.display()), err))?;
@@ -342,12 +397,33 @@ fn walk_gguf_metadata(
     for _ in 0..pairs {
         let name = header.string()?;
         let kind = header.u32()?;
-        let done = if kind == GGUF_STRING {
-            let value = header.string()?;
-            visit(&name, Some(&value))
-        } else {
-            header.skip_value(kind, 0)?;
-            visit(&name, None)
+        let done = match kind {
+            GGUF_STRING => {
+                let value = header.string()?;
+                visit(&name, GgufValue::Str(&value))
+            }
+            GGUF_U32 | GGUF_I32 => {
+                let value = header.u32()?;
+                let value = if kind == GGUF_I32 {
+                    u64::try_from(value as i32).ok()
+                } else {
+                    Some(u64::from(value))
+                };
+                visit(&name, value.map_or(GgufValue::Other, GgufValue::Uint))
+            }
+            GGUF_U64 | GGUF_I64 => {
+                let value = header.u64()?;
+                let value = if kind == GGUF_I64 {
+                    u64::try_from(value as i64).ok()
+                } else {
+                    Some(value)
+                };
+                visit(&name, value.map_or(GgufValue::Other, GgufValue::Uint))
+            }
+            _ => {
+                header.skip_value(kind, 0)?;
+                visit(&name, GgufValue::Other)
+            }
         };
         if done {
             break;
@@ -356,8 +432,12 @@ fn walk_gguf_metadata(
     Ok(())
 }
 
-/// The GGUF value type of a string.
+/// GGUF value types.
+const GGUF_U32: u32 = 4;
+const GGUF_I32: u32 = 5;
 const GGUF_STRING: u32 = 8;
+const GGUF_U64: u32 = 10;
+const GGUF_I64: u32 = 11;
 
 /// The longest metadata string or array read: a header claiming more is
 /// malformed (a real vocabulary is a few hundred thousand entries).

@@ -78,7 +78,7 @@ pub use embed::{
     truncate_tokens,
 };
 pub use error::{BoxError, Error, ErrorKind, Result};
-pub use format::{ModelFormat, gguf_has_metadata, is_embedding_model};
+pub use format::{ModelFormat, gguf_context_length, gguf_has_metadata, is_embedding_model};
 pub use options::{BackendOptions, option_keys};
 pub use request::{
     ChatMessage, InferenceRequest, MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,

@@ -141,9 +141,9 @@ pub trait ModelRuntime: Send + Sync {
         ))
     }
 
-    /// One vector per input of `request`, in order, pooled and normalised
-    /// as the model says (an embedding model's sentence-transformers
-    /// configuration, or the pooling in its GGUF).
+    /// One vector per input of `request`, in order, pooled as the model says
+    /// (an embedding model's sentence-transformers configuration, or the
+    /// pooling in its GGUF) and normalised to unit length.
     ///
     /// The request is validated first ([`EmbeddingRequest::validate`]); an
     /// input past the engine's context is refused with

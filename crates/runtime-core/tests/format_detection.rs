@@ -272,4 +272,34 @@ fn a_sentence_transformers_directory_is_an_embedding_model_and_a_causal_lm_is_no
         br#"{"architectures": ["LlamaForCausalLM"]}"#,
     );
     assert!(!runtime_core::is_embedding_model(&lm).unwrap());
+    // A generative model whose architecture is named `…Model`.
+    let glm = dir.path().join("glm");
+    fs::create_dir(&glm).unwrap();
+    write(
+        &glm,
+        "config.json",
+        br#"{"architectures": ["ChatGLMModel"]}"#,
+    );
+    assert!(!runtime_core::is_embedding_model(&glm).unwrap());
+}
+
+#[test]
+fn the_trained_context_is_read_for_the_files_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bert.gguf",
+        &gguf(&[
+            ("llama.context_length", 4, 4096u32.to_le_bytes().to_vec()),
+            ("general.architecture", 8, gguf_string("bert")),
+            ("bert.context_length", 4, 512u32.to_le_bytes().to_vec()),
+        ]),
+    );
+    assert_eq!(runtime_core::gguf_context_length(&path).unwrap(), Some(512));
+    let without = write(
+        dir.path(),
+        "none.gguf",
+        &gguf(&[("general.architecture", 8, gguf_string("bert"))]),
+    );
+    assert_eq!(runtime_core::gguf_context_length(&without).unwrap(), None);
 }

@@ -188,13 +188,22 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
-    pub(crate) fn embedding_request(&self, model: &str, status: u16, tokens: u64) {
+    pub(crate) fn embedding_request(
+        &self,
+        model: &str,
+        status: u16,
+        tokens: u64,
+        duration: Duration,
+    ) {
         self.embedding_requests
             .get_or_create(&RequestLabels {
                 model: model.to_owned(),
                 status,
             })
             .inc();
+        self.request_duration
+            .get_or_create(&label(model))
+            .observe(duration.as_secs_f64());
         self.prompt_tokens
             .get_or_create(&label(model))
             .inc_by(tokens);

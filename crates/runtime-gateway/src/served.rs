@@ -161,11 +161,17 @@ impl Lease {
         runtime.tokenize(text, add_special).await
     }
 
-    /// The runtime's vectors for `request` ([`ModelRuntime::embed`]).
+    /// The runtime's vectors for `request` ([`ModelRuntime::embed`]);
+    /// ended with [`Error::ShutDown`] if the runtime is retired first, so a
+    /// long request never holds up its retirement.
     pub(crate) async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
+        let retiring = wait_retiring(self.served.retiring.subscribe());
         let guard = self.served.runtime.read().await;
         let runtime = guard.as_deref().ok_or(Error::ShutDown)?;
-        runtime.embed(request).await
+        tokio::select! {
+            embedded = runtime.embed(request) => embedded,
+            () = retiring => Err(Error::ShutDown),
+        }
     }
 
     /// The text of the runtime's `tokens` ([`ModelRuntime::detokenize`]).

@@ -102,7 +102,7 @@ impl ServerEngine for LlamaServer {
         true
     }
 
-    fn validate(&self, config: &RuntimeConfig, _options: &LlamaCppOptions) -> Result<()> {
+    fn validate(&self, config: &RuntimeConfig, options: &LlamaCppOptions) -> Result<()> {
         let format = config.resolve_format()?;
         if format != ModelFormat::Gguf {
             return Err(Error::UnsupportedFormat {
@@ -117,6 +117,20 @@ impl ServerEngine for LlamaServer {
                 path: config.model_path.clone(),
                 reason: "configured as GGUF but the content is not GGUF".to_owned(),
             });
+        }
+        // An embedding model embeds an input in one micro-batch: a smaller
+        // one would refuse inputs the context admits.
+        if is_embedding_model(config)
+            && let (Some(ubatch), Some(context)) = (options.ubatch_size, embedding_context(config))
+            && ubatch < context
+        {
+            return Err(Error::invalid_config(
+                "ubatch_size",
+                format!(
+                    "is {ubatch}, less than the context of {context} tokens; an embedding model \
+                     reads each input in one micro-batch, so leave it out or raise it"
+                ),
+            ));
         }
         Ok(())
     }
@@ -223,21 +237,23 @@ impl ServerEngine for LlamaServer {
         // micro-batch, so that is as large as the context, and every slot
         // may use the whole context (one cache for all slots), so the
         // longest input is the context whatever `parallel` is.
-        let embedding = is_embedding_model(config);
-        if embedding {
+        let embedding = is_embedding_model(config).then(|| embedding_context(config));
+        if let Some(context) = embedding {
             command.args(["--embeddings", "--kv-unified"]);
+            // Without a configured context, the model's own (llama-server
+            // would take 4096, past a BERT's positions).
+            if let (None, Some(context)) = (config.context_size, context) {
+                command.args(["--ctx-size", &context.to_string()]);
+            }
+            if config.batch_size.is_none()
+                && let Some(context) = context
+            {
+                command.args(["--batch-size", &context.to_string()]);
+            }
         }
-        let ubatch = options
-            .ubatch_size
-            .or(config.context_size.filter(|_| embedding));
+        let ubatch = options.ubatch_size.or(embedding.flatten());
         if let Some(ubatch) = ubatch {
             command.args(["--ubatch-size", &ubatch.to_string()]);
-        }
-        if embedding
-            && config.batch_size.is_none()
-            && let Some(context) = config.context_size
-        {
-            command.args(["--batch-size", &context.to_string()]);
         }
         if options.metrics {
             command.arg("--metrics");
@@ -379,6 +395,17 @@ impl ServerEngine for LlamaServer {
 /// a generative model, as llama-server will say what is wrong with it.
 fn is_embedding_model(config: &RuntimeConfig) -> bool {
     runtime_core::is_embedding_model(&config.model_path).unwrap_or(false)
+}
+
+/// The longest input of an embedding model: the configured context, else
+/// the one it was trained for.
+fn embedding_context(config: &RuntimeConfig) -> Option<u32> {
+    config.context_size.or_else(|| {
+        runtime_core::gguf_context_length(&config.model_path)
+            .ok()
+            .flatten()
+            .and_then(|n| u32::try_from(n).ok())
+    })
 }
 
 /// A llama.cpp binary's environment: the user's variables, and the binary's

@@ -20,6 +20,11 @@ use runtime_structured::{Plan, Support};
 use crate::engine::PROBE_TIMEOUT;
 use crate::{LaunchSpec, ServerEngine};
 
+/// The most tokens a tokenizer adds to a text beyond one per byte (its
+/// special tokens, a space prefix): a text this much shorter than the
+/// context fits without being tokenized.
+const MAX_SPECIAL_TOKENS: usize = 8;
+
 /// How long a broken connection waits for the exit watcher before it is
 /// reported as a transport error rather than as the engine's exit.
 const EXIT_CONFIRMATION: Duration = Duration::from_millis(500);
@@ -115,40 +120,58 @@ impl<E: ServerEngine> ManagedServer<E> {
     }
 
     /// The inputs of `request` as the engine is sent them: texts as they
-    /// are, unless the request asks to truncate, when each text is tokenized
-    /// and cut to `limit` tokens keeping its special tokens; token ids past
-    /// the limit are cut or refused.
+    /// are, unless the request asks to truncate, when each text that may be
+    /// too long is tokenized (all at once) and cut to `limit` tokens keeping
+    /// its special tokens; token ids past the limit are cut or refused.
+    /// Texts and token ids may be mixed in one request: llama-server and
+    /// vLLM both take the mix (checked by the embeddings suite).
     async fn fit_inputs(
         &self,
         running: &Running,
         request: &EmbeddingRequest,
         limit: usize,
     ) -> Result<Vec<EmbeddingInput>> {
-        let mut inputs = Vec::with_capacity(request.inputs.len());
-        for input in &request.inputs {
-            inputs.push(match input {
-                EmbeddingInput::Tokens(tokens) if tokens.len() > limit => {
-                    if !request.truncate {
-                        return Err(Error::ContextExceeded {
-                            prompt_tokens: tokens.len() as u64,
-                            context_size: limit as u64,
-                        });
+        let tokens_of = |text: &str| {
+            let client = &running.client;
+            let text = text.to_owned();
+            async move {
+                let with = self.engine.tokenize(client, &text, true).await?;
+                let without = if request.truncate && with.len() > limit {
+                    self.engine.tokenize(client, &text, false).await?
+                } else {
+                    Vec::new()
+                };
+                Ok::<_, Error>((with, without))
+            }
+        };
+        let fitted: Vec<EmbeddingInput> =
+            futures::future::try_join_all(request.inputs.iter().map(|input| async move {
+                Ok::<_, Error>(match input {
+                    EmbeddingInput::Tokens(tokens) if tokens.len() > limit => {
+                        if !request.truncate {
+                            return Err(Error::ContextExceeded {
+                                prompt_tokens: tokens.len() as u64,
+                                context_size: limit as u64,
+                            });
+                        }
+                        EmbeddingInput::Tokens(tokens[..limit].to_vec())
                     }
-                    EmbeddingInput::Tokens(tokens[..limit].to_vec())
-                }
-                EmbeddingInput::Text(text) if request.truncate => {
-                    let with = self.engine.tokenize(&running.client, text, true).await?;
-                    if with.len() <= limit {
-                        input.clone()
-                    } else {
-                        let without = self.engine.tokenize(&running.client, text, false).await?;
-                        EmbeddingInput::Tokens(truncate_tokens(&with, &without, limit))
+                    // No text has more tokens than bytes, bar a few specials.
+                    EmbeddingInput::Text(text)
+                        if request.truncate && text.len() + MAX_SPECIAL_TOKENS > limit =>
+                    {
+                        let (with, without) = tokens_of(text).await?;
+                        if with.len() <= limit {
+                            input.clone()
+                        } else {
+                            EmbeddingInput::Tokens(truncate_tokens(&with, &without, limit))
+                        }
                     }
-                }
-                other => other.clone(),
-            });
-        }
-        Ok(inputs)
+                    other => other.clone(),
+                })
+            }))
+            .await?;
+        Ok(fitted)
     }
 
     /// [`Error::ContextExceeded`] for the first of `inputs` longer than
@@ -163,6 +186,9 @@ impl<E: ServerEngine> ManagedServer<E> {
             let EmbeddingInput::Text(text) = input else {
                 continue;
             };
+            if text.len() + MAX_SPECIAL_TOKENS <= limit {
+                continue;
+            }
             let tokens = self
                 .engine
                 .tokenize(&running.client, text, true)
@@ -478,7 +504,12 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             Ok(embeddings) => embeddings,
             // The engine refuses what does not fit; say which input, and by
             // how much, in our own terms.
-            Err(err @ Error::Api { .. }) if !request.truncate => {
+            Err(
+                err @ Error::Api {
+                    status: 400 | 413 | 500,
+                    ..
+                },
+            ) if !request.truncate => {
                 return Err(self.overlong(running, &inputs, limit).await.unwrap_or(err));
             }
             Err(err) => return Err(attribute_to_exit(&running.process, err).await),

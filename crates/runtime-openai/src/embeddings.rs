@@ -26,6 +26,7 @@ pub struct EmbeddingsRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// What to embed.
+    #[serde(deserialize_with = "read_input")]
     pub input: Input,
     /// `float` or `base64`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +52,41 @@ pub enum Input {
     Tokens(Vec<u32>),
     /// Several inputs, texts or token ids.
     Many(Vec<EmbeddingInput>),
+}
+
+/// What `input` may be, said when it is something else.
+const INPUT_FORMS: &str = "`input` must be a string, a list of strings, a list of token ids \
+                           (integers from 0 to 4294967295) or a list of such lists";
+
+/// `input` in any of its forms, with one clear error for anything else.
+fn read_input<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Input, D::Error> {
+    use serde::de::Error as _;
+    let tokens = |values: &[Value]| -> Option<Vec<u32>> {
+        values
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    };
+    let refused = || D::Error::custom(INPUT_FORMS);
+    match Value::deserialize(deserializer)? {
+        Value::String(text) => Ok(Input::One(text)),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            tokens(&items).map(Input::Tokens).ok_or_else(refused)
+        }
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Some(EmbeddingInput::Text(text)),
+                Value::Array(ids) => tokens(&ids).map(EmbeddingInput::Tokens),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Input::Many)
+            .ok_or_else(refused),
+        _ => Err(refused()),
+    }
 }
 
 impl EmbeddingsRequest {

@@ -382,7 +382,9 @@ impl ModelRuntime for RemoteRuntime {
     }
 
     /// The server's `/v1/embeddings`; truncation, where asked, is the
-    /// server's to do.
+    /// server's to do, and the vectors are the server's as they come (not
+    /// listed in the capabilities: whether the model embeds is not known
+    /// here).
     async fn embed(&self, request: EmbeddingRequest) -> Result<Embeddings> {
         request.validate()?;
         let client = &self.attached()?.client;
@@ -413,9 +415,7 @@ impl ModelRuntime for RemoteRuntime {
         RuntimeMetadata::new(ModelFormat::Safetensors, "remote", version)
             .with_gpu(true)
             .with_capabilities(
-                Capabilities::full(runtime_core::MAX_CHOICES)
-                    .with_template_tools(true)
-                    .with_embeddings(true),
+                Capabilities::full(runtime_core::MAX_CHOICES).with_template_tools(true),
             )
     }
 }

@@ -44,7 +44,13 @@ async fn seconds(runtime: &dyn ModelRuntime, texts: &[String], per_request: usiz
 
 pub(crate) async fn embeddings(results: &mut Results) {
     let backends = conformance::backends::embedding_backends();
-    let (llama, candle) = (&backends[0], &backends[1]);
+    let named = |name: &str| {
+        backends
+            .iter()
+            .find(|b| b.name == name)
+            .expect("an embedding backend of that name")
+    };
+    let (llama, candle) = (named("llamacpp"), named("candle"));
     let mut llama_runtime = started(llama, llama.config.clone(), results).await;
     let mut candle_runtime = started(candle, candle.config.clone(), results).await;
     // Warm: page faults, the engines' first allocations.

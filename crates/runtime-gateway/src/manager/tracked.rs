@@ -139,50 +139,76 @@ impl Inner {
         requested: Option<&str>,
         request: EmbeddingRequest,
     ) -> Result<Embeddings> {
+        let started = Instant::now();
         let model = match self.resolve(requested) {
             Ok(model) => model,
             Err(err) => {
-                self.metrics
-                    .embedding_request("(unknown)", err.http_status(), 0);
+                self.metrics.embedding_request(
+                    "(unknown)",
+                    err.http_status(),
+                    0,
+                    started.elapsed(),
+                );
                 return Err(err);
             }
         };
         let span = tracing::info_span!("gateway", model = model.name());
-        let outcome = async {
+        let mut outcome = EmbeddingOutcome {
+            inner: self,
+            model: &model,
+            started,
+            // 499 unless answered: the client went away first.
+            status: 499,
+            tokens: 0,
+            in_flight: false,
+        };
+        let embedded = async {
             let _permit = self.admit(&model).await?;
             let lease = self.lease(&model).await?;
             self.metrics.request_started(model.name());
-            // Ended when the request is, answered or dropped.
-            let _in_flight = InFlight {
-                inner: self,
-                model: model.name(),
-            };
+            outcome.in_flight = true;
             lease.embed(request).await
         }
         .instrument(span)
         .await;
-        model.touch();
-        match &outcome {
+        match &embedded {
             Ok(embeddings) => {
-                self.metrics
-                    .embedding_request(model.name(), 200, embeddings.prompt_tokens);
+                outcome.status = 200;
+                outcome.tokens = embeddings.prompt_tokens;
             }
-            Err(err) => self
-                .metrics
-                .embedding_request(model.name(), err.http_status(), 0),
+            Err(err) => outcome.status = err.http_status(),
         }
-        outcome
+        embedded
     }
 }
 
-/// A request counted in flight until dropped.
-struct InFlight<'a> {
+/// An embedding request's bookkeeping, done when it ends however it ends
+/// (answered, refused, or dropped with its client): the request counted
+/// with its status and time, the model touched, waiting loads told that
+/// capacity may be free.
+struct EmbeddingOutcome<'a> {
     inner: &'a Inner,
-    model: &'a str,
+    model: &'a Model,
+    started: Instant,
+    status: u16,
+    tokens: u64,
+    /// Counted in flight (admitted and leased).
+    in_flight: bool,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for EmbeddingOutcome<'_> {
     fn drop(&mut self) {
-        self.inner.metrics.request_ended(self.model);
+        let name = self.model.name();
+        self.inner.metrics.embedding_request(
+            name,
+            self.status,
+            self.tokens,
+            self.started.elapsed(),
+        );
+        if self.in_flight {
+            self.inner.metrics.request_ended(name);
+        }
+        self.model.touch();
+        self.inner.capacity_freed.notify_waiters();
     }
 }
