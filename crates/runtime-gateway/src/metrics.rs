@@ -177,15 +177,7 @@ impl Metrics {
     }
 
     pub(crate) fn request(&self, model: &str, status: u16, duration: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.to_owned(),
-                status,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&label(model))
-            .observe(duration.as_secs_f64());
+        self.answered(&self.requests, model, status, duration);
     }
 
     pub(crate) fn embedding_request(
@@ -195,7 +187,22 @@ impl Metrics {
         tokens: u64,
         duration: Duration,
     ) {
-        self.embedding_requests
+        self.answered(&self.embedding_requests, model, status, duration);
+        self.prompt_tokens
+            .get_or_create(&label(model))
+            .inc_by(tokens);
+    }
+
+    /// A request of `model` answered with `status` after `duration`,
+    /// counted in `counter` (its endpoint's).
+    fn answered(
+        &self,
+        counter: &Family<RequestLabels, Counter>,
+        model: &str,
+        status: u16,
+        duration: Duration,
+    ) {
+        counter
             .get_or_create(&RequestLabels {
                 model: model.to_owned(),
                 status,
@@ -204,9 +211,6 @@ impl Metrics {
         self.request_duration
             .get_or_create(&label(model))
             .observe(duration.as_secs_f64());
-        self.prompt_tokens
-            .get_or_create(&label(model))
-            .inc_by(tokens);
     }
 
     pub(crate) fn first_token(&self, model: &str, after: Duration) {
