@@ -35,9 +35,11 @@ out = {}
 QUESTION = "What is the capital of France?"
 asked = dict(
     model=model,
-    instructions="Answer briefly.",
+    instructions="You are a helpful assistant.",
     input=QUESTION,
-    max_output_tokens=24,
+    # Room for the whole answer: the SDK's stream gives a final response
+    # only for `response.completed`, not for one cut off (`incomplete`).
+    max_output_tokens=64,
     temperature=0,
 )
 

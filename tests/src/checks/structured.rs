@@ -206,6 +206,11 @@ pub async fn structured_output(backend: &Backend) {
         "a streamed schema answer equals the plain one"
     );
 
+    // A free-form object may go on repeating keys until the token limit (a
+    // sampled loop seen on one kind of CPU and not another): that answer is
+    // the typed cut-off refusal, never an unchecked partial object; every
+    // answer that ends is an object, and at least one does.
+    let mut whole_objects = 0;
     for seed in [7, 8, 9] {
         let request =
             InferenceRequest::from_prompt("Describe the weather in Paris as a JSON object.")
@@ -213,11 +218,21 @@ pub async fn structured_output(backend: &Backend) {
                 .with_temperature(WARM)
                 .with_seed(seed)
                 .with_response_format(ResponseFormat::JsonObject);
-        let answer = runtime.generate(request).await.expect("json_object answer");
-        let value: Value = serde_json::from_str(&answer.content)
-            .unwrap_or_else(|err| panic!("json_object, seed {seed}: {err}: {:?}", answer.content));
-        assert!(value.is_object(), "json_object, seed {seed}: {value}");
+        match runtime.generate(request).await {
+            Ok(answer) => {
+                let value: Value = serde_json::from_str(&answer.content).unwrap_or_else(|err| {
+                    panic!("json_object, seed {seed}: {err}: {:?}", answer.content)
+                });
+                assert!(value.is_object(), "json_object, seed {seed}: {value}");
+                whole_objects += 1;
+            }
+            Err(Error::OutputInvalid { reason, .. }) if reason.contains("token limit") => {
+                tracing::info!(seed, "a json_object answer ran to the token limit");
+            }
+            Err(err) => panic!("json_object, seed {seed}: {err}"),
+        }
     }
+    assert!(whole_objects > 0, "no json_object answer ended");
 
     // Several answers: each one checked.
     let (label, prompt, schema) = schemas().swap_remove(3);
