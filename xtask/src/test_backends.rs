@@ -185,6 +185,14 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
             other => return Err(format!("no provisioning known for `{other}`")),
         }
     }
+    // The cross-engine suite holds fill-in-the-middle to llama-server's own
+    // `/infill`, on both engines.
+    if ["candle", "llamacpp"].iter().all(|b| backends.contains(b)) {
+        env.push((
+            "MODEL_RUNTIME_TEST_FIM_GGUF".into(),
+            provision::fim_model()?.into(),
+        ));
+    }
     // The embeddings suite compares all three engines on all-MiniLM-L6-v2,
     // and the cli suite serves its GGUF (which vLLM's Python converts).
     if ["candle", "llamacpp", "vllm"]

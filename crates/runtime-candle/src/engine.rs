@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use candle_transformers::generation::Sampling;
 use runtime_core::{
-    Capabilities, Error, EventStream, InferenceRequest, InferenceResponse, MAX_CHOICES,
-    ModelService, Result, StreamEvent, Usage, collect_events,
+    Capabilities, Error, EventStream, FimTokens, InferenceRequest, InferenceResponse, MAX_CHOICES,
+    ModelService, Prompt, Result, StreamEvent, Usage, collect_events,
 };
 use runtime_structured::{Enforcer, Plan, Support};
 use tokio::sync::mpsc;
@@ -29,6 +29,7 @@ use crate::model::LoadedModel;
 use crate::runner::Runner;
 use crate::sampling::{random_seed, sampling_of};
 use crate::scheduler::Scheduler;
+use crate::tokenizer::TextTokenizer;
 
 /// Where a generation's events go.
 pub(crate) type Events = mpsc::UnboundedSender<Result<StreamEvent>>;
@@ -228,12 +229,49 @@ impl Engine {
     }
 }
 
+/// The fill-in-the-middle prompt of `prefix` and `suffix`, in the
+/// vocabulary's own FIM tokens (refused when it has none).
+fn infill_prompt(tokenizer: &TextTokenizer, prefix: &str, suffix: &str) -> Result<Vec<u32>> {
+    let fim = FimTokens::find(|marker| tokenizer.inner().token_to_id(marker))
+        .ok_or_else(runtime_core::no_fim_tokens)?;
+    Ok(fim.prompt(
+        &tokenizer.encode_prompt("")?,
+        &tokenizer.encode(prefix)?,
+        &tokenizer.encode(suffix)?,
+    ))
+}
+
+/// Refuses token ids past the vocabulary, naming `field`.
+fn check_vocabulary(tokenizer: &TextTokenizer, tokens: &[u32], field: &'static str) -> Result<()> {
+    let vocabulary = tokenizer.inner().get_vocab_size(true);
+    match tokens.iter().find(|&&t| t as usize >= vocabulary) {
+        Some(bad) => Err(Error::invalid_request(
+            field,
+            format!("holds token id {bad}, past the vocabulary of {vocabulary} tokens"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Renders, tokenizes and checks a request: blocking work, run off the async workers.
 /// Returns the prompt's tokens and how many may be generated.
 fn prepare(model: &LoadedModel, request: &InferenceRequest) -> Result<(Vec<u32>, usize)> {
     let tokens = match &request.prompt {
         // A raw prompt is continued as is: no template.
-        Some(raw) => model.tokenizer.encode_prompt(raw)?,
+        Some(Prompt::Text(prefix)) => match &request.suffix {
+            Some(suffix) => infill_prompt(&model.tokenizer, prefix, suffix)?,
+            None => model.tokenizer.encode_prompt(prefix)?,
+        },
+        Some(Prompt::Tokens(tokens)) => {
+            check_vocabulary(&model.tokenizer, tokens, "prompt")?;
+            tokens.clone()
+        }
+        Some(_) => {
+            return Err(Error::invalid_request(
+                "prompt",
+                "is of a kind candle does not serve; send text or token ids",
+            ));
+        }
         None => {
             let template = model.template.as_ref().ok_or_else(|| {
                 Error::invalid_request(
@@ -341,13 +379,7 @@ impl ModelService for Engine {
     }
 
     async fn detokenize(&self, _model: Option<&str>, tokens: &[u32]) -> Result<String> {
-        let vocabulary = self.model.tokenizer.inner().get_vocab_size(true);
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocabulary) {
-            return Err(Error::invalid_request(
-                "tokens",
-                format!("holds {bad}, past the vocabulary of {vocabulary} tokens"),
-            ));
-        }
+        check_vocabulary(&self.model.tokenizer, tokens, "tokens")?;
         self.model.tokenizer.decode(tokens)
     }
 

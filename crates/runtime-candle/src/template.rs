@@ -1,7 +1,7 @@
 //! The model's own chat template, rendered with minijinja.
 
 use minijinja::{Environment, ErrorKind, context};
-use runtime_core::{ChatMessage, Error, Result};
+use runtime_core::{ChatMessage, Error, Result, Role};
 use serde::Serialize;
 
 const TEMPLATE_NAME: &str = "chat";
@@ -41,8 +41,20 @@ impl ChatTemplate {
         })
     }
 
-    /// The prompt for `messages`, ending with the assistant's turn opened.
+    /// The prompt for `messages`, ending with the assistant's turn opened;
+    /// a trailing assistant message is continued instead (a prefill): the
+    /// conversation before it with the turn opened, then its text, as
+    /// llama-server builds it.
     pub(crate) fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        match messages.split_last() {
+            Some((last, before)) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
+                Ok(self.render_opened(before)? + &last.content)
+            }
+            _ => self.render_opened(messages),
+        }
+    }
+
+    fn render_opened(&self, messages: &[ChatMessage]) -> Result<String> {
         let messages: Vec<Message<'_>> = messages
             .iter()
             .map(|m| Message {
@@ -90,6 +102,18 @@ mod tests {
             .render(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")])
             .unwrap();
         assert!(own.starts_with("<|im_start|>system\nBe brief.<|im_end|>"));
+    }
+
+    #[test]
+    fn a_trailing_assistant_message_is_continued_in_its_opened_turn() {
+        let template = ChatTemplate::new(SMOLLM2.to_owned(), String::new(), String::new()).unwrap();
+        let user = ChatMessage::user("Count to ten.");
+        let opened = template.render(std::slice::from_ref(&user)).unwrap();
+        let continued = template
+            .render(&[user, ChatMessage::assistant("1, 2, 3,")])
+            .unwrap();
+        assert_eq!(continued, format!("{opened}1, 2, 3,"));
+        assert!(opened.ends_with("<|im_start|>assistant\n"), "{opened:?}");
     }
 
     #[test]

@@ -19,6 +19,21 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// Tokens that end a generation besides the model's own end token, as
+/// llama.cpp reads them by their spelling: ends of turns and texts, and a
+/// code model's fill-in-the-middle padding and file separators, which end
+/// its middle.
+const END_MARKERS: [&str; 8] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|fim_pad|>",
+    "<fim_pad>",
+    "<|file_sep|>",
+    "<|repo_name|>",
+    "<EOT>",
+];
+
 /// llama.cpp's token type for control tokens (`<|im_start|>`, `<|im_end|>`).
 const CONTROL_TOKEN: i32 = 3;
 
@@ -53,15 +68,10 @@ impl TextTokenizer {
         };
         let bos_token = special("bos_token").unwrap_or_default();
         let eos_token = special("eos_token").unwrap_or_default();
-        let mut end_tokens: Vec<u32> = [
-            eos_token.as_str(),
-            "<|im_end|>",
-            "<|endoftext|>",
-            "<|eot_id|>",
-        ]
-        .iter()
-        .filter_map(|token| inner.token_to_id(token))
-        .collect();
+        let mut end_tokens: Vec<u32> = std::iter::once(eos_token.as_str())
+            .chain(END_MARKERS)
+            .filter_map(|token| inner.token_to_id(token))
+            .collect();
         end_tokens.dedup();
         let adds_bos = config
             .as_ref()
@@ -168,7 +178,7 @@ impl TextTokenizer {
         let eos = id("tokenizer.ggml.eos_token_id");
         let mut end_tokens: Vec<u32> = eos.into_iter().collect();
         end_tokens.extend(id("tokenizer.ggml.eot_token_id"));
-        for marker in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        for marker in END_MARKERS {
             if let Some(position) = tokens.iter().position(|t| t == marker)
                 && !end_tokens.contains(&(position as u32))
             {

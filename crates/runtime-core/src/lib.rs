@@ -9,7 +9,9 @@
 //!   [`RuntimeMetadata`]);
 //! - [`ModelService`], what an HTTP front end serves: one runtime, an
 //!   in-process engine or a gateway over many models, by the model a request
-//!   names;
+//!   names (and the [`Endpoint`] it came through);
+//! - fill-in-the-middle as a token prompt every backend builds alike
+//!   ([`FimTokens`], [`resolve_infill`]);
 //! - [`Error`], one enum whose variants a caller can act on, and
 //!   [`ErrorKind`], the one table of what each means (HTTP status, client or
 //!   server fault, metric label);
@@ -60,6 +62,7 @@ pub mod duration;
 mod embed;
 mod error;
 mod format;
+mod infill;
 mod options;
 mod request;
 mod response;
@@ -79,10 +82,11 @@ pub use embed::{
 };
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use format::{ModelFormat, gguf_context_length, gguf_has_metadata, is_embedding_model};
+pub use infill::{FIM_MARKERS, FimTokens, no_fim_tokens, resolve_infill};
 pub use options::{BackendOptions, option_keys};
 pub use request::{
-    ChatMessage, InferenceRequest, MAX_CHOICES, MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
-    Role,
+    ChatMessage, InferenceRequest, MAX_CHOICES, MAX_PROMPT_TOKEN_IDS, MAX_STOP_BYTES,
+    MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Prompt, Role,
 };
 pub use response::{
     Capabilities, Choice, FinishReason, InferenceResponse, RuntimeMetadata, StreamEvent, Timings,
@@ -92,7 +96,7 @@ pub use runtime::{
     EventStream, ModelRuntime, TextStream, collect_events, ensure_finished, text_deltas,
 };
 pub use secret::ApiKey;
-pub use service::{ModelCard, ModelService};
+pub use service::{Endpoint, ModelCard, ModelService};
 pub use tools::{
     MAX_TOOL_NAME, MAX_TOOLS, ResponseFormat, TokenLogprob, Tool, ToolCall, ToolCallDelta,
     ToolChoice, TopLogprob,

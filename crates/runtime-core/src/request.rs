@@ -13,6 +13,52 @@ pub const MAX_STOP_BYTES: usize = 1024;
 pub const MAX_CHOICES: u32 = 16;
 /// The most alternatives per token `top_logprobs` may ask for.
 pub const MAX_TOP_LOGPROBS: u8 = 20;
+/// The most token ids a [`Prompt::Tokens`] may hold (far past any context
+/// served here; the engine's context is the real limit).
+pub const MAX_PROMPT_TOKEN_IDS: usize = 1 << 20;
+
+/// What a raw-prompt completion continues
+/// ([`InferenceRequest::prompt`]). On the wire, a string or a list of
+/// token ids, as in OpenAI's completions API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum Prompt {
+    /// Text, tokenized by the engine, with the tokens the model starts a
+    /// prompt with (its beginning-of-text token, where it has one).
+    Text(String),
+    /// Token ids of the model's vocabulary, fed as they are: nothing is
+    /// added, so the caller decides about a beginning-of-text token.
+    Tokens(Vec<u32>),
+}
+
+impl Prompt {
+    /// The text, when the prompt is text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Self::Text(text) => Some(text),
+            Self::Tokens(_) => None,
+        }
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(text: String) -> Self {
+        Self::Text(text)
+    }
+}
+
+impl From<&str> for Prompt {
+    fn from(text: &str) -> Self {
+        Self::Text(text.to_owned())
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(tokens: Vec<u32>) -> Self {
+        Self::Tokens(tokens)
+    }
+}
 
 /// Who wrote a chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -120,11 +166,17 @@ pub struct InferenceRequest {
     /// The conversation so far; the model answers the last message. Empty
     /// when [`prompt`](Self::prompt) is set.
     pub messages: Vec<ChatMessage>,
-    /// Raw text the model continues, as is: no chat template, so a base
-    /// model without one can be used. Tools, output formats,
-    /// log-probabilities and `n` are chat features and refused with it.
+    /// What the model continues, as is: no chat template, so a base model
+    /// without one can be used. Tools, output formats, log-probabilities
+    /// and `n` are chat features and refused with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
+    pub prompt: Option<Prompt>,
+    /// Fill-in-the-middle: the text after the gap. The model writes what
+    /// goes between a text [`prompt`](Self::prompt) and this, in the
+    /// prefix-suffix-middle order of the model's own FIM tokens
+    /// ([`FimTokens`](crate::FimTokens)); a model without them refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
     /// The most tokens to generate; `None` lets the engine decide.
     #[serde(default)]
     pub max_tokens: Option<u32>,
@@ -177,6 +229,7 @@ impl InferenceRequest {
         Self {
             messages,
             prompt: None,
+            suffix: None,
             max_tokens: None,
             temperature: None,
             top_p: None,
@@ -201,9 +254,23 @@ impl InferenceRequest {
     /// A completion of raw text: the model continues `text` as is, with no
     /// chat template ([`prompt`](Self::prompt)).
     pub fn completion(text: impl Into<String>) -> Self {
+        Self::completion_of(Prompt::Text(text.into()))
+    }
+
+    /// A completion of a [`Prompt`], text or token ids.
+    pub fn completion_of(prompt: Prompt) -> Self {
         Self {
-            prompt: Some(text.into()),
+            prompt: Some(prompt),
             ..Self::new(Vec::new())
+        }
+    }
+
+    /// Fill-in-the-middle: the model writes what goes between `prefix` and
+    /// `suffix` ([`suffix`](Self::suffix)).
+    pub fn infill(prefix: impl Into<String>, suffix: impl Into<String>) -> Self {
+        Self {
+            suffix: Some(suffix.into()),
+            ..Self::completion(prefix)
         }
     }
 
@@ -308,6 +375,20 @@ impl InferenceRequest {
         self.n.unwrap_or(1)
     }
 
+    /// The text the answer continues, when the conversation ends with an
+    /// assistant message (one that calls no tools): the model goes on
+    /// writing that message rather than starting a new one, as
+    /// llama-server and Anthropic's API do (a "prefill"). The answer is
+    /// what follows it.
+    pub fn prefill(&self) -> Option<&str> {
+        match self.messages.last() {
+            Some(last) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
+                Some(&last.content)
+            }
+            _ => None,
+        }
+    }
+
     /// [`validate`](Self::validate), for a request to be streamed: one
     /// answer streams at a time, so `n` must be 1.
     pub fn validate_for_stream(&self) -> Result<()> {
@@ -325,6 +406,12 @@ impl InferenceRequest {
     /// Checks the request before it reaches an engine, naming the first bad field.
     pub fn validate(&self) -> Result<()> {
         match &self.prompt {
+            None if self.suffix.is_some() => {
+                return Err(Error::invalid_request(
+                    "suffix",
+                    "is served with a raw text `prompt` (the completions API) only",
+                ));
+            }
             None if self.messages.is_empty() => {
                 return Err(Error::invalid_request(
                     "messages",
@@ -332,7 +419,7 @@ impl InferenceRequest {
                 ));
             }
             None => {}
-            Some(_) => self.validate_completion()?,
+            Some(prompt) => self.validate_completion(prompt)?,
         }
         if self.max_tokens == Some(0) {
             return Err(Error::invalid_request(
@@ -382,6 +469,7 @@ impl InferenceRequest {
         }
         self.validate_tools()?;
         self.validate_response_format()?;
+        self.validate_prefill()?;
         if let Some(n) = self.n
             && !(1..=MAX_CHOICES).contains(&n)
         {
@@ -407,8 +495,91 @@ impl InferenceRequest {
         Ok(())
     }
 
+    /// A continued assistant message is free text: a schema or a tool call
+    /// would have to start where the message already did.
+    fn validate_prefill(&self) -> Result<()> {
+        let Some(last) = self.messages.last() else {
+            return Ok(());
+        };
+        if last.role == Role::Assistant && !last.tool_calls.is_empty() {
+            return Err(Error::invalid_request(
+                "messages",
+                "ends with an assistant message that calls tools; send each call's result \
+                 (a `tool` message) after it",
+            ));
+        }
+        let Some(text) = self.prefill() else {
+            return Ok(());
+        };
+        if text.trim().is_empty() {
+            return Err(Error::invalid_request(
+                "messages",
+                "ends with an empty assistant message; leave it out to have the model answer",
+            ));
+        }
+        if text.ends_with(char::is_whitespace) {
+            // vLLM trims the text it continues, llama-server does not.
+            return Err(Error::invalid_request(
+                "messages",
+                "ends with an assistant message that ends in whitespace, which engines \
+                 continue differently; trim it (as Anthropic's API requires)",
+            ));
+        }
+        let structured = !self.tools.is_empty()
+            || !matches!(self.response_format, None | Some(ResponseFormat::Text));
+        if structured {
+            return Err(Error::invalid_request(
+                "messages",
+                "ends with an assistant message, which the model continues (a prefill); that \
+                 is served without tools and output formats: drop them, or end the \
+                 conversation with a user message",
+            ));
+        }
+        if self.choices() > 1 {
+            return Err(Error::invalid_request(
+                "n",
+                "must be 1 when the conversation ends with an assistant message, which the \
+                 model continues; send one request per answer",
+            ));
+        }
+        if self.messages.len() >= 2
+            && self.messages[self.messages.len() - 2].role == Role::Assistant
+        {
+            return Err(Error::invalid_request(
+                "messages",
+                "ends with two assistant messages; only the last one can be continued, so \
+                 join them into one",
+            ));
+        }
+        Ok(())
+    }
+
     /// A raw-text completion takes none of chat's features.
-    fn validate_completion(&self) -> Result<()> {
+    fn validate_completion(&self, prompt: &Prompt) -> Result<()> {
+        match prompt {
+            Prompt::Tokens(tokens) if tokens.is_empty() => {
+                return Err(Error::invalid_request(
+                    "prompt",
+                    "holds no token ids; send at least one",
+                ));
+            }
+            Prompt::Tokens(tokens) if tokens.len() > MAX_PROMPT_TOKEN_IDS => {
+                return Err(Error::invalid_request(
+                    "prompt",
+                    format!(
+                        "holds {} token ids; at most {MAX_PROMPT_TOKEN_IDS} are accepted",
+                        tokens.len()
+                    ),
+                ));
+            }
+            Prompt::Tokens(_) if self.suffix.is_some() => {
+                return Err(Error::invalid_request(
+                    "suffix",
+                    "needs a text `prompt` (the text before the gap), not token ids",
+                ));
+            }
+            _ => {}
+        }
         if !self.messages.is_empty() {
             return Err(Error::invalid_request(
                 "messages",
@@ -555,6 +726,69 @@ mod tests {
         assert_eq!(field_of(tools.validate().unwrap_err()), "tools");
         let several = InferenceRequest::completion("x").with_n(2);
         assert_eq!(field_of(several.validate().unwrap_err()), "n");
+    }
+
+    #[test]
+    fn a_token_prompt_needs_ids_and_takes_no_suffix() {
+        InferenceRequest::completion_of(Prompt::Tokens(vec![1, 2]))
+            .validate()
+            .unwrap();
+        let empty = InferenceRequest::completion_of(Prompt::Tokens(Vec::new()));
+        assert_eq!(field_of(empty.validate().unwrap_err()), "prompt");
+        let mut gap = InferenceRequest::completion_of(Prompt::Tokens(vec![1]));
+        gap.suffix = Some("}".into());
+        assert_eq!(field_of(gap.validate().unwrap_err()), "suffix");
+    }
+
+    #[test]
+    fn a_trailing_assistant_message_is_continued_as_free_text() {
+        let prefill = InferenceRequest::new(vec![
+            ChatMessage::user("Count to ten."),
+            ChatMessage::assistant("1, 2, 3,"),
+        ]);
+        prefill.validate().unwrap();
+        assert_eq!(prefill.prefill(), Some("1, 2, 3,"));
+        assert_eq!(valid().prefill(), None);
+        let with_format = prefill
+            .clone()
+            .with_response_format(ResponseFormat::JsonObject);
+        assert_eq!(field_of(with_format.validate().unwrap_err()), "messages");
+        let mut twice = prefill.clone();
+        twice.messages.push(ChatMessage::assistant("4,"));
+        assert_eq!(field_of(twice.validate().unwrap_err()), "messages");
+        for text in ["", "  ", "1, 2, "] {
+            let mut odd = prefill.clone();
+            odd.messages[1] = ChatMessage::assistant(text);
+            assert_eq!(
+                field_of(odd.validate().unwrap_err()),
+                "messages",
+                "{text:?}"
+            );
+        }
+        let calls = InferenceRequest::new(vec![
+            ChatMessage::user("Weather?"),
+            ChatMessage::assistant_calls(vec![crate::ToolCall::new("c1", "weather", "{}")]),
+        ]);
+        assert_eq!(field_of(calls.validate().unwrap_err()), "messages");
+    }
+
+    #[test]
+    fn a_suffix_needs_a_raw_text_prompt() {
+        InferenceRequest::infill("fn main() {", "}")
+            .validate()
+            .unwrap();
+        let mut chat = valid();
+        chat.suffix = Some("}".into());
+        assert_eq!(field_of(chat.validate().unwrap_err()), "suffix");
+    }
+
+    #[test]
+    fn a_prompt_is_a_string_or_token_ids_on_the_wire() {
+        let text: Prompt = serde_json::from_str(r#""Once""#).unwrap();
+        assert_eq!(text, Prompt::Text("Once".into()));
+        let tokens: Prompt = serde_json::from_str("[1, 2, 3]").unwrap();
+        assert_eq!(tokens, Prompt::Tokens(vec![1, 2, 3]));
+        assert_eq!(serde_json::to_string(&tokens).unwrap(), "[1,2,3]");
     }
 
     #[test]

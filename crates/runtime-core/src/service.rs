@@ -12,6 +12,44 @@ use crate::{
     ModelRuntime, Result, ToolChoice,
 };
 
+/// The API a generation request came through, for a service that counts
+/// requests by it (the gateway's `gateway_requests_total{endpoint}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// `/v1/chat/completions`, and a direct call of
+    /// [`ModelService::generate`].
+    ChatCompletions,
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/responses`.
+    Responses,
+    /// `/v1/messages`.
+    Messages,
+    /// `/v1/messages/count_tokens`.
+    CountTokens,
+}
+
+impl Endpoint {
+    /// Its name as a metric label: `chat_completions`, `completions`,
+    /// `responses`, `messages`, `count_tokens`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Responses => "responses",
+            Self::Messages => "messages",
+            Self::CountTokens => "count_tokens",
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The requests a server answers, by the model each names.
 ///
 /// `model` is the request's `model` field: a service in front of one model
@@ -44,6 +82,32 @@ pub trait ModelService: Send + Sync + 'static {
         request: InferenceRequest,
     ) -> Result<EventStream>;
 
+    /// [`generate`](Self::generate), for a request that came through
+    /// `endpoint`. A service that counts requests by endpoint overrides it;
+    /// the provided implementation forwards to `generate`. The router
+    /// calls this one.
+    async fn generate_at(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
+        let _ = endpoint;
+        self.generate(model, request).await
+    }
+
+    /// [`generate_events`](Self::generate_events), for a request that came
+    /// through `endpoint` (as [`generate_at`](Self::generate_at)).
+    async fn generate_events_at(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
+        let _ = endpoint;
+        self.generate_events(model, request).await
+    }
+
     /// How many tokens the prompt of `request` is, as the engine serving
     /// `model` counts them: what Anthropic's `/v1/messages/count_tokens`
     /// answers.
@@ -51,7 +115,7 @@ pub trait ModelService: Send + Sync + 'static {
     /// The provided implementation asks that engine, through
     /// [`generate`](Self::generate): it reads the prompt and generates one
     /// token (dropped) at temperature 0, and the prompt tokens it reports
-    /// are the count. The tools are kept in the prompt but not required
+    /// are the count (a request at [`Endpoint::CountTokens`]). The tools are kept in the prompt but not required
     /// (`tool_choice: none`) and the output format is dropped, so the one
     /// token cannot be an invalid answer; a model whose template renders
     /// tools only when they may be called counts them out.
@@ -70,7 +134,9 @@ pub trait ModelService: Send + Sync + 'static {
         if !request.tools.is_empty() {
             request.tool_choice = Some(ToolChoice::None);
         }
-        let response = self.generate(model, request).await?;
+        let response = self
+            .generate_at(Endpoint::CountTokens, model, request)
+            .await?;
         response
             .usage
             .map(|usage| usage.prompt_tokens)

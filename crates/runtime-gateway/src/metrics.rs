@@ -1,5 +1,5 @@
-//! What the gateway counts, in the Prometheus text format: requests by model
-//! and status, tokens, latencies, engine starts, memory, queues, restarts and
+//! What the gateway counts, in the Prometheus text format: requests by model,
+//! endpoint and status, tokens, latencies, engine starts, memory, queues, restarts and
 //! evictions.
 
 use std::sync::atomic::AtomicU64;
@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use runtime_core::Endpoint;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabel {
@@ -20,6 +21,13 @@ struct ModelLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointRequestLabels {
+    model: String,
+    endpoint: &'static str,
     status: u16,
 }
 
@@ -38,7 +46,7 @@ type Histograms = Family<ModelLabel, Histogram, fn() -> Histogram>;
 /// The gateway's metrics and the registry that renders them.
 pub(crate) struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
+    requests: Family<EndpointRequestLabels, Counter>,
     embedding_requests: Family<RequestLabels, Counter>,
     prompt_tokens: Family<ModelLabel, Counter>,
     generated_tokens: Family<ModelLabel, Counter>,
@@ -72,7 +80,8 @@ impl Metrics {
         let requests = Family::default();
         registry.register(
             "requests",
-            "Chat requests answered, by model and HTTP status",
+            "Generation requests answered, by model, endpoint (chat_completions, completions, \
+             responses, messages, count_tokens) and HTTP status",
             requests.clone(),
         );
         let embedding_requests = Family::default();
@@ -176,8 +185,15 @@ impl Metrics {
         text
     }
 
-    pub(crate) fn request(&self, model: &str, status: u16, duration: Duration) {
-        self.answered(&self.requests, model, status, duration);
+    pub(crate) fn request(&self, model: &str, endpoint: Endpoint, status: u16, duration: Duration) {
+        self.requests
+            .get_or_create(&EndpointRequestLabels {
+                model: model.to_owned(),
+                endpoint: endpoint.as_str(),
+                status,
+            })
+            .inc();
+        self.observe_duration(model, duration);
     }
 
     pub(crate) fn embedding_request(
@@ -187,27 +203,19 @@ impl Metrics {
         tokens: u64,
         duration: Duration,
     ) {
-        self.answered(&self.embedding_requests, model, status, duration);
-        self.prompt_tokens
-            .get_or_create(&label(model))
-            .inc_by(tokens);
-    }
-
-    /// A request of `model` answered with `status` after `duration`,
-    /// counted in `counter` (its endpoint's).
-    fn answered(
-        &self,
-        counter: &Family<RequestLabels, Counter>,
-        model: &str,
-        status: u16,
-        duration: Duration,
-    ) {
-        counter
+        self.embedding_requests
             .get_or_create(&RequestLabels {
                 model: model.to_owned(),
                 status,
             })
             .inc();
+        self.observe_duration(model, duration);
+        self.prompt_tokens
+            .get_or_create(&label(model))
+            .inc_by(tokens);
+    }
+
+    fn observe_duration(&self, model: &str, duration: Duration) {
         self.request_duration
             .get_or_create(&label(model))
             .observe(duration.as_secs_f64());

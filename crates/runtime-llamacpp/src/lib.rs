@@ -340,6 +340,12 @@ impl ServerEngine for LlamaServer {
         u32::try_from(n_ctx.as_u64()?).ok()
     }
 
+    /// llama-server continues a final assistant message by itself, and
+    /// answers with the message's text before the continuation.
+    fn echoes_continued_message(&self) -> bool {
+        true
+    }
+
     async fn structured(
         &self,
         client: &OpenAiClient,

@@ -169,6 +169,22 @@ pub trait ServerEngine: Send + Sync + 'static {
         ))
     }
 
+    /// Whether the engine continues a conversation's final assistant message
+    /// only when told so in the request (vLLM's `continue_final_message`);
+    /// the default, no, is for engines that do it by themselves
+    /// (llama-server) or not at all.
+    fn continues_final_message_when_told(&self) -> bool {
+        false
+    }
+
+    /// Whether the engine's answer to a continued assistant message starts
+    /// with that message's text (llama-server's does); the runtime then
+    /// takes the text off, so the answer is the continuation alone, as it
+    /// is on every engine.
+    fn echoes_continued_message(&self) -> bool {
+        false
+    }
+
     /// What the running engine does for tools and schemas, and what the
     /// model accepts, derived from the engine and the model's template.
     /// `None`, the default, serves plain chat only: tools, schemas,

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use runtime_core::{
     ApiKey, Capabilities, EmbeddingInput, EmbeddingRequest, Embeddings, Error, EventStream,
-    InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result, RuntimeConfig,
-    RuntimeMetadata, StreamEvent, TextStream, text_deltas, truncate_tokens,
+    FimTokens, InferenceRequest, InferenceResponse, ModelFormat, ModelRuntime, Result,
+    RuntimeConfig, RuntimeMetadata, StreamEvent, TextStream, resolve_infill, text_deltas,
+    truncate_tokens,
 };
 use runtime_openai::{
     ClientOptions, ClientTimeouts, Heartbeat, OpenAiClient, http_base_url, random_api_key,
@@ -49,6 +50,9 @@ struct Running {
     /// What the engine does for tools and schemas; `None`: plain chat only.
     structured: Option<(Support, Capabilities)>,
     stop_policy: StopPolicy,
+    /// The model's fill-in-the-middle tokens, found through the engine's
+    /// tokenizer on the first request with a `suffix`.
+    fim: tokio::sync::OnceCell<Option<FimTokens>>,
 }
 
 /// An engine on a private socket: the front that is its only door, and the
@@ -287,6 +291,8 @@ impl<E: ServerEngine> ManagedServer<E> {
                 .await?;
             (process, client, None)
         };
+        let client =
+            client.with_continue_final_message(self.engine.continues_final_message_when_told());
         let base_url = match &private {
             Some(private) => http_base_url(&config.host, private.front.address().port()),
             None => client.base_url().to_owned(),
@@ -325,7 +331,37 @@ impl<E: ServerEngine> ManagedServer<E> {
             context_size,
             structured,
             stop_policy,
+            fim: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The text the engine's answer to `request` starts with before its
+    /// continuation ([`ServerEngine::echoes_continued_message`]).
+    fn echoed_prefill<'r>(&self, request: &'r InferenceRequest) -> Option<&'r str> {
+        request
+            .prefill()
+            .filter(|_| self.engine.echoes_continued_message())
+    }
+
+    /// The request as the engine is sent it, and its plan: one with a
+    /// `suffix` becomes the token-id prompt of its fill-in-the-middle,
+    /// tokenized by the engine, once the model is known to take it.
+    async fn planned(
+        &self,
+        running: &Running,
+        request: InferenceRequest,
+    ) -> Result<(InferenceRequest, Plan)> {
+        let plan = self.plan(running, &request)?;
+        if request.suffix.is_none() {
+            return Ok((request, plan));
+        }
+        let fim = *running
+            .fim
+            .get_or_try_init(|| FimTokens::detect(self))
+            .await?;
+        let request = resolve_infill(self, fim, request).await?;
+        let plan = self.plan(running, &request)?;
+        Ok((request, plan))
     }
 
     /// Starts an engine that listens on a TCP port of its own: on `config`'s
@@ -459,7 +495,7 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     async fn generate(&self, request: InferenceRequest) -> Result<InferenceResponse> {
         request.validate()?;
         let running = self.running()?;
-        let plan = self.plan(running, &request)?;
+        let (request, plan) = self.planned(running, request).await?;
         // A raw prompt goes to the engine's legacy completions endpoint,
         // which applies no chat template.
         let answered = match request.prompt {
@@ -467,7 +503,15 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
             None => running.client.chat(plan.engine_request()).await,
         };
         match answered {
-            Ok(response) => plan.finish(response),
+            Ok(mut response) => {
+                if let Some(continued) = self.echoed_prefill(&request) {
+                    match response.content.strip_prefix(continued) {
+                        Some(rest) => response.content = rest.to_owned(),
+                        None => warn_unechoed(self.engine.engine_name()),
+                    }
+                }
+                plan.finish(response)
+            }
             Err(err) => Err(attribute_to_exit(&running.process, err).await),
         }
     }
@@ -527,15 +571,18 @@ impl<E: ServerEngine> ModelRuntime for ManagedServer<E> {
     async fn generate_events(&self, request: InferenceRequest) -> Result<EventStream> {
         request.validate_for_stream()?;
         let running = self.running()?;
-        let plan = self.plan(running, &request)?;
+        let (request, plan) = self.planned(running, request).await?;
         let started = match request.prompt {
             Some(_) => running.client.complete_stream(plan.engine_request()).await,
             None => running.client.chat_stream(plan.engine_request()).await,
         };
-        let events = match started {
+        let mut events = match started {
             Ok(events) => events,
             Err(err) => return Err(attribute_to_exit(&running.process, err).await),
         };
+        if let Some(continued) = self.echoed_prefill(&request) {
+            events = without_echoed_prefix(events, continued.to_owned(), self.engine.engine_name());
+        }
         let supervised = Supervised {
             events,
             // Weak: an abandoned stream must not keep a dropped runtime's engine alive.
@@ -724,9 +771,80 @@ fn sweep_dead_owners(parent: &std::path::Path, ours: &std::path::Path) {
     }
 }
 
+fn warn_unechoed(engine: &str) {
+    tracing::warn!(
+        engine,
+        "the answer to a continued message does not start with the message; kept whole"
+    );
+}
+
+/// `events` without the `prefix` an engine puts before a continuation:
+/// deltas are taken off until the prefix is spent. Deltas that do not
+/// spell it are passed on whole (and a warning logged).
+fn without_echoed_prefix(events: EventStream, prefix: String, engine: &'static str) -> EventStream {
+    let mut rest = prefix;
+    Box::new(
+        events
+            .filter_map(move |event| {
+                let kept = match event {
+                    Ok(StreamEvent::Delta(text)) if !rest.is_empty() => {
+                        if let Some(after) = text.strip_prefix(rest.as_str()) {
+                            rest.clear();
+                            (!after.is_empty()).then(|| Ok(StreamEvent::Delta(after.to_owned())))
+                        } else if let Some(left) = rest.strip_prefix(text.as_str()) {
+                            rest = left.to_owned();
+                            None
+                        } else {
+                            rest.clear();
+                            warn_unechoed(engine);
+                            Some(Ok(StreamEvent::Delta(text)))
+                        }
+                    }
+                    other => Some(other),
+                };
+                futures::future::ready(kept)
+            })
+            .boxed(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deltas(texts: &[&str]) -> EventStream {
+        let events: Vec<Result<StreamEvent>> = texts
+            .iter()
+            .map(|t| Ok(StreamEvent::Delta((*t).to_owned())))
+            .collect();
+        Box::new(futures::stream::iter(events))
+    }
+
+    async fn text_of(events: EventStream) -> Vec<String> {
+        events
+            .filter_map(|event| async move {
+                match event {
+                    Ok(StreamEvent::Delta(text)) => Some(text),
+                    _ => None,
+                }
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_echoed_message_is_taken_off_however_its_deltas_split_it() {
+        let stripped = without_echoed_prefix(
+            deltas(&["1, 2", ", 3,", " 4", ","]),
+            "1, 2, 3,".to_owned(),
+            "test",
+        );
+        assert_eq!(text_of(stripped).await, [" 4", ","]);
+        let across = without_echoed_prefix(deltas(&["1, 2, 3, 4"]), "1, 2,".to_owned(), "test");
+        assert_eq!(text_of(across).await, [" 3, 4"]);
+        let other = without_echoed_prefix(deltas(&["Sure", "!"]), "1,".to_owned(), "test");
+        assert_eq!(text_of(other).await, ["Sure", "!"], "kept whole");
+    }
 
     #[cfg(unix)]
     #[test]

@@ -147,6 +147,9 @@ pub struct OpenAiClient {
     closing: Arc<watch::Sender<bool>>,
     /// The engine's liveness, when a heartbeat runs.
     pulse: Option<Arc<Pulse>>,
+    /// Whether chat bodies ask for a final assistant message to be continued
+    /// ([`with_continue_final_message`](Self::with_continue_final_message)).
+    continue_final_message: bool,
 }
 
 impl OpenAiClient {
@@ -198,7 +201,28 @@ impl OpenAiClient {
             connect_retries: options.connect_retries,
             closing: Arc::new(watch::channel(false).0),
             pulse: None,
+            continue_final_message: false,
         })
+    }
+
+    /// Tells the server, in vLLM's words (`continue_final_message`), to
+    /// continue a conversation's final assistant message rather than answer
+    /// it anew ([`InferenceRequest::prefill`]). For a server that does so only
+    /// when told; llama-server does it by itself, and other servers may
+    /// refuse the fields.
+    #[must_use]
+    pub fn with_continue_final_message(mut self, on: bool) -> Self {
+        self.continue_final_message = on;
+        self
+    }
+
+    fn chat_body(&self, request: &InferenceRequest, stream: bool) -> ChatCompletionRequest {
+        let mut body =
+            ChatCompletionRequest::from_inference(request, self.model.as_deref(), stream);
+        if self.continue_final_message {
+            body.ask_to_continue_final_message();
+        }
+        body
     }
 
     /// Starts a heartbeat: from now on the engine is probed in the background,
@@ -334,7 +358,7 @@ impl OpenAiClient {
             return collect_events(self.chat_stream(request).await?).await;
         }
         // Several answers come whole: a stream interleaves their chunks.
-        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), false);
+        let body = self.chat_body(request, false);
         let mut interrupts = self.interrupts();
         let answer = async {
             let response = self.post("/v1/chat/completions", &body).await?;
@@ -360,7 +384,7 @@ impl OpenAiClient {
     /// task of its own), which makes the engine cancel the generation;
     /// [`close_streams`](Self::close_streams) does the same for every stream.
     pub async fn chat_stream(&self, request: &InferenceRequest) -> Result<EventStream> {
-        let body = ChatCompletionRequest::from_inference(request, self.model.as_deref(), true);
+        let body = self.chat_body(request, true);
         self.stream_from("/v1/chat/completions", &body).await
     }
 

@@ -4,15 +4,18 @@
 //! client sends an engine ([`CompletionRequest::from_inference`]) and the
 //! body our router reads ([`CompletionRequest::into_inference`]).
 //!
-//! Fail-closed: one text prompt per request (token-id prompts and several
-//! prompts are refused), `echo` is served by the router, and `suffix`
-//! (fill-in-the-middle), `logprobs` and `best_of` are refused by name.
-//! `max_tokens` defaults to 16, as in OpenAI's API.
+//! One prompt per request, text or token ids (several prompts are refused);
+//! `suffix` asks for fill-in-the-middle, served for models with FIM tokens
+//! ([`runtime_core::FimTokens`]); `echo` is served by the router; `logprobs`
+//! and `best_of` are refused by name. `max_tokens` defaults to 16, as in
+//! OpenAI's API.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use runtime_core::{Error, FinishReason, InferenceRequest, InferenceResponse, Result, Usage};
+use runtime_core::{
+    Error, FinishReason, InferenceRequest, InferenceResponse, Prompt, Result, Usage,
+};
 
 use crate::wire::{Extra, Stop, StreamOptions};
 
@@ -26,9 +29,12 @@ pub struct CompletionRequest {
     /// The model to use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// The text to continue: a string (or a list holding one).
+    /// What to continue: a string or token ids (or a list holding one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<Value>,
+    /// Fill-in-the-middle: the text after the gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
     /// The most tokens to generate (16 when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<i64>,
@@ -66,7 +72,6 @@ fn neutral(field: &str, value: &Value) -> bool {
         "n" | "best_of" => value.as_u64() == Some(1),
         "presence_penalty" | "frequency_penalty" => value.as_f64() == Some(0.0),
         "logit_bias" => value.as_object().is_some_and(serde_json::Map::is_empty),
-        "suffix" => value.as_str() == Some(""),
         _ => false,
     }
 }
@@ -77,9 +82,6 @@ fn refuse_unsupported(extra: &Extra) -> Result<()> {
             continue;
         }
         let how = match field.as_str() {
-            "suffix" => {
-                "fill-in-the-middle is not served; send the text before the gap as `prompt`"
-            }
             "logprobs" => {
                 "log-probabilities are served by the chat API (`logprobs`, `top_logprobs`)"
             }
@@ -94,25 +96,41 @@ fn refuse_unsupported(extra: &Extra) -> Result<()> {
     Ok(())
 }
 
-fn prompt_text(prompt: Option<Value>) -> Result<String> {
+/// The prompt: a string, token ids, or a list holding one of them.
+fn parse_prompt(prompt: Option<Value>) -> Result<Prompt> {
     let refuse = |what: &str| Err(Error::invalid_request("prompt", what.to_owned()));
+    let one = |value: Value| match value {
+        Value::String(text) => Some(Prompt::Text(text)),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| item.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .map(Prompt::Tokens),
+        _ => None,
+    };
+    let invalid = "is neither a string nor a list of token ids (integers from 0)";
     match prompt {
         None | Some(Value::Null) => refuse("is missing; send the text to continue"),
-        Some(Value::String(text)) => Ok(text),
-        Some(Value::Array(mut items)) => match items.len() {
-            1 if items[0].is_string() => match items.remove(0) {
-                Value::String(text) => Ok(text),
-                _ => unreachable!("checked to be a string"),
+        Some(Value::String(text)) => Ok(Prompt::Text(text)),
+        Some(Value::Array(mut items)) => match items.as_slice() {
+            [] => refuse("is an empty list; send the text or token ids to continue"),
+            // One prompt in a list: `["text"]` or `[[1, 2, 3]]`.
+            [Value::String(_) | Value::Array(_)] => match one(items.remove(0)) {
+                Some(prompt) => Ok(prompt),
+                None => refuse(invalid),
             },
-            0 => refuse("is an empty list; send the text to continue"),
-            _ if items.iter().all(Value::is_string) => {
+            several if several.iter().all(|p| p.is_string() || p.is_array()) => {
                 refuse("holds several prompts; send one per request")
             }
-            _ => refuse("is token ids, which are not served; send the text"),
+            [Value::String(_) | Value::Array(_), ..] => refuse(invalid),
+            _ => match one(Value::Array(items)) {
+                Some(prompt) => Ok(prompt),
+                None => refuse(invalid),
+            },
         },
         Some(other) => Err(Error::invalid_request(
             "prompt",
-            format!("is {other}; send a string"),
+            format!("is {other}; send a string or a list of token ids"),
         )),
     }
 }
@@ -123,7 +141,14 @@ impl CompletionRequest {
     pub fn from_inference(request: &InferenceRequest, model: Option<&str>, stream: bool) -> Self {
         Self {
             model: model.map(str::to_owned),
-            prompt: Some(Value::String(request.prompt.clone().unwrap_or_default())),
+            // A string or token ids, as `Prompt` is written.
+            prompt: Some(json!(
+                request
+                    .prompt
+                    .as_ref()
+                    .unwrap_or(&Prompt::Text(String::new()))
+            )),
+            suffix: request.suffix.clone(),
             max_tokens: request.max_tokens.map(i64::from),
             temperature: request.temperature,
             top_p: request.top_p,
@@ -142,7 +167,9 @@ impl CompletionRequest {
     /// echoed before the completion; errors name the offending field.
     pub fn into_inference(self) -> Result<(InferenceRequest, bool)> {
         refuse_unsupported(&self.extra)?;
-        let mut request = InferenceRequest::completion(prompt_text(self.prompt)?);
+        let mut request = InferenceRequest::completion_of(parse_prompt(self.prompt)?);
+        // An empty suffix leaves no gap: a plain completion, as OpenAI's.
+        request.suffix = self.suffix.filter(|suffix| !suffix.is_empty());
         request.max_tokens = match self.max_tokens {
             None => Some(DEFAULT_MAX_TOKENS),
             Some(n) => Some(u32::try_from(n).map_err(|_| {
@@ -250,7 +277,10 @@ mod tests {
     #[test]
     fn a_raw_prompt_is_continued_with_sixteen_tokens_unless_told() {
         let (request, echo) = parse(json!({"prompt": "Once upon a time", "stop": "\n"})).unwrap();
-        assert_eq!(request.prompt.as_deref(), Some("Once upon a time"));
+        assert_eq!(
+            request.prompt,
+            Some(Prompt::Text("Once upon a time".into()))
+        );
         assert!(request.messages.is_empty());
         assert_eq!(request.max_tokens, Some(DEFAULT_MAX_TOKENS));
         assert_eq!(request.stop, ["\n"]);
@@ -264,10 +294,13 @@ mod tests {
     #[test]
     fn what_is_not_served_is_refused_by_name() {
         for (body, field) in [
-            (json!({"prompt": [1, 2, 3]}), "prompt"),
             (json!({"prompt": ["a", "b"]}), "prompt"),
+            (json!({"prompt": [[1], [2]]}), "prompt"),
+            (json!({"prompt": [1, -2]}), "prompt"),
+            (json!({"prompt": [1, "a"]}), "prompt"),
+            (json!({"prompt": [[]]}), "prompt"),
             (json!({}), "prompt"),
-            (json!({"prompt": "x", "suffix": "}"}), "suffix"),
+            (json!({"prompt": [1, 2], "suffix": "}"}), "suffix"),
             (json!({"prompt": "x", "logprobs": 2}), "logprobs"),
             (json!({"prompt": "x", "n": 2}), "n"),
             (json!({"prompt": "x", "best_of": 3}), "best_of"),
@@ -276,6 +309,33 @@ mod tests {
             assert_eq!(field_of(parse(body).unwrap_err()), field);
         }
         parse(json!({"prompt": "x", "n": 1, "best_of": 1, "suffix": "", "user": "u"})).unwrap();
+    }
+
+    #[test]
+    fn token_ids_and_a_suffix_are_read() {
+        for body in [json!({"prompt": [1, 2, 3]}), json!({"prompt": [[1, 2, 3]]})] {
+            let (request, _) = parse(body).unwrap();
+            assert_eq!(request.prompt, Some(Prompt::Tokens(vec![1, 2, 3])));
+        }
+        let (request, _) = parse(json!({"prompt": "def f(", "suffix": "\n"})).unwrap();
+        assert_eq!(request.suffix.as_deref(), Some("\n"));
+        let (request, _) = parse(json!({"prompt": "x", "suffix": ""})).unwrap();
+        assert_eq!(request.suffix, None, "an empty suffix leaves no gap");
+    }
+
+    #[test]
+    fn an_engine_is_sent_token_ids_and_the_suffix_as_they_are() {
+        let tokens = InferenceRequest::completion_of(Prompt::Tokens(vec![7, 8]));
+        let body =
+            serde_json::to_value(CompletionRequest::from_inference(&tokens, None, false)).unwrap();
+        assert_eq!(body["prompt"], json!([7, 8]));
+        let infill = InferenceRequest::infill("a", "b");
+        let body =
+            serde_json::to_value(CompletionRequest::from_inference(&infill, None, false)).unwrap();
+        assert_eq!(
+            (&body["prompt"], &body["suffix"]),
+            (&json!("a"), &json!("b"))
+        );
     }
 
     #[test]

@@ -313,6 +313,7 @@ impl ResponsesRequest {
     ) -> Result<(InferenceRequest, Echo)> {
         refuse_unsupported(&self.extra)?;
         let mut conversation: Vec<ChatMessage> = previous.map(<[_]>::to_vec).unwrap_or_default();
+        let stored = conversation.len();
         match self.input.as_ref() {
             None | Some(Value::Null) => {}
             Some(Value::String(text)) => conversation.push(ChatMessage::user(text.clone())),
@@ -332,6 +333,13 @@ impl ResponsesRequest {
             return Err(Error::invalid_request(
                 "input",
                 "is empty; send the text or the items to answer",
+            ));
+        }
+        if previous.is_some() && conversation.len() == stored {
+            // The stored answer would be last: continued, not answered.
+            return Err(Error::invalid_request(
+                "input",
+                "is empty; with `previous_response_id`, send the next turn's text or items",
             ));
         }
         let mut messages = Vec::with_capacity(conversation.len() + 1);
@@ -523,11 +531,26 @@ pub fn response_from_inference(
     )
 }
 
-/// The answer as the assistant turn a stored conversation continues with.
-pub fn assistant_turn(content: &str, calls: &[ToolCall]) -> ChatMessage {
-    let mut turn = ChatMessage::assistant_calls(calls.to_vec());
-    turn.content = content.to_owned();
-    turn
+/// The conversation a stored response continues: `conversation` (the
+/// request's) with the answer as the assistant's turn; an answer that
+/// continued a final assistant message (a prefill) completes that message.
+pub fn with_answer(
+    mut conversation: Vec<ChatMessage>,
+    content: &str,
+    calls: &[ToolCall],
+) -> Vec<ChatMessage> {
+    match conversation.last_mut() {
+        Some(last) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
+            last.content.push_str(content);
+            last.tool_calls = calls.to_vec();
+        }
+        _ => {
+            let mut turn = ChatMessage::assistant_calls(calls.to_vec());
+            turn.content = content.to_owned();
+            conversation.push(turn);
+        }
+    }
+    conversation
 }
 
 /// Which output item is open in a streamed answer.
@@ -840,8 +863,7 @@ impl ResponsesStream {
     /// it continues (the request's, then the answer).
     pub fn completed(&self) -> Option<(Value, Vec<ChatMessage>)> {
         let response = self.completed.clone()?;
-        let mut conversation = self.echo.conversation.clone();
-        conversation.push(assistant_turn(&self.content, &self.calls));
+        let conversation = with_answer(self.echo.conversation.clone(), &self.content, &self.calls);
         Some((response, conversation))
     }
 }

@@ -547,6 +547,23 @@ fn response_format_from_wire(value: &Value) -> Result<Option<ResponseFormat>> {
 }
 
 impl ChatCompletionRequest {
+    /// Asks for a conversation that ends with an assistant message to be
+    /// continued ([`InferenceRequest::prefill`]) in vLLM's words:
+    /// `continue_final_message`, and no new turn opened. llama-server
+    /// continues such a message by itself; other servers may refuse the
+    /// fields, so only a client told to send them does.
+    pub fn ask_to_continue_final_message(&mut self) {
+        let ends_in_assistant = self.messages.last().is_some_and(|last| {
+            last.role == "assistant" && last.tool_calls.as_ref().is_none_or(Vec::is_empty)
+        });
+        if ends_in_assistant {
+            self.extra
+                .insert("continue_final_message".to_owned(), Value::Bool(true));
+            self.extra
+                .insert("add_generation_prompt".to_owned(), Value::Bool(false));
+        }
+    }
+
     /// The wire form of `request`, addressed to `model`.
     ///
     /// When `stream` is set, usage is requested (`stream_options.include_usage`)
@@ -631,7 +648,9 @@ impl ChatCompletionRequest {
                 Ok(out)
             })
             .collect::<Result<Vec<_>>>()?;
-        refuse_unsupported(&self.extra)?;
+        let mut extra = self.extra;
+        check_prefill_fields(&mut extra, &messages)?;
+        refuse_unsupported(&extra)?;
         let max_tokens = match (
             token_limit("max_tokens", self.max_tokens)?,
             token_limit("max_completion_tokens", self.max_completion_tokens)?,
@@ -730,6 +749,36 @@ fn neutral(field: &str, value: &Value) -> bool {
         "logit_bias" => value.as_object().is_some_and(Map::is_empty),
         _ => false,
     }
+}
+
+/// vLLM's `continue_final_message` and `add_generation_prompt` (taken out
+/// of `extra`), accepted where they say what is done anyway: a trailing
+/// assistant message is continued, any other conversation gets the
+/// assistant's turn opened.
+fn check_prefill_fields(extra: &mut Extra, messages: &[ChatMessage]) -> Result<()> {
+    let continues = messages
+        .last()
+        .is_some_and(|last| last.role == Role::Assistant && last.tool_calls.is_empty());
+    for (field, done) in [
+        ("continue_final_message", continues),
+        ("add_generation_prompt", !continues),
+    ] {
+        match extra.remove(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(asked)) if asked == done => {}
+            Some(value) => {
+                return Err(Error::invalid_request(
+                    field,
+                    format!(
+                        "is {value}, but a conversation that ends with an assistant message is \
+                         always continued and any other gets the assistant's turn opened; \
+                         leave it out"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn refuse_unsupported(extra: &Extra) -> Result<()> {

@@ -305,7 +305,7 @@ fn tools_formats_logprobs_and_n_map_to_core_and_back_exactly() {
 
 #[test]
 fn tool_call_arguments_given_as_an_object_are_kept_as_json_text() {
-    let body = r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":{"a":1}}}]}]}"#;
+    let body = r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":{"a":1}}}]},{"role":"tool","tool_call_id":"c","content":"1"}]}"#;
     let request = parse(body).unwrap();
     let arguments: serde_json::Value =
         serde_json::from_str(&request.messages[0].tool_calls[0].arguments).unwrap();

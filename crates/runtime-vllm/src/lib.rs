@@ -290,6 +290,12 @@ impl ServerEngine for VllmServer {
         u32::try_from(length).ok()
     }
 
+    /// vLLM opens a new assistant turn after a final assistant message
+    /// unless asked to continue it.
+    fn continues_final_message_when_told(&self) -> bool {
+        true
+    }
+
     async fn structured(
         &self,
         _client: &OpenAiClient,

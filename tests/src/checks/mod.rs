@@ -58,6 +58,7 @@ pub const CONFORMANCE: &[crate::harness::Check] = &[
     crate::check!(responses_api, shared),
     crate::check!(completions_api, shared),
     crate::check!(tokenize_api, shared),
+    crate::check!(assistant_prefill, shared),
     crate::check!(secrets, shared),
     crate::check!(slow_readers, shared),
     crate::check!(shutdown_in_flight, own),

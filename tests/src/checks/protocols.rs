@@ -570,7 +570,10 @@ pub async fn responses_api(backend: &Backend) {
 /// temperature 0 repeats and equals the runtime's own completion; a
 /// streamed completion joins to the plain one; `stop` cuts the same answer
 /// where the stop string was; `echo` returns the prompt first; unset
-/// `max_tokens` is OpenAI's 16; chat features are refused by name; and
+/// `max_tokens` is OpenAI's 16; the text's token ids are the same prompt
+/// (echoed as their text) and an id past the vocabulary is refused; a
+/// `suffix` is refused by name for this model, which has no
+/// fill-in-the-middle tokens; chat features are refused by name; and
 /// `/v1/models` lists the endpoints the model is served at.
 pub async fn completions_api(backend: &Backend) {
     let shared = crate::harness::shared_runtime(backend).await;
@@ -702,10 +705,60 @@ pub async fn completions_api(backend: &Backend) {
     );
     assert_eq!(unbounded["choices"][0]["finish_reason"], "length");
 
+    // Token ids: the engine's own tokens of the text (start token
+    // included) are the same prompt, fed as they are.
+    let ids = shared.tokenize(counting, true).await.expect("tokenize");
+    let mut by_ids = body.clone();
+    by_ids["prompt"] = json!(ids);
+    let (status, from_ids) = post(&http, &url, &by_ids).await;
+    assert_eq!(status, 200, "{from_ids}");
+    assert_eq!(
+        from_ids["choices"][0]["text"],
+        text.as_str(),
+        "the text's token ids are continued as the text is"
+    );
+    assert_eq!(
+        from_ids["usage"]["prompt_tokens"],
+        ids.len(),
+        "the ids are the prompt, nothing added"
+    );
+    by_ids["echo"] = json!(true);
+    let (_, echoed_ids) = post(&http, &url, &by_ids).await;
+    let spelled = shared.detokenize(&ids).await.expect("detokenize");
+    assert_eq!(
+        echoed_ids["choices"][0]["text"],
+        format!("{spelled}{text}"),
+        "token ids are echoed as their text"
+    );
+    let mut past = body.clone();
+    past["prompt"] = json!([u32::MAX - 1]);
+    let (status, error) = post(&http, &url, &past).await;
+    assert_eq!(status, 400, "a token past the vocabulary: {error}");
+
+    // The model has no fill-in-the-middle tokens (its tokenizer reads none
+    // of the markers as one token), so a suffix is refused by name.
+    for [prefix, ..] in runtime_core::FIM_MARKERS {
+        let read = shared.tokenize(prefix, false).await.expect("tokenize");
+        assert!(
+            read.len() > 1,
+            "{prefix} is no token of the model: {read:?}"
+        );
+    }
+    let mut infill = body.clone();
+    infill["suffix"] = json!("\n");
+    let (status, error) = post(&http, &url, &infill).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["param"], "suffix", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fill-in-the-middle")),
+        "{error}"
+    );
+
     for (extra, field) in [
-        (json!({"suffix": "}"}), "suffix"),
         (json!({"logprobs": 3}), "logprobs"),
-        (json!({"prompt": [1, 2, 3]}), "prompt"),
+        (json!({"prompt": [[1], [2]]}), "prompt"),
     ] {
         let mut refused = body.clone();
         for (key, value) in extra.as_object().unwrap() {
@@ -790,5 +843,92 @@ pub async fn tokenize_api(backend: &Backend) {
         "with add_special, the count is the engine's own for the raw prompt"
     );
 
+    gateway.stop().await;
+}
+
+/// A conversation that ends with an assistant message is continued, not
+/// answered anew (a prefill, as llama-server and Anthropic's API do it):
+/// the prompt is the conversation before it with the assistant's turn
+/// opened, then the message's text (the engine counts exactly the opened
+/// prompt's tokens and the text's), and a count goes on from where the
+/// message stopped; Anthropic's Messages API continues it the same way
+/// through the gateway, plain and streamed; with an output schema it is
+/// refused by name.
+pub async fn assistant_prefill(backend: &Backend) {
+    let shared = crate::harness::shared_runtime(backend).await;
+    let user = ChatMessage::user("Count from 1 to 20, separated by commas.");
+    let started = "1, 2, 3, 4, 5, 6,";
+    let greedy_of = |messages: Vec<ChatMessage>, max_tokens: u32| {
+        InferenceRequest::new(messages)
+            .with_max_tokens(max_tokens)
+            .with_temperature(0.0)
+    };
+    let opened = shared
+        .generate(greedy_of(vec![user.clone()], 1))
+        .await
+        .expect("the conversation before the message");
+    let continued = shared
+        .generate(greedy_of(
+            vec![user.clone(), ChatMessage::assistant(started)],
+            8,
+        ))
+        .await
+        .expect("a continued message");
+    let text_tokens = shared.tokenize(started, false).await.expect("tokenize");
+    assert_eq!(
+        continued.usage.expect("usage").prompt_tokens,
+        opened.usage.expect("usage").prompt_tokens + text_tokens.len() as u64,
+        "the prompt is the opened turn and the message's text, no turn closed"
+    );
+    assert!(
+        continued.content.trim_start().starts_with('7'),
+        "the count goes on from 6: {:?}",
+        continued.content
+    );
+
+    let gateway = LentGateway::over(backend, &shared).await;
+    let url = format!("{}/v1/messages", gateway.base);
+    let http = reqwest::Client::new();
+    let body = json!({
+        "model": "conformance",
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [
+            {"role": "user", "content": user.content},
+            {"role": "assistant", "content": started},
+        ],
+    });
+    let (status, plain) = post(&http, &url, &body).await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(
+        plain["content"][0]["text"],
+        continued.content.as_str(),
+        "the Messages API continues the message as chat does"
+    );
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let joined: String = post_events(&http, &url, &streamed)
+        .await
+        .iter()
+        .filter(|(name, _)| name == "content_block_delta")
+        .map(|(_, data)| {
+            data["delta"]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(joined, continued.content, "streamed as plain");
+    let mut with_schema = body.clone();
+    with_schema["output_config"] =
+        json!({"format": {"type": "json_schema", "schema": answer_schema()}});
+    let (status, refused) = post(&http, &url, &with_schema).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("prefill")),
+        "{refused}"
+    );
     gateway.stop().await;
 }

@@ -101,6 +101,20 @@ impl Model {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether it is known, without starting it, that its engine cannot
+    /// embed: a model here that is no embedding model (its files say so). A
+    /// server's URL or an unreadable file is not known: its engine answers
+    /// for itself. Reads the model's header, off the async workers.
+    pub(super) async fn cannot_embed(&self) -> bool {
+        let path = self.spec.path().to_owned();
+        if model_runtime::is_url(&path) {
+            return false;
+        }
+        tokio::task::spawn_blocking(move || runtime_core::is_embedding_model(&path))
+            .await
+            .is_ok_and(|read| matches!(read, Ok(false)))
+    }
+
     /// Whether its engine counts against the limits: loaded, or loading
     /// with room made for it.
     pub(super) fn holds_room(&self) -> bool {

@@ -5,8 +5,8 @@ use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use runtime_core::{
-    Capabilities, EmbeddingRequest, Embeddings, EventStream, InferenceRequest, InferenceResponse,
-    ModelCard, ModelService, Result,
+    Capabilities, EmbeddingRequest, Embeddings, Endpoint, EventStream, InferenceRequest,
+    InferenceResponse, ModelCard, ModelService, Result,
 };
 use serde::Serialize;
 
@@ -120,8 +120,8 @@ impl ModelService for RuntimeManager {
         model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<InferenceResponse> {
-        let events = self.inner.serve_events(model, request).await?;
-        runtime_core::collect_events(events).await
+        self.generate_at(Endpoint::ChatCompletions, model, request)
+            .await
     }
 
     async fn generate_events(
@@ -129,7 +129,28 @@ impl ModelService for RuntimeManager {
         model: Option<&str>,
         request: InferenceRequest,
     ) -> Result<EventStream> {
-        self.inner.serve_events(model, request).await
+        self.inner
+            .serve_events(Endpoint::ChatCompletions, model, request)
+            .await
+    }
+
+    async fn generate_at(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<InferenceResponse> {
+        let events = self.inner.serve_events(endpoint, model, request).await?;
+        runtime_core::collect_events(events).await
+    }
+
+    async fn generate_events_at(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&str>,
+        request: InferenceRequest,
+    ) -> Result<EventStream> {
+        self.inner.serve_events(endpoint, model, request).await
     }
 
     async fn tokenize(

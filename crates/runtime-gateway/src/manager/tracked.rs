@@ -8,18 +8,21 @@ use tokio::time::Instant;
 
 use futures::Stream;
 use runtime_core::{
-    EmbeddingRequest, Embeddings, Error, EventStream, InferenceRequest, Result, StreamEvent,
+    EmbeddingRequest, Embeddings, Endpoint, Error, EventStream, InferenceRequest, Result,
+    StreamEvent,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::Inner;
-use super::model::Model;
+use super::model::{Model, State};
 
 /// A request's stream, with its slot held and its outcome counted.
 pub(super) struct Tracked {
     pub(super) events: EventStream,
     pub(super) model: Arc<Model>,
+    /// The API it came through, a label of its count.
+    pub(super) endpoint: Endpoint,
     pub(super) inner: Arc<Inner>,
     pub(super) _permit: OwnedSemaphorePermit,
     pub(super) started: Instant,
@@ -65,9 +68,12 @@ impl Tracked {
     pub(super) fn finish(&mut self, status: u16) {
         if !self.done {
             self.done = true;
-            self.inner
-                .metrics
-                .request(self.model.name(), status, self.started.elapsed());
+            self.inner.metrics.request(
+                self.model.name(),
+                self.endpoint,
+                status,
+                self.started.elapsed(),
+            );
         }
     }
 }
@@ -85,6 +91,7 @@ impl Drop for Tracked {
 impl Inner {
     pub(super) async fn serve_events(
         self: &Arc<Self>,
+        endpoint: Endpoint,
         requested: Option<&str>,
         request: InferenceRequest,
     ) -> Result<EventStream> {
@@ -94,7 +101,7 @@ impl Inner {
             Err(err) => {
                 // Not the name the client sent: any client could add labels.
                 self.metrics
-                    .request("(unknown)", err.http_status(), started.elapsed());
+                    .request("(unknown)", endpoint, err.http_status(), started.elapsed());
                 return Err(err);
             }
         };
@@ -116,6 +123,7 @@ impl Inner {
                 Ok(Box::new(Tracked {
                     events,
                     model,
+                    endpoint,
                     inner: self.clone(),
                     _permit: permit,
                     started,
@@ -125,7 +133,7 @@ impl Inner {
             }
             Err(err) => {
                 self.metrics
-                    .request(model.name(), err.http_status(), started.elapsed());
+                    .request(model.name(), endpoint, err.http_status(), started.elapsed());
                 model.touch();
                 Err(err)
             }
@@ -162,6 +170,21 @@ impl Inner {
             tokens: 0,
             in_flight: false,
         };
+        // A model that is not running and cannot embed is not started only
+        // to say so.
+        let loaded = matches!(&*model.state(), State::Loaded { .. });
+        if !loaded && model.cannot_embed().await {
+            let err = Error::unsupported(
+                "embeddings",
+                format!(
+                    "model `{}`, which is not an embedding model (serve a sentence-transformers \
+                     directory, or a GGUF with a pooling type, for /v1/embeddings)",
+                    model.name()
+                ),
+            );
+            outcome.status = err.http_status();
+            return Err(err);
+        }
         let embedded = async {
             let _permit = self.admit(&model).await?;
             let lease = self.lease(&model).await?;

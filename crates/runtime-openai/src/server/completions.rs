@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::completions::{CompletionRequest, completion_chunk, completion_response};
+use runtime_core::Prompt;
 
 pub(super) async fn create(
     State(state): State<AppState>,
@@ -19,12 +20,6 @@ pub(super) async fn create(
         Ok(parsed) => parsed,
         Err(err) => return ApiError(err).into_response(),
     };
-    // Echoed, the answer starts with the prompt as sent.
-    let echoed = if echo {
-        request.prompt.clone().unwrap_or_default()
-    } else {
-        String::new()
-    };
     let id = new_id("cmpl-");
     let model = requested
         .clone()
@@ -33,13 +28,32 @@ pub(super) async fn create(
     let span =
         tracing::info_span!("completions", model = %model, id = %id, stream = request.stream);
     let service = &state.service;
+    // Echoed, the answer starts with the prompt as sent; token ids are
+    // echoed as the model's text for them, spelled once the engine has taken
+    // them (it is the one that refuses an id past its vocabulary).
+    let echoed_ids = match &request.prompt {
+        Some(Prompt::Tokens(tokens)) if echo => Some(tokens.clone()),
+        _ => None,
+    };
+    let echoed_text = match &request.prompt {
+        Some(prompt) if echo => prompt.as_text().unwrap_or_default().to_owned(),
+        _ => String::new(),
+    };
+    let echoed = async |service: &Arc<dyn ModelService>| match &echoed_ids {
+        Some(tokens) => service.detokenize(requested.as_deref(), tokens).await,
+        None => Ok(echoed_text.clone()),
+    };
     if request.stream {
-        let started = service
-            .generate_events(requested.as_deref(), request)
-            .instrument(span.clone())
-            .await;
+        let started = async {
+            let events = service
+                .generate_events_at(Endpoint::Completions, requested.as_deref(), request)
+                .await?;
+            Ok::<_, Error>((events, echoed(service).await?))
+        }
+        .instrument(span.clone())
+        .await;
         match started {
-            Ok(events) => {
+            Ok((events, echoed)) => {
                 let chunks = completion_chunks(events, id, model, created, echoed, include_usage);
                 Sse::new(InSpan::new(chunks, span))
                     .keep_alive(KeepAlive::default())
@@ -48,12 +62,16 @@ pub(super) async fn create(
             Err(err) => span.in_scope(|| ApiError(err).into_response()),
         }
     } else {
-        let answered = service
-            .generate(requested.as_deref(), request)
-            .instrument(span.clone())
-            .await;
+        let answered = async {
+            let response = service
+                .generate_at(Endpoint::Completions, requested.as_deref(), request)
+                .await?;
+            Ok::<_, Error>((echoed(service).await?, response))
+        }
+        .instrument(span.clone())
+        .await;
         span.in_scope(|| match answered {
-            Ok(response) => {
+            Ok((echoed, response)) => {
                 let text = echoed + &response.content;
                 Json(completion_response(&response, &text, &id, &model, created)).into_response()
             }

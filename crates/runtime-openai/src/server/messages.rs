@@ -65,7 +65,7 @@ pub(super) async fn create(
     let service = &state.service;
     if request.stream {
         let started = service
-            .generate_events(requested.as_deref(), request)
+            .generate_events_at(Endpoint::Messages, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         match started {
@@ -79,7 +79,7 @@ pub(super) async fn create(
         }
     } else {
         let answered = service
-            .generate(requested.as_deref(), request)
+            .generate_at(Endpoint::Messages, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         span.in_scope(|| {

@@ -41,7 +41,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use runtime_core::{
-    ApiKey, Error, ErrorKind, EventStream, ModelCard, ModelService, Result, StreamEvent,
+    ApiKey, Endpoint, Error, ErrorKind, EventStream, ModelCard, ModelService, Result, StreamEvent,
 };
 use serde_json::json;
 use tracing::Instrument;
@@ -295,6 +295,10 @@ pub fn router(service: Arc<dyn ModelService>, options: ServeOptions) -> Router {
         .route("/version", get(version))
         .merge(api)
         .merge(admin)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            shape_plain_refusals,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -408,6 +412,53 @@ impl ApiError {
 
 fn refusal(status: StatusCode, message: &str, kind: &str) -> Response {
     (status, Json(ErrorBody::new(message, kind, status.as_u16()))).into_response()
+}
+
+/// The most bytes of a plain-text refusal read to carry over into the
+/// JSON one.
+const PLAIN_REFUSAL_BYTES: usize = 4096;
+
+/// axum's own refusals, made before a handler runs (a body over the limit:
+/// 413), are plain text; clients read errors as JSON in their API's shape,
+/// so they are reshaped here: Anthropic's on the Messages routes, OpenAI's
+/// elsewhere.
+async fn shape_plain_refusals(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let messages = messages::is_messages_route(request.uri().path());
+    let response = next.run(request).await;
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|mime| mime.starts_with("text/plain"));
+    let status = response.status();
+    if !(status.is_client_error() && plain) {
+        return response;
+    }
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the request body is over this server's limit of {} bytes; send a smaller one",
+            state.options.body_limit
+        )
+    } else {
+        match axum::body::to_bytes(response.into_body(), PLAIN_REFUSAL_BYTES).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(_) => status.canonical_reason().unwrap_or("refused").to_owned(),
+        }
+    };
+    if messages {
+        messages::refusal(status, &message)
+    } else {
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "invalid_request_error"
+        };
+        refusal(status, &message, kind)
+    }
 }
 
 /// The API's routes require a client key, when any is configured.
@@ -715,7 +766,7 @@ async fn chat_completions(
     let service = &state.service;
     if request.stream {
         let started = service
-            .generate_events(requested.as_deref(), request)
+            .generate_events_at(Endpoint::ChatCompletions, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         match started {
@@ -729,7 +780,7 @@ async fn chat_completions(
         }
     } else {
         let answered = service
-            .generate(requested.as_deref(), request)
+            .generate_at(Endpoint::ChatCompletions, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match answered {
@@ -931,6 +982,70 @@ mod tests {
         let body = serde_json::to_string(&ApiError(err).body()).unwrap();
         assert!(!body.contains("alice"), "{body}");
         assert!(body.contains("engine_exited"), "{body}");
+    }
+
+    struct Silent;
+
+    #[async_trait::async_trait]
+    impl ModelService for Silent {
+        async fn is_ready(&self) -> bool {
+            true
+        }
+        async fn generate(
+            &self,
+            _: Option<&str>,
+            _: runtime_core::InferenceRequest,
+        ) -> Result<runtime_core::InferenceResponse> {
+            Err(Error::NotInitialized)
+        }
+        async fn generate_events(
+            &self,
+            _: Option<&str>,
+            _: runtime_core::InferenceRequest,
+        ) -> Result<EventStream> {
+            Err(Error::NotInitialized)
+        }
+    }
+
+    /// A body over the limit, sent to `path`: its status and JSON body.
+    async fn oversized(path: &str) -> (StatusCode, serde_json::Value) {
+        use tower::ServiceExt;
+        let mut options = ServeOptions::new("m");
+        options.body_limit = 64;
+        let app = router(Arc::new(Silent), options);
+        let request = Request::post(path)
+            .header(header::HOST, "localhost")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(vec![b' '; 1000]))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|err| panic!("{path}: not JSON ({err}): {bytes:?}"));
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_in_the_shape_of_its_api() {
+        let (status, openai) = oversized("/v1/chat/completions").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(openai["error"]["type"], "request_too_large", "{openai}");
+        assert!(
+            openai["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("limit of 64 bytes")),
+            "{openai}"
+        );
+        let (status, anthropic) = oversized("/v1/messages").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(anthropic["type"], "error", "{anthropic}");
+        assert_eq!(
+            anthropic["error"]["type"], "request_too_large",
+            "{anthropic}"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub(super) async fn create(
     let service = &state.service;
     if request.stream {
         let started = service
-            .generate_events(requested.as_deref(), request)
+            .generate_events_at(Endpoint::Responses, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         match started {
@@ -51,7 +51,7 @@ pub(super) async fn create(
         }
     } else {
         let answered = service
-            .generate(requested.as_deref(), request)
+            .generate_at(Endpoint::Responses, requested.as_deref(), request)
             .instrument(span.clone())
             .await;
         span.in_scope(|| match answered {
@@ -73,11 +73,11 @@ fn keep(
     response: &runtime_core::InferenceResponse,
 ) {
     if echo.store() {
-        let mut conversation = echo.conversation.clone();
-        conversation.push(crate::responses::assistant_turn(
+        let conversation = crate::responses::with_answer(
+            echo.conversation.clone(),
             &response.content,
             &response.tool_calls,
-        ));
+        );
         store.put(whole.clone(), conversation);
     }
 }
