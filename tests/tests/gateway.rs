@@ -160,6 +160,14 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
         .sum()
 }
 
+/// `name`'s entry in a `/status` report.
+fn model_status<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["models"]
+        .as_array()
+        .and_then(|models| models.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
 fn llama_pids() -> Vec<i32> {
     procs::running(&required_env(runtime_llamacpp::BINARY_ENV))
         .iter()
@@ -608,12 +616,7 @@ async fn metrics_parse_as_prometheus_text_and_count_the_requests_made_by_endpoin
     let (status, report) = gateway.get("/status").await;
     assert_eq!(status, 200);
     let report: Value = serde_json::from_str(&report).unwrap();
-    let candle_a = report["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "candle-a")
-        .unwrap();
+    let candle_a = model_status(&report, "candle-a");
     assert_eq!(candle_a["state"], "loaded", "{report}");
     gateway.stop().await;
 }
@@ -639,12 +642,7 @@ async fn an_embedding_request_to_a_chat_model_is_refused_without_starting_it() {
     assert!(llama_pids().is_empty(), "no engine started to refuse it");
     let (_, report) = gateway.get("/status").await;
     let report: Value = serde_json::from_str(&report).unwrap();
-    let llama = report["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "llama")
-        .unwrap();
+    let llama = model_status(&report, "llama");
     assert_eq!(llama["state"], "unloaded", "{report}");
     gateway.stop().await;
 }

@@ -1,7 +1,7 @@
 //! The model's own chat template, rendered with minijinja.
 
 use minijinja::{Environment, ErrorKind, context};
-use runtime_core::{ChatMessage, Error, Result, Role};
+use runtime_core::{ChatMessage, Error, Result};
 use serde::Serialize;
 
 const TEMPLATE_NAME: &str = "chat";
@@ -47,7 +47,7 @@ impl ChatTemplate {
     /// llama-server builds it.
     pub(crate) fn render(&self, messages: &[ChatMessage]) -> Result<String> {
         match messages.split_last() {
-            Some((last, before)) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
+            Some((last, before)) if last.is_continuable() => {
                 Ok(self.render_opened(before)? + &last.content)
             }
             _ => self.render_opened(messages),

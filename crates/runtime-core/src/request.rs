@@ -146,6 +146,12 @@ impl ChatMessage {
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new(Role::Assistant, content)
     }
+
+    /// Whether a model can go on writing this message: an assistant's that
+    /// calls no tools ([`InferenceRequest::prefill`]).
+    pub fn is_continuable(&self) -> bool {
+        self.role == Role::Assistant && self.tool_calls.is_empty()
+    }
 }
 
 /// A chat completion request, shaped like OpenAI's; or, with
@@ -382,9 +388,7 @@ impl InferenceRequest {
     /// what follows it.
     pub fn prefill(&self) -> Option<&str> {
         match self.messages.last() {
-            Some(last) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
-                Some(&last.content)
-            }
+            Some(last) if last.is_continuable() => Some(&last.content),
             _ => None,
         }
     }

@@ -219,7 +219,7 @@ impl OpenAiClient {
     fn chat_body(&self, request: &InferenceRequest, stream: bool) -> ChatCompletionRequest {
         let mut body =
             ChatCompletionRequest::from_inference(request, self.model.as_deref(), stream);
-        if self.continue_final_message {
+        if self.continue_final_message && request.prefill().is_some() {
             body.ask_to_continue_final_message();
         }
         body

@@ -540,7 +540,7 @@ pub fn with_answer(
     calls: &[ToolCall],
 ) -> Vec<ChatMessage> {
     match conversation.last_mut() {
-        Some(last) if last.role == Role::Assistant && last.tool_calls.is_empty() => {
+        Some(last) if last.is_continuable() => {
             last.content.push_str(content);
             last.tool_calls = calls.to_vec();
         }

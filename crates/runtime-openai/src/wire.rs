@@ -547,21 +547,16 @@ fn response_format_from_wire(value: &Value) -> Result<Option<ResponseFormat>> {
 }
 
 impl ChatCompletionRequest {
-    /// Asks for a conversation that ends with an assistant message to be
-    /// continued ([`InferenceRequest::prefill`]) in vLLM's words:
+    /// Asks for the conversation's final assistant message to be continued
+    /// ([`InferenceRequest::prefill`]) in vLLM's words:
     /// `continue_final_message`, and no new turn opened. llama-server
     /// continues such a message by itself; other servers may refuse the
     /// fields, so only a client told to send them does.
     pub fn ask_to_continue_final_message(&mut self) {
-        let ends_in_assistant = self.messages.last().is_some_and(|last| {
-            last.role == "assistant" && last.tool_calls.as_ref().is_none_or(Vec::is_empty)
-        });
-        if ends_in_assistant {
-            self.extra
-                .insert("continue_final_message".to_owned(), Value::Bool(true));
-            self.extra
-                .insert("add_generation_prompt".to_owned(), Value::Bool(false));
-        }
+        self.extra
+            .insert("continue_final_message".to_owned(), Value::Bool(true));
+        self.extra
+            .insert("add_generation_prompt".to_owned(), Value::Bool(false));
     }
 
     /// The wire form of `request`, addressed to `model`.
@@ -756,9 +751,7 @@ fn neutral(field: &str, value: &Value) -> bool {
 /// assistant message is continued, any other conversation gets the
 /// assistant's turn opened.
 fn check_prefill_fields(extra: &mut Extra, messages: &[ChatMessage]) -> Result<()> {
-    let continues = messages
-        .last()
-        .is_some_and(|last| last.role == Role::Assistant && last.tool_calls.is_empty());
+    let continues = messages.last().is_some_and(ChatMessage::is_continuable);
     for (field, done) in [
         ("continue_final_message", continues),
         ("add_generation_prompt", !continues),
