@@ -156,6 +156,18 @@ impl<'a> Reference<'a> {
         ids(&tokens["tokens"])
     }
 
+    /// A raw prompt's tokens: `text` after the model's start token, where it
+    /// adds one, specials taken literally.
+    pub async fn raw_prompt_tokens(&self, text: &str) -> Vec<u64> {
+        let tokens = self
+            .post(
+                "/tokenize",
+                serde_json::json!({"content": text, "add_special": true, "parse_special": false}),
+            )
+            .await;
+        ids(&tokens["tokens"])
+    }
+
     /// `text`'s tokens, specials taken literally.
     pub async fn tokenize(&self, text: &str) -> Vec<u64> {
         let tokens = self

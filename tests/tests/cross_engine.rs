@@ -1,6 +1,7 @@
 //! candle against llama-server on the same GGUF: the strongest correctness
 //! checks we have. Needs both engines (`cargo xtask test-backends` provides them).
 
+use conformance::MODEL_ENV;
 use conformance::backends::{candle, llamacpp};
 use conformance::checks::start;
 use conformance::identity::{self, PROMPTS, Reference};
@@ -8,63 +9,127 @@ use runtime_candle::{CacheType, CandleOptions, TextTokenizer};
 use runtime_core::InferenceRequest;
 use runtime_llamacpp::{FlashAttention, LlamaCppOptions};
 
+/// The real Gemma 3 270M GGUF (SentencePiece tokenizer), as provisioned.
+const GEMMA_ENV: &str = "MODEL_RUNTIME_TEST_GEMMA_GGUF";
+
 /// Strings that trip tokenizers: scripts, emoji, digits, whitespace, specials.
 const HARD_STRINGS: &[&str] = &[
     "Hello, world!",
     "What is the capital of France?",
     "東京は日本の首都です。",
+    "中文分词测试：我爱北京天安门",
     "مرحبا بالعالم",
     "שלום עולם",
     "🙂👍🏽🇫🇷 emoji and flags",
+    "👨‍👩‍👧‍👦 a family, one grapheme",
     "1234567890 and 3.14159",
     "tabs\tand\nnewlines\r\n  double  spaces",
-    "<|im_start|>user\nhi<|im_end|>",
-    "Ünïcödé façade naïve",
+    "          ten spaces, then\n\n\n\nfour newlines",
+    " leading space",
     "    leading spaces",
+    "trailing spaces   ",
+    "",
+    " ",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>a <eos>",
+    "<unused0> and <mask>",
+    "Ünïcödé façade naïve",
+    "ǅ ﬁ Å K ẞ: forms normalizers change",
+    "\u{1F9EC}\u{10FFFD}\u{E000} rare code points",
     "code: fn main() { println!(\"{}\", x); }",
+    "<div class=\"x\">&nbsp;</div>",
+    "a\u{200B}b\u{00A0}c zero width and no-break spaces",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokenizer_matches_llama_server() {
+/// candle's tokenizer read from `model`'s GGUF metadata gives llama-server's
+/// tokens on every hard string: with the model's start token and without,
+/// special tokens parsed; and reads llama-server's tokens back to the text
+/// llama-server reads from them.
+async fn tokenizer_matches_llama_server_on(model: std::path::PathBuf) {
     conformance::init_tracing();
-    let llama = llamacpp();
+    let mut llama = llamacpp();
+    llama.config.model_path = model;
     let tokenizer =
         TextTokenizer::from_gguf_file(&llama.config.model_path).expect("tokenizer from GGUF");
     let mut runtime = start(&llama).await;
     let http = reqwest::Client::new();
-    let mut mismatches = Vec::new();
-    for text in HARD_STRINGS {
-        let response: serde_json::Value = http
-            .post(format!("{}/tokenize", runtime.base_url()))
+    let post = |path: &'static str, body: serde_json::Value| {
+        let request = http
+            .post(format!("{}{path}", runtime.base_url()))
             .bearer_auth(conformance::bearer(runtime.as_ref()))
-            .json(
-                &serde_json::json!({"content": text, "add_special": false, "parse_special": true}),
+            .json(&body);
+        async move {
+            let response: serde_json::Value = request
+                .send()
+                .await
+                .unwrap_or_else(|err| panic!("POST {path}: {err}"))
+                .json()
+                .await
+                .unwrap_or_else(|err| panic!("{path} answers JSON: {err}"));
+            response
+        }
+    };
+    let mut mismatches = Vec::new();
+    let mut compared = 0;
+    let mut read_back = 0;
+    for text in HARD_STRINGS {
+        for add_special in [false, true] {
+            let response = post(
+                "/tokenize",
+                serde_json::json!({"content": text, "add_special": add_special, "parse_special": true}),
             )
-            .send()
-            .await
-            .expect("POST /tokenize")
-            .json()
-            .await
-            .expect("tokens");
-        let expected: Vec<u32> = response["tokens"]
-            .as_array()
-            .expect("a token list")
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
-        let ours = tokenizer.encode(text).expect("encode");
-        if ours != expected {
-            mismatches.push(format!(
-                "{text:?}: candle {ours:?} vs llama-server {expected:?}"
-            ));
+            .await;
+            let expected: Vec<u32> = response["tokens"]
+                .as_array()
+                .expect("a token list")
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            let ours = if add_special {
+                tokenizer.encode_prompt(text)
+            } else {
+                tokenizer.encode(text)
+            }
+            .expect("encode");
+            compared += 1;
+            if ours != expected {
+                mismatches.push(format!(
+                    "{text:?} (start token: {add_special}): candle {ours:?} vs llama-server {expected:?}"
+                ));
+            }
+            if !add_special {
+                read_back += 1;
+                let read = post("/detokenize", serde_json::json!({"tokens": expected})).await;
+                let expected_text = read["content"].as_str().expect("content");
+                let ours = tokenizer.decode(&expected).expect("decode");
+                if ours != expected_text {
+                    mismatches.push(format!(
+                        "{expected:?} reads back as {ours:?} on candle, {expected_text:?} on llama-server"
+                    ));
+                }
+            }
         }
     }
     runtime.shutdown().await.unwrap();
     assert!(
         mismatches.is_empty(),
-        "tokenizations differ:\n{}",
+        "{} of {compared} tokenizations and {read_back} read-backs differ:\n{}",
+        mismatches.len(),
         mismatches.join("\n")
     );
+}
+
+/// Byte-level BPE (the demo model's, `gpt2` with SmolLM's pre-tokenizer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizer_matches_llama_server() {
+    tokenizer_matches_llama_server_on(conformance::required_env(MODEL_ENV)).await;
+}
+
+/// SentencePiece (Gemma 3's, `llama` with byte fallback and no space prefix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentencepiece_tokenizer_matches_llama_server() {
+    tokenizer_matches_llama_server_on(conformance::required_env(GEMMA_ENV)).await;
 }
 
 /// The captured answer's tokens: llama.cpp build 11434 (the pinned one) in
@@ -225,6 +290,82 @@ async fn every_candle_token_is_llama_servers_choice_up_to_near_ties() {
         .map(|(prompt, tokens)| (*prompt, tokens.as_slice()));
     match identity::check_scored(cases) {
         Ok(report) => tracing::info!("identity with llama-server:\n{report}"),
+        Err(failures) => panic!("{failures}"),
+    }
+}
+
+/// Raw texts for the base model: prose, code, a list, and one long enough
+/// that its answer lies past Gemma 3's 512-position sliding window, so the
+/// sliding layers' mask and the global layers' both decide tokens.
+fn gemma_prompts() -> Vec<String> {
+    vec![
+        "The capital of France is".to_owned(),
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n".to_owned(),
+        "Three prime numbers: 2, 3,".to_owned(),
+        format!(
+            "{}\nIn one sentence, the text above says that",
+            "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+                .repeat(36)
+        ),
+    ]
+}
+
+/// Gemma 3 270M (Q4_K_M: Q4_K, Q6_K, Q5_0 and Q8_0 tensors) on candle
+/// writes llama-server's answers: every greedy token of each raw
+/// completion is llama-server's own choice or within the near-tie bound of
+/// it, over prompts whose answers pass the sliding window, with the same
+/// prompt tokens (the SentencePiece tokenizer, start token included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_completions_are_llama_servers_up_to_near_ties() {
+    conformance::init_tracing();
+    let gemma = conformance::required_env(GEMMA_ENV);
+    let prompts = gemma_prompts();
+    let mut on_candle = exact_candle();
+    on_candle.config.model_path = gemma.clone();
+    let mut candle_runtime = start(&on_candle).await;
+    let mut answers = Vec::new();
+    for prompt in &prompts {
+        let request = InferenceRequest::completion(prompt.as_str())
+            .with_max_tokens(32)
+            .with_temperature(0.0);
+        answers.push(candle_runtime.generate(request).await.expect("candle"));
+    }
+    candle_runtime.shutdown().await.unwrap();
+
+    let mut on_llama = exact_llama();
+    on_llama.config.model_path = gemma;
+    let mut llama = start(&on_llama).await;
+    let reference = Reference::new(llama.as_ref());
+    let mut scored = Vec::new();
+    let mut deepest = 0;
+    for (prompt, answer) in prompts.iter().zip(&answers) {
+        let prompt_ids = reference.raw_prompt_tokens(prompt).await;
+        let answer_ids = reference.tokenize(&answer.content).await;
+        assert!(!answer_ids.is_empty(), "candle answers {prompt:?}");
+        assert_eq!(
+            reference.detokenize(&answer_ids).await,
+            answer.content,
+            "candle's answer re-tokenizes faithfully"
+        );
+        assert_eq!(
+            answer.usage.expect("usage").prompt_tokens as usize,
+            prompt_ids.len(),
+            "the same prompt tokens for {prompt:?}"
+        );
+        deepest = deepest.max(prompt_ids.len() + answer_ids.len());
+        scored.push(reference.score(&prompt_ids, &answer_ids).await);
+    }
+    llama.shutdown().await.unwrap();
+    assert!(
+        deepest > 512 + 16,
+        "an answer lies past the sliding window ({deepest} positions)"
+    );
+    let cases = prompts
+        .iter()
+        .zip(&scored)
+        .map(|(prompt, tokens)| (prompt.as_str(), tokens.as_slice()));
+    match identity::check_scored(cases) {
+        Ok(report) => tracing::info!("Gemma 3 on candle against llama-server:\n{report}"),
         Err(failures) => panic!("{failures}"),
     }
 }

@@ -153,7 +153,9 @@ pub(crate) fn provision_for(backends: &[&str]) -> Result<Vec<(OsString, OsString
         provision::demo_model()?.into(),
     )];
     // The cli suite drives the gateway with OpenAI's and Anthropic's own
-    // clients, and serves a base model (Gemma 3 270M) by the completions API.
+    // clients, and serves a base model (Gemma 3 270M) by the completions API;
+    // the cross-engine suite holds candle's SentencePiece tokenizer to
+    // llama-server's on the same file.
     if ["candle", "llamacpp"].iter().all(|b| backends.contains(b)) {
         env.push((
             "MODEL_RUNTIME_TEST_API_CLIENTS".into(),

@@ -9,6 +9,11 @@
 //!   Q4_1 or Q8_0 (SmolLM2 and many small models): SIMD kernels on the file's
 //!   own blocks against 8-bit activations, as llama.cpp does, and the model's
 //!   whole trained context;
+//! - Gemma 3 GGUF (any quantization: the real 270M file mixes Q4_K, Q6_K,
+//!   Q5_0 and Q8_0) on candle's tensor operations and quantized matrix
+//!   products, with llama.cpp's Gemma 3 arithmetic (sliding-window and global
+//!   layers, q/k norms, tanh-GELU, the embedding scale) and the model's whole
+//!   trained context;
 //! - other GGUF models through candle's quantized llama (capped at 4096
 //!   positions), and Hugging Face safetensors directories (`config.json`,
 //!   `*.safetensors`, `tokenizer.json`) through candle's llama;
@@ -19,7 +24,8 @@
 //!   ([`embed`](runtime_core::ModelRuntime::embed), `/v1/embeddings`); the
 //!   longest input is `context_size`, else the model's `max_seq_length`;
 //! - the tokenizer: `tokenizer.json` beside the model, or one built from the
-//!   GGUF's own metadata the way llama.cpp reads it;
+//!   GGUF's own metadata the way llama.cpp reads it (byte-level BPE, and
+//!   SentencePiece with byte fallback: Gemma, Llama 2, Mistral, Phi-3);
 //! - the model's own chat template, rendered with minijinja;
 //! - sampling (temperature, top-p, seed), stop strings, EOS, UTF-8-safe streaming;
 //! - structured answers: a `json_schema` or `json_object` held to its schema
@@ -56,6 +62,7 @@
 mod constraint;
 mod encoder;
 mod engine;
+mod gemma3;
 mod kernels;
 mod logprobs;
 mod model;

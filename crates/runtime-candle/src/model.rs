@@ -14,6 +14,7 @@ use candle_transformers::models::llama;
 use candle_transformers::models::quantized_llama::{self, MAX_SEQ_LEN};
 use runtime_core::{Error, ModelFormat, Result};
 
+use crate::gemma3::{self, Gemma3};
 use crate::native::{self, GgufLlama};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{TextTokenizer, tokenizer_config};
@@ -23,6 +24,8 @@ use crate::tokenizer::{TextTokenizer, tokenizer_config};
 pub(crate) enum Weights {
     /// GGUF that our own forward pass covers (see [`crate::native`]).
     Native(Arc<GgufLlama>),
+    /// Gemma 3 GGUF, on candle's operations (see [`crate::gemma3`]).
+    Gemma3(Arc<Gemma3>),
     /// GGUF: `ModelWeights` clones share their tensors and own a KV cache each.
     Quantized(Box<quantized_llama::ModelWeights>),
     /// Safetensors: the model is shared, each session gets a cache.
@@ -138,6 +141,7 @@ fn load_gguf(
     let context_limit = match &weights {
         // Ours: the model's whole trained context.
         Weights::Native(model) => limit(context_size, model.hyper.context)?,
+        Weights::Gemma3(model) => limit(context_size, model.hyper.context)?,
         // candle's quantized llama caps positions at MAX_SEQ_LEN.
         _ => limit(context_size, model_context.min(MAX_SEQ_LEN))?,
     };
@@ -159,12 +163,22 @@ fn load_gguf(
 }
 
 /// The weights of a GGUF: our own forward pass where it covers the model,
-/// else candle's quantized llama.
+/// Gemma 3 on candle's operations, else candle's quantized llama.
 fn gguf_weights<R: std::io::Read + std::io::Seek>(
     path: &Path,
     content: gguf_file::Content,
     reader: &mut R,
 ) -> Result<Weights> {
+    if gemma3::is_gemma3(&content) {
+        let model = Gemma3::load(&content, reader, path)?;
+        tracing::info!(
+            layers = model.hyper.layers,
+            context = model.hyper.context,
+            window = model.hyper.window,
+            "GGUF runs as Gemma 3 on candle's operations"
+        );
+        return Ok(Weights::Gemma3(Arc::new(model)));
+    }
     match GgufLlama::load(&content, reader, path)? {
         Ok(model) => {
             tracing::info!(

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{llama, quantized_llama};
 use runtime_core::{Error, Result};
 
+use crate::gemma3::Gemma3Session;
 use crate::model::{Weights, engine_err};
 use crate::native::{self, Step};
 
@@ -123,6 +124,7 @@ impl Runner {
 
 /// One slot of a candle model: the shared weights plus its own KV cache.
 pub(crate) enum Session {
+    Gemma3(Gemma3Session),
     Quantized(Box<quantized_llama::ModelWeights>),
     Llama {
         model: Arc<llama::Llama>,
@@ -140,6 +142,7 @@ impl Session {
                     std::io::Error::other("use Runner::Native"),
                 ));
             }
+            Weights::Gemma3(model) => Self::Gemma3(Gemma3Session::new(model.clone())),
             Weights::Quantized(weights) => Self::Quantized(weights.clone()),
             Weights::Llama { model, config } => Self::Llama {
                 model: model.clone(),
@@ -152,9 +155,13 @@ impl Session {
 
     /// Starts a new sequence (the quantized model resets at position 0 by itself).
     fn reset(&mut self) -> Result<()> {
-        if let Self::Llama { cache, config, .. } = self {
-            *cache = llama::Cache::new(true, DType::F32, config, &Device::Cpu)
-                .map_err(engine_err("error allocating the KV cache"))?;
+        match self {
+            Self::Llama { cache, config, .. } => {
+                *cache = llama::Cache::new(true, DType::F32, config, &Device::Cpu)
+                    .map_err(engine_err("error allocating the KV cache"))?;
+            }
+            Self::Gemma3(session) => session.reset(),
+            Self::Quantized(_) => {}
         }
         Ok(())
     }
@@ -165,6 +172,7 @@ impl Session {
             .and_then(|t| t.unsqueeze(0))
             .map_err(engine_err("error building the input tensor"))?;
         let logits = match self {
+            Self::Gemma3(session) => session.forward(&input, position),
             Self::Quantized(weights) => weights.forward(&input, position),
             Self::Llama { model, cache, .. } => model.forward(&input, position, cache),
         }

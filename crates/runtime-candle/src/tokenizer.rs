@@ -11,8 +11,16 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use runtime_core::{Error, Result};
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::{
+    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
+};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -23,8 +31,10 @@ use tokenizers::{AddedToken, Tokenizer};
 /// llama.cpp reads them by their spelling: ends of turns and texts, and a
 /// code model's fill-in-the-middle padding and file separators, which end
 /// its middle.
-const END_MARKERS: [&str; 8] = [
+const END_MARKERS: [&str; 10] = [
     "<|im_end|>",
+    "<end_of_turn>",
+    "<|end|>",
     "<|endoftext|>",
     "<|eot_id|>",
     "<|fim_pad|>",
@@ -36,6 +46,13 @@ const END_MARKERS: [&str; 8] = [
 
 /// llama.cpp's token type for control tokens (`<|im_start|>`, `<|im_end|>`).
 const CONTROL_TOKEN: i32 = 3;
+
+/// llama.cpp's token type for user-defined tokens: text that is always
+/// one token (Gemma's `<start_of_image>`, markup and whitespace runs).
+const USER_DEFINED_TOKEN: i32 = 4;
+
+/// SentencePiece's spelling of a space.
+const SPACE: &str = "\u{2581}";
 
 /// A tokenizer and what generation needs to know about its vocabulary.
 #[derive(Debug, Clone)]
@@ -111,30 +128,13 @@ impl TextTokenizer {
         };
         let model = get("tokenizer.ggml.model")?
             .to_string()
-            .map_err(gguf_value)?;
-        if model != "gpt2" {
-            return Err(gguf_error(format!(
-                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
-                 put a tokenizer.json beside the model"
-            )));
-        }
+            .map_err(gguf_value)?
+            .clone();
         let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
             .to_vec()
             .map_err(gguf_value)?
             .iter()
             .map(|v| v.to_string().cloned().map_err(gguf_value))
-            .collect::<Result<_>>()?;
-        let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
-            .to_vec()
-            .map_err(gguf_value)?
-            .iter()
-            .map(|v| {
-                let merge = v.to_string().map_err(gguf_value)?;
-                merge
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                    .ok_or_else(|| gguf_error(format!("malformed merge {merge:?}")))
-            })
             .collect::<Result<_>>()?;
         let token_types: Vec<i32> = match metadata.get("tokenizer.ggml.token_type") {
             Some(types) => types
@@ -145,32 +145,73 @@ impl TextTokenizer {
                 .collect::<Result<_>>()?,
             None => Vec::new(),
         };
-        let pre = metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map_or("default", String::as_str);
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, token)| (token.clone(), id as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|err| Error::engine("error building the BPE model from GGUF metadata", err))?;
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let control: Vec<AddedToken> = tokens
+        let flag = |key: &str| metadata.get(key).and_then(|v| v.to_bool().ok());
+        let id = |key: &str| metadata.get(key).and_then(|v| v.to_u32().ok());
+        let mut inner = match model.as_str() {
+            "gpt2" => {
+                let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
+                    .to_vec()
+                    .map_err(gguf_value)?
+                    .iter()
+                    .map(|v| {
+                        let merge = v.to_string().map_err(gguf_value)?;
+                        merge
+                            .split_once(' ')
+                            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                            .ok_or_else(|| gguf_error(format!("malformed merge {merge:?}")))
+                    })
+                    .collect::<Result<_>>()?;
+                let pre = metadata
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .map_or("default", String::as_str);
+                byte_level_bpe(&tokens, merges, pre)?
+            }
+            "llama" => {
+                let scores: Vec<f32> = get("tokenizer.ggml.scores")?
+                    .to_vec()
+                    .map_err(gguf_value)?
+                    .iter()
+                    .map(|v| v.to_f32().map_err(gguf_value))
+                    .collect::<Result<_>>()?;
+                if scores.len() != tokens.len() {
+                    return Err(gguf_error(format!(
+                        "{} scores for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    )));
+                }
+                let unknown = id("tokenizer.ggml.unknown_token_id")
+                    .and_then(|id| tokens.get(id as usize).cloned());
+                // llama.cpp's default when the key is absent.
+                let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                sentencepiece(&tokens, &scores, unknown, space_prefix)?
+            }
+            other => {
+                return Err(gguf_error(format!(
+                    "tokenizer model `{other}` is not supported (byte-level BPE, `gpt2`, and \
+                     SentencePiece, `llama`, are); put a tokenizer.json beside the model"
+                )));
+            }
+        };
+        // Control tokens are special (a template's turn markers); user-defined
+        // ones are plain text that is always one token. llama.cpp matches both
+        // in the raw text before the model sees the rest.
+        let added: Vec<AddedToken> = tokens
             .iter()
             .zip(&token_types)
-            .filter(|(_, kind)| **kind == CONTROL_TOKEN)
-            .map(|(token, _)| AddedToken::from(token.clone(), true))
+            .filter_map(|(token, kind)| match *kind {
+                CONTROL_TOKEN => Some(AddedToken::from(token.clone(), true)),
+                USER_DEFINED_TOKEN => {
+                    Some(AddedToken::from(token.clone(), false).normalized(false))
+                }
+                _ => None,
+            })
             .collect();
-        inner.add_special_tokens(&control);
+        let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&plain);
 
-        let id = |key: &str| metadata.get(key).and_then(|v| v.to_u32().ok());
         let text = |id: Option<u32>| {
             id.and_then(|id| tokens.get(id as usize).cloned())
                 .unwrap_or_default()
@@ -185,10 +226,7 @@ impl TextTokenizer {
                 end_tokens.push(position as u32);
             }
         }
-        let adds_bos = metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        let adds_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
         Ok(Self {
             inner,
             end_tokens,
@@ -226,6 +264,106 @@ impl TextTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// Byte-level BPE (GPT-2's, `tokenizer.ggml.model = gpt2`): the GGUF's
+/// merges in their order, after the pre-tokenizer it names.
+fn byte_level_bpe(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    pre: &str,
+) -> Result<Tokenizer> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|err| Error::engine("error building the BPE model from GGUF metadata", err))?;
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// SentencePiece's BPE (`tokenizer.ggml.model = llama`: Llama 2, Mistral,
+/// Gemma, Phi-3), as llama.cpp runs it: spaces written `▁` (one before the
+/// text, and after each special token, where the model adds a space
+/// prefix), no pre-splitting, then the adjacent pair whose union is the
+/// vocabulary's highest-scored token merged first, until none is left; a
+/// character outside the vocabulary becomes its UTF-8 bytes (`<0xE4>`).
+///
+/// The GGUF keeps scores, not merges, so the merges are derived: every way
+/// to cut a token into two tokens, ranked by the whole token's score. Ranked
+/// merging of those pairs is the same procedure as llama.cpp's.
+fn sentencepiece(
+    tokens: &[String],
+    scores: &[f32],
+    unknown: Option<String>,
+    space_prefix: bool,
+) -> Result<Tokenizer> {
+    let ids: std::collections::HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.as_str(), id as u32))
+        .collect();
+    let mut ranked: Vec<(f32, u32, usize)> = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        for (cut, _) in token.char_indices().skip(1) {
+            if ids.contains_key(&token[..cut]) && ids.contains_key(&token[cut..]) {
+                ranked.push((scores[id], id as u32, cut));
+            }
+        }
+    }
+    // Highest score first; llama.cpp breaks ties by position, which no pair
+    // of distinct tokens with the same score can tell apart here, so any
+    // fixed order of equal scores serves (by id, then by cut).
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, id, cut)| {
+            let token = &tokens[id as usize];
+            (token[..cut].to_owned(), token[cut..].to_owned())
+        })
+        .collect();
+    let vocab: Vocab = ids
+        .iter()
+        .map(|(token, id)| ((*token).to_owned(), *id))
+        .collect();
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
+    if let Some(unknown) = unknown {
+        builder = builder.unk_token(unknown);
+    }
+    let bpe = builder.build().map_err(|err| {
+        Error::engine(
+            "error building the SentencePiece model from GGUF metadata",
+            err,
+        )
+    })?;
+    let mut inner = Tokenizer::new(bpe);
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to).map_err(|err| Error::engine("error building the tokenizer", err))
+    };
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if space_prefix {
+        normalizers.push(Prepend::new(SPACE.to_owned()).into());
+    }
+    normalizers.push(replace(" ", SPACE)?.into());
+    inner.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace(SPACE, " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(inner)
 }
 
 /// The pre-tokenizer llama.cpp uses for the GGUF's `tokenizer.ggml.pre`.
