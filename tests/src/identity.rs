@@ -159,21 +159,19 @@ impl<'a> Reference<'a> {
     /// A raw prompt's tokens: `text` after the model's start token, where it
     /// adds one, specials taken literally.
     pub async fn raw_prompt_tokens(&self, text: &str) -> Vec<u64> {
-        let tokens = self
-            .post(
-                "/tokenize",
-                serde_json::json!({"content": text, "add_special": true, "parse_special": false}),
-            )
-            .await;
-        ids(&tokens["tokens"])
+        self.tokenize_with(text, true).await
     }
 
     /// `text`'s tokens, specials taken literally.
     pub async fn tokenize(&self, text: &str) -> Vec<u64> {
+        self.tokenize_with(text, false).await
+    }
+
+    async fn tokenize_with(&self, text: &str, add_special: bool) -> Vec<u64> {
         let tokens = self
             .post(
                 "/tokenize",
-                serde_json::json!({"content": text, "add_special": false, "parse_special": false}),
+                serde_json::json!({"content": text, "add_special": add_special, "parse_special": false}),
             )
             .await;
         ids(&tokens["tokens"])

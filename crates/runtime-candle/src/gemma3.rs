@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, gguf_file};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::repeat_kv;
 use runtime_core::{Error, Result};
@@ -159,10 +159,12 @@ impl Gemma3 {
         let matmul = |tensor: candle_core::quantized::QTensor, name: &str| {
             QMatMul::from_qtensor(tensor).map_err(|err| invalid(format!("matrix `{name}`: {err}")))
         };
-        let embedding_tensor = tensor("token_embd.weight")?;
+        // Read once: where the file ties them, the output matrix is the embedding.
+        let embedding_tensor = Arc::new(tensor("token_embd.weight")?);
         let output = match content.tensor_infos.contains_key("output.weight") {
             true => matmul(tensor("output.weight")?, "output.weight")?,
-            false => matmul(tensor("token_embd.weight")?, "token_embd.weight")?,
+            false => QMatMul::from_arc(embedding_tensor.clone())
+                .map_err(|err| invalid(format!("matrix `token_embd.weight`: {err}")))?,
         };
         let embedding_table = embedding_tensor
             .dequantize(&device)
@@ -339,13 +341,13 @@ fn rotary(
     count: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
+    let frequencies: Vec<f32> = (0..half)
+        .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
+        .collect();
     let mut angles = Vec::with_capacity(count * half);
     for position in start..start + count {
         let position = position as f32 / scale;
-        for i in 0..half {
-            let frequency = base.powf(-2.0 * i as f32 / head_dim as f32);
-            angles.push(position * frequency);
-        }
+        angles.extend(frequencies.iter().map(|frequency| position * frequency));
     }
     let angles = Tensor::from_vec(angles, (count, half), &Device::Cpu)?;
     Ok((angles.cos()?, angles.sin()?))
@@ -363,7 +365,7 @@ fn mask(start: usize, count: usize, window: Option<usize>) -> candle_core::Resul
             values.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
         }
     }
-    Tensor::from_vec(values, (count, total), &Device::Cpu)?.to_dtype(DType::F32)
+    Tensor::from_vec(values, (count, total), &Device::Cpu)
 }
 
 #[cfg(test)]
