@@ -343,26 +343,36 @@ pub async fn fault_engine_hung(backend: &Backend) {
     let mut runtime = start_with(backend, config).await;
     let engine = engine_processes(backend, runtime.as_ref());
 
-    // Slow but alive: a prompt that takes longer to prefill than the hang timeout.
-    let slow = InferenceRequest::from_prompt("Tell me about the sea. ".repeat(120))
-        .with_max_tokens(4)
-        .with_temperature(0.0);
-    let prefill_started = Instant::now();
-    let prefilled = runtime.generate(slow).await;
-    let took = prefill_started.elapsed();
-    assert!(
-        prefilled.is_ok(),
-        "a long prefill is not taken for a hang: {:?}",
-        prefilled.map_err(|e| chain(&e))
-    );
-    // Only a request that outlasted the hang timeout proves the heartbeat
-    // told slow from hung; a quick one would have passed anyway.
+    // Slow but alive: a request with no bytes for longer than the hang
+    // timeout (a long prefill, then a plain answer's decode, if the model goes on). How long that
+    // takes depends on the machine (vLLM's CPU path on an AMX Xeon prefills
+    // these 1,500 tokens in well under a second), so the answer grows until
+    // the request outlasts the timeout: only such a request proves the
+    // heartbeat told slow from hung; a quick one would have passed anyway.
+    let prompt = "Tell me about the sea. ".repeat(250);
+    let mut took = Duration::ZERO;
+    for max_tokens in [16, 96, 384] {
+        let slow = InferenceRequest::from_prompt(prompt.as_str())
+            .with_max_tokens(max_tokens)
+            .with_temperature(0.0);
+        let prefill_started = Instant::now();
+        let answered = runtime.generate(slow).await;
+        took = prefill_started.elapsed();
+        assert!(
+            answered.is_ok(),
+            "a long silent request is not taken for a hang: {:?}",
+            answered.map_err(|e| chain(&e))
+        );
+        if took > HANG * 2 {
+            break;
+        }
+    }
     assert!(
         took > HANG,
-        "the long request took {took:?}, no longer than the hang timeout {HANG:?}: \
-         lengthen its prompt so it tests something"
+        "the longest request took {took:?}, no longer than the hang timeout {HANG:?}: \
+         lengthen it so it tests something"
     );
-    tracing::info!(?took, hang = ?HANG, "a long prefill was left alone");
+    tracing::info!(?took, hang = ?HANG, "a long silent request was left alone");
 
     let mut open = runtime
         .generate_stream(long_request())
